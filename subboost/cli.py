@@ -1,0 +1,53 @@
+"""The ``subboost`` command line: one entry point, one subcommand per feature.
+
+Each feature module exposes ``register(subparsers)`` that adds its subcommand
+and sets ``func`` on the parser; `main` turns a user error (`SubboostError`,
+`ValueError`, `FileNotFoundError`, ...) into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that contribute a subcommand via `register(subparsers)`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "subboost.commands.merge",
+)
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, PermissionError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="subboost",
+        description="Merge fine-tuned experts with Subspace Boosting (arXiv 2506.16506).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if args.traceback:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"subboost {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Merge methods by name: ``sb.merge(tvs, method=..., **hyper_parameters)``.
+
+Every method is a pure function ``stacked task vectors -> merged task vector``
+importable from its own module; this registry adds validation and a cached
+`jax.jit` per method in which hyper-parameters are static (so a second call
+with same-shaped inputs and the same hyper-parameters does not recompile).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from subboost.merging.averaging import task_arithmetic, weight_averaging
+from subboost.merging.consensus import consensus
+from subboost.merging.dare import dare
+from subboost.merging.ties import ties
+from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
+from subboost.tree import PyTree
+
+# Arguments that are arrays (traced); every other keyword is a static hyper-parameter.
+DYNAMIC_ARGUMENTS = frozenset({"key"})
+
+METHODS: dict[str, Callable[..., PyTree]] = {
+    "weight_averaging": weight_averaging,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare": dare,
+    "consensus": consensus,
+}
+
+# Per-method hyper-parameter checks: name -> (predicate, message).
+_CHECKS: dict[str, Callable[[dict[str, Any], int], None]] = {}
+
+
+def register(name: str, fn: Callable[..., PyTree], check: Callable[[dict[str, Any], int], None] | None = None) -> None:
+    """Adds a merge method to the registry (``check(kwargs, T)`` validates its hyper-parameters)."""
+    METHODS[name] = fn
+    if check is not None:
+        _CHECKS[name] = check
+    _jitted.cache_clear()
+
+
+def available_methods() -> tuple[str, ...]:
+    """Names accepted by `merge`."""
+    return tuple(METHODS)
+
+
+def _check_fraction(name: str, value: Any, *, low_open: bool, high_open: bool, what: str) -> None:
+    ok = isinstance(value, (int, float)) and (value > 0 if low_open else value >= 0) and (
+        value < 1 if high_open else value <= 1
+    )
+    if not ok:
+        lo = "(0" if low_open else "[0"
+        hi = "1)" if high_open else "1]"
+        raise SubboostError(f"{what}: {name} must be in {lo}, {hi}, got {value!r}.")
+
+
+def _check_ties(kwargs: dict[str, Any], num_tasks: int, what: str = "ties") -> None:
+    _check_fraction("k", kwargs.get("k", 0.2), low_open=True, high_open=False, what=what)
+
+
+def _check_dare(kwargs: dict[str, Any], num_tasks: int) -> None:
+    if kwargs.get("key") is None:
+        raise SubboostError("dare: pass an explicit PRNG key, e.g. key=jax.random.key(0).")
+    _check_fraction("p", kwargs.get("p", 0.9), low_open=False, high_open=True, what="dare")
+    if kwargs.get("base", "task_arithmetic") == "ties":
+        _check_ties(kwargs, num_tasks, "dare")
+
+
+def _check_consensus(kwargs: dict[str, Any], num_tasks: int) -> None:
+    k = kwargs.get("k", 2)
+    if not isinstance(k, int) or not 1 <= k <= num_tasks:
+        raise SubboostError(f"consensus: k must be an integer in [1, {num_tasks}] (number of tasks), got {k!r}.")
+    lambdas = kwargs.get("lambdas", 0.4)
+    if isinstance(lambdas, Sequence) and len(lambdas) != num_tasks:
+        raise SubboostError(f"consensus: got {len(lambdas)} lambdas for {num_tasks} tasks.")
+    if kwargs.get("base", "task_arithmetic") == "ties":
+        _check_fraction("ties_k", kwargs.get("ties_k", 0.2), low_open=True, high_open=False, what="consensus")
+
+
+_CHECKS.update({"ties": _check_ties, "dare": _check_dare, "consensus": _check_consensus})
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
+    return jax.jit(METHODS[name], static_argnames=static_names)
+
+
+def merge(tvs: PyTree, method: str = "task_arithmetic", *, validate: bool = True, **kwargs: Any) -> PyTree:
+    """Merges stacked task vectors with a named method.
+
+    Args:
+      tvs: stacked task vectors from `subboost.task_vectors` (leading axis T).
+      method: one of `available_methods()`.
+      validate: check the input (expert axis, float dtypes, finiteness; one host sync).
+      **kwargs: the method's hyper-parameters (see its docstring).
+
+    Returns:
+      The merged task vector, with the structure of a single expert.
+    """
+    if method not in METHODS:
+        raise SubboostError(f"unknown merge method {method!r}; known methods: {', '.join(METHODS)}.")
+    fn = METHODS[method]
+    accepted = inspect.signature(fn).parameters
+    takes_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = [k for k in kwargs if k not in accepted and not takes_var_kwargs]
+    if unknown:
+        valid = [k for k in accepted if k != "tvs"]
+        raise SubboostError(f"{method}: unknown hyper-parameter(s) {unknown}; valid ones: {valid}.")
+    num_tasks = num_experts(tvs)
+    if validate:
+        check_floating(tvs, what="task vectors")
+        check_finite(tvs, what="task vectors")
+    if method in _CHECKS:
+        _CHECKS[method](kwargs, num_tasks)
+    kwargs = {k: _hashable(v) for k, v in kwargs.items()}
+    static_names = tuple(sorted(k for k in kwargs if k not in DYNAMIC_ARGUMENTS))
+    return _jitted(method, static_names)(tvs, **kwargs)
+
+
+__all__ = [
+    "METHODS",
+    "available_methods",
+    "consensus",
+    "dare",
+    "merge",
+    "register",
+    "task_arithmetic",
+    "ties",
+    "weight_averaging",
+]

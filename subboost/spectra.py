@@ -1,0 +1,98 @@
+"""Spectral diagnostics of weight matrices: spectra, stable rank, energy rank.
+
+Rank collapse shows as a spectrum concentrated in few directions:
+
+    stable rank  = sum_i s_i^2 / s_0^2
+    energy rank  = min{ k : sum_{i<k} s_i^2 >= e * sum_i s_i^2 }   (e = 0.95)
+
+A pytree input gives ``{module path: value}`` for every matrix leaf (e.g.
+``"transformer/resblocks_3/attn/query"``), computed with one batched SVD per
+group of same-shaped matrices. A bare array is read as a matrix (or a stack of
+matrices on its trailing two axes). Zero matrices have stable rank 0 and energy
+rank 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from subboost import linalg
+from subboost.tree import AttentionMode, PyTree, matrix_plan
+
+
+def stable_rank_from_singular_values(s: jax.Array) -> jax.Array:
+    """``sum s^2 / s_0^2`` (0 for a zero matrix)."""
+    s0 = s[..., 0]
+    energy = jnp.sum(s * s, axis=-1)
+    return jnp.where(s0 > 0, energy / jnp.where(s0 > 0, s0 * s0, 1), 0.0)
+
+
+def energy_rank_from_singular_values(s: jax.Array, fraction: float = 0.95) -> jax.Array:
+    """Smallest ``k`` with ``sum_{i<k} s_i^2 >= fraction * sum s_i^2``."""
+    energy = s * s
+    total = jnp.sum(energy, axis=-1, keepdims=True)
+    cumulative = jnp.cumsum(energy, axis=-1)
+    # Entries still below the target are exactly the ones before index k-1.
+    below = jnp.sum(cumulative < fraction * total, axis=-1)
+    return jnp.where(total[..., 0] > 0, jnp.minimum(below + 1, s.shape[-1]), 0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("lead_ndim", "is_matrix", "attention"))
+def _tree_spectra(tree, *, lead_ndim, is_matrix, attention) -> dict[str, jax.Array]:
+    plan = matrix_plan(tree, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
+    groups = plan.gather(tree)
+    return plan.split({g: linalg.singular_values(x) for g, x in groups.items()})
+
+
+def spectra(
+    x: PyTree,
+    *,
+    lead_ndim: int = 0,
+    is_matrix: Callable | None = None,
+    attention: AttentionMode = "per_qkv",
+) -> jax.Array | dict[str, jax.Array]:
+    """Singular values (descending) of every matrix.
+
+    Args:
+      x: a parameter pytree, or an array whose trailing two axes are matrices.
+      lead_ndim: leading axes every leaf carries (1 for stacked task vectors);
+        they appear before the singular-value axis of the result.
+      is_matrix: matrix predicate (default `subboost.tree.default_is_matrix`).
+      attention: ``per_qkv``, ``full`` or ``per_head`` attention matrices.
+
+    Returns:
+      An array for an array input, else ``{module path: singular values}``;
+      members holding several matrices (scan-stacked layers, heads) carry a
+      leading axis over them.
+    """
+    if isinstance(x, jax.Array) or (hasattr(x, "__array__") and not isinstance(x, dict)):
+        return linalg.singular_values(jnp.asarray(x))
+    return _tree_spectra(x, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
+
+
+def _apply(metric: Callable[[jax.Array], jax.Array], values):
+    if isinstance(values, dict):
+        return {name: metric(s) for name, s in values.items()}
+    return metric(values)
+
+
+def stable_rank(x: PyTree, **kwargs) -> jax.Array | dict[str, jax.Array]:
+    """Stable rank ``sum_i s_i^2 / s_0^2`` per matrix (see `spectra` for arguments).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(stable_rank(jnp.diag(jnp.array([2.0, 1.0, 1.0]))))
+      1.5
+    """
+    return _apply(stable_rank_from_singular_values, spectra(x, **kwargs))
+
+
+def energy_rank(x: PyTree, fraction: float = 0.95, **kwargs) -> jax.Array | dict[str, jax.Array]:
+    """Number of singular directions holding ``fraction`` of the energy ``sum s^2``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"energy_rank: fraction must be in (0, 1], got {fraction!r}.")
+    return _apply(lambda s: energy_rank_from_singular_values(s, fraction), spectra(x, **kwargs))

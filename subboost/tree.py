@@ -1,0 +1,430 @@
+"""Parameter paths, the matrix predicate, and the grouped matrix view of a pytree.
+
+Every SVD-based step in subboost (boosting, TSV-M, Iso-C/CTS, HO-GSVD, spectra)
+sees a parameter pytree through one lens: the *matrix view*. Matrix leaves are
+selected by a predicate on ``(path, leaf)``, reshaped to PyTorch orientation
+``(out, in)``, grouped by ``(rows, cols, dtype)`` and stacked, so that one batched
+kernel runs per group instead of one Python-level call per layer.
+
+Group arrays have shape ``(G, *lead, m, n)``: ``G`` counts the matrices of the
+group (layers, scan-stacked layers, heads), ``lead`` are leading axes every leaf
+carries (the expert axis ``T`` of stacked task vectors, for instance).
+
+The plan is computed from shapes only, so it runs at trace time inside ``jit``
+and costs nothing at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+AttentionMode = Literal["per_qkv", "full", "per_head"]
+ATTENTION_MODES: tuple[str, ...] = ("per_qkv", "full", "per_head")
+
+# Final projections / classifiers are not merged as matrices (REFERENCE.md).
+EXCLUDED_MODULES: frozenset[str] = frozenset(
+    {"proj", "visual_projection", "head", "pre_logits", "output_projection"}
+)
+ATTENTION_IN_NAMES: frozenset[str] = frozenset({"query", "key", "value"})
+ATTENTION_OUT_NAMES: frozenset[str] = frozenset({"out"})
+
+
+# ----------------------------------------------------------------------------
+# Paths
+# ----------------------------------------------------------------------------
+def key_name(key: Any) -> str:
+    """Readable name of one `jax.tree_util` path entry."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """`jax.tree_util` key path -> ``"a/b/c"``."""
+    return "/".join(key_name(k) for k in path)
+
+
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+    """Flattened ``(path string, leaf)`` pairs in `jax.tree_util` order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+# ----------------------------------------------------------------------------
+# The matrix predicate
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MatrixLayout:
+    """How one leaf is read as a batch of ``(out, in)`` matrices.
+
+    Attributes:
+      kind: ``"dense"`` for a kernel ``(*layer, in, out)``; ``"attn_in"`` for a
+        query/key/value kernel ``(*layer, embed, heads, head_dim)``;
+        ``"attn_out"`` for an output kernel ``(*layer, heads, head_dim, embed)``.
+      layer_axes: number of leading scan-stacked layer axes (big_vision style);
+        they become batch axes of the group.
+    """
+
+    kind: Literal["dense", "attn_in", "attn_out"] = "dense"
+    layer_axes: int = 0
+
+    @property
+    def ndim(self) -> int:
+        return self.layer_axes + (2 if self.kind == "dense" else 3)
+
+
+def layout_from_name(path: str, ndim: int, layer_axes: int = 0) -> MatrixLayout:
+    """Infers a layout from the module name holding the kernel."""
+    parts = path.split("/")
+    parent = parts[-2] if len(parts) >= 2 else ""
+    if ndim == layer_axes + 3 and parent in ATTENTION_IN_NAMES:
+        return MatrixLayout("attn_in", layer_axes)
+    if ndim == layer_axes + 3 and parent in ATTENTION_OUT_NAMES:
+        return MatrixLayout("attn_out", layer_axes)
+    return MatrixLayout("dense", layer_axes)
+
+
+def matrix_predicate(
+    *, layer_axes: int = 0, exclude: frozenset[str] | Sequence[str] = EXCLUDED_MODULES
+) -> Callable[[str, Any], MatrixLayout | None]:
+    """Builds the default predicate, optionally for scan-stacked parameters.
+
+    A leaf is a matrix when it is named ``kernel`` and is a 2-D Dense kernel, or a
+    3-D attention kernel of a ``query``/``key``/``value``/``out`` module (plus
+    ``layer_axes`` leading scan axes), and no module on its path is a final
+    projection or classifier (``exclude``).
+
+    Args:
+      layer_axes: leading axes that stack layers (``nn.scan``); batch axes.
+      exclude: module names whose kernels are never matrices.
+
+    Returns:
+      ``predicate(path, leaf) -> MatrixLayout | None``.
+    """
+    excluded = frozenset(exclude)
+
+    def predicate(path: str, leaf: Any) -> MatrixLayout | None:
+        parts = path.split("/")
+        if parts[-1] != "kernel" or excluded.intersection(parts[:-1]):
+            return None
+        ndim = len(np.shape(leaf))
+        layout = layout_from_name(path, ndim, layer_axes)
+        return layout if ndim == layout.ndim else None
+
+    predicate.__name__ = f"matrix_predicate_layer_axes_{layer_axes}"
+    return predicate
+
+
+default_is_matrix = matrix_predicate()
+
+
+def resolve_layout(is_matrix: Callable | None, path: str, leaf: Any) -> MatrixLayout | None:
+    """Calls a predicate; ``True`` from a user predicate means 'infer by name'."""
+    predicate = default_is_matrix if is_matrix is None else is_matrix
+    answer = predicate(path, leaf)
+    if answer is None or answer is False:
+        return None
+    if answer is True:
+        layout = layout_from_name(path, len(np.shape(leaf)))
+        if len(np.shape(leaf)) < 2:
+            raise ValueError(
+                f"is_matrix selected {path!r} with shape {tuple(np.shape(leaf))}, "
+                "but a matrix needs at least 2 dimensions."
+            )
+        # Extra leading axes of a user-selected leaf are layer (batch) axes.
+        extra = len(np.shape(leaf)) - layout.ndim
+        return dataclasses.replace(layout, layer_axes=max(extra, 0))
+    if isinstance(answer, MatrixLayout):
+        if len(np.shape(leaf)) != answer.ndim:
+            raise ValueError(
+                f"is_matrix gave layout {answer} for {path!r}, whose shape "
+                f"{tuple(np.shape(leaf))} has {len(np.shape(leaf))} dimensions, "
+                f"not {answer.ndim}."
+            )
+        return answer
+    raise TypeError(
+        f"is_matrix must return None/False, True or a MatrixLayout; got {answer!r} for {path!r}."
+    )
+
+
+# ----------------------------------------------------------------------------
+# The plan: which leaves form which matrices
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One named matrix family: a leaf, or fused q/k/v leaves in ``full`` mode."""
+
+    name: str  # module path, e.g. "transformer/resblocks_0/attn/query"
+    leaf_ids: tuple[int, ...]
+    layout: MatrixLayout
+    attention: str
+    leaf_shape: tuple[int, ...]  # shape without lead axes (one leaf; q/k/v share it)
+    group: tuple[int, int, str]
+    offset: int
+    count: int
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.leaf_shape[: self.layout.layer_axes]
+
+
+def _matrix_shape(layout: MatrixLayout, shape: tuple[int, ...], attention: str, fused: int):
+    """(count, rows, cols) of the PyTorch-oriented matrices a leaf contributes."""
+    core = shape[layout.layer_axes :]
+    layers = math.prod(shape[: layout.layer_axes])
+    if layout.kind == "dense":
+        d_in, d_out = core
+        return layers, d_out, d_in
+    if layout.kind == "attn_in":
+        embed, heads, head_dim = core
+        if attention == "per_head":
+            return layers * heads, head_dim, embed
+        return layers, fused * heads * head_dim, embed
+    heads, head_dim, embed = core
+    if attention == "per_head":
+        return layers * heads, embed, head_dim
+    return layers, embed, heads * head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixPlan:
+    """Static description of a tree's matrix view (built from shapes alone)."""
+
+    treedef: Any
+    paths: tuple[str, ...]
+    lead_ndim: int
+    attention: str
+    members: tuple[Member, ...]
+    groups: tuple[tuple[int, int, str], ...]
+    group_sizes: tuple[int, ...]
+
+    @property
+    def matrix_leaf_ids(self) -> frozenset[int]:
+        return frozenset(i for m in self.members for i in m.leaf_ids)
+
+    def is_matrix_leaf(self, leaf_id: int) -> bool:
+        return leaf_id in self.matrix_leaf_ids
+
+    # -- gather ---------------------------------------------------------------
+    def gather(self, tree: PyTree) -> dict[tuple[int, int, str], jax.Array]:
+        """Stacks every group's matrices into ``(G, *lead, m, n)`` arrays."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        if len(leaves) != len(self.paths):
+            raise ValueError("tree does not match the plan it is gathered with.")
+        parts: dict[tuple[int, int, str], list[jax.Array]] = {g: [] for g in self.groups}
+        for member in self.members:
+            parts[member.group].append(self._member_matrices(member, leaves))
+        return {g: jnp.concatenate(parts[g], axis=0) for g in self.groups}
+
+    def _member_matrices(self, member: Member, leaves: list) -> jax.Array:
+        lead = self.lead_ndim
+        layout = member.layout
+        arrays = [jnp.asarray(leaves[i]) for i in member.leaf_ids]
+        lead_shape = arrays[0].shape[:lead]
+        layers = math.prod(member.layer_shape)
+        core = member.leaf_shape[layout.layer_axes :]
+        mats = []
+        for x in arrays:
+            x = x.reshape(lead_shape + (layers,) + core)
+            if layout.kind == "dense":
+                x = jnp.swapaxes(x, -1, -2)  # (in, out) -> (out, in)
+            elif layout.kind == "attn_in":
+                embed, heads, head_dim = core
+                if member.attention == "per_head":
+                    x = jnp.moveaxis(x, -3, -1)  # (H, hd, E)
+                    x = x.reshape(lead_shape + (layers * heads, head_dim, embed))
+                else:
+                    x = jnp.swapaxes(x.reshape(lead_shape + (layers, embed, heads * head_dim)), -1, -2)
+            else:
+                heads, head_dim, embed = core
+                if member.attention == "per_head":
+                    x = jnp.swapaxes(x, -1, -2).reshape(lead_shape + (layers * heads, embed, head_dim))
+                else:
+                    x = jnp.swapaxes(x.reshape(lead_shape + (layers, heads * head_dim, embed)), -1, -2)
+            mats.append(x)
+        x = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=-2)
+        return jnp.moveaxis(x, lead, 0)  # (count, *lead, m, n)
+
+    # -- scatter --------------------------------------------------------------
+    def scatter(self, groups: Mapping[tuple[int, int, str], jax.Array]) -> dict[int, jax.Array]:
+        """Inverse of `gather`: leaf id -> array in the leaf's own layout.
+
+        Group arrays may carry any lead shape (e.g. ``(G, m, n)`` after a merge
+        removed the expert axis); it is read off the arrays.
+        """
+        out: dict[int, jax.Array] = {}
+        for member in self.members:
+            block = groups[member.group][member.offset : member.offset + member.count]
+            block = jnp.moveaxis(block, 0, -3)  # (*lead, count, m, n)
+            lead_shape = block.shape[:-3]
+            layout = member.layout
+            core = member.leaf_shape[layout.layer_axes :]
+            n_fused = len(member.leaf_ids)
+            rows = block.shape[-2] // n_fused
+            for j, leaf_id in enumerate(member.leaf_ids):
+                x = block[..., j * rows : (j + 1) * rows, :] if n_fused > 1 else block
+                if layout.kind == "dense":
+                    x = jnp.swapaxes(x, -1, -2)
+                elif layout.kind == "attn_in":
+                    embed, heads, head_dim = core
+                    if member.attention == "per_head":
+                        x = x.reshape(lead_shape + (-1, heads, head_dim, embed))
+                        x = jnp.moveaxis(x, -1, -3)
+                    else:
+                        x = jnp.swapaxes(x, -1, -2)
+                else:
+                    heads, head_dim, embed = core
+                    if member.attention == "per_head":
+                        x = x.reshape(lead_shape + (-1, heads, embed, head_dim))
+                        x = jnp.swapaxes(x, -1, -2)
+                    else:
+                        x = jnp.swapaxes(x, -1, -2)
+                out[leaf_id] = x.reshape(lead_shape + member.leaf_shape)
+        return out
+
+    def split(self, values: Mapping[tuple[int, int, str], jax.Array]) -> dict[str, jax.Array]:
+        """Per-matrix results ``(G, *rest)`` -> ``{member name: (*rest)}``.
+
+        Members with several matrices (scan layers, heads) keep a leading axis
+        of that size; single matrices drop it.
+        """
+        out = {}
+        for member in self.members:
+            block = values[member.group][member.offset : member.offset + member.count]
+            out[member.name] = block[0] if member.count == 1 else block
+        return out
+
+    def rebuild(self, tree: PyTree, new_leaves: Mapping[int, Any]) -> PyTree:
+        """The tree with leaves replaced by ``new_leaves`` (by leaf id)."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        merged = [new_leaves.get(i, leaf) for i, leaf in enumerate(leaves)]
+        return jax.tree_util.tree_unflatten(self.treedef, merged)
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def matrix_plan(
+    tree: PyTree,
+    *,
+    lead_ndim: int = 0,
+    is_matrix: Callable | None = None,
+    attention: AttentionMode = "per_qkv",
+) -> MatrixPlan:
+    """Builds the matrix view of ``tree`` (whose leaves carry ``lead_ndim`` lead axes).
+
+    Args:
+      tree: parameter pytree (arrays or `jax.ShapeDtypeStruct`s).
+      lead_ndim: leading axes shared by every leaf (1 for stacked task vectors).
+      is_matrix: predicate ``(path, leaf) -> MatrixLayout | bool | None``; the
+        leaf passed has the lead axes removed. Defaults to `default_is_matrix`.
+      attention: ``per_qkv`` (q, k, v separately), ``full`` (q, k, v stacked into
+        one ``(3D, D)`` matrix, PyTorch's ``in_proj_weight``) or ``per_head``.
+
+    Returns:
+      A `MatrixPlan`.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}.")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = tuple(path_str(p) for p, _ in flat)
+    layouts: dict[int, MatrixLayout] = {}
+    shapes: dict[int, tuple[int, ...]] = {}
+    dtypes: dict[int, str] = {}
+    for i, (path, (_, leaf)) in enumerate(zip(paths, flat)):
+        shape = tuple(np.shape(leaf))
+        if len(shape) < lead_ndim:
+            raise ValueError(
+                f"leaf {path!r} has shape {shape}, fewer than the {lead_ndim} lead axes expected."
+            )
+        core_shape = shape[lead_ndim:]
+        layout = resolve_layout(is_matrix, path, jax.ShapeDtypeStruct(core_shape, leaf.dtype))
+        if layout is not None:
+            layouts[i] = layout
+            shapes[i] = core_shape
+            dtypes[i] = jnp.dtype(leaf.dtype).name
+
+    # Fuse sibling q/k/v kernels in `full` mode.
+    units: list[tuple[str, tuple[int, ...]]] = []
+    fused_done: set[int] = set()
+    by_path = {paths[i]: i for i in layouts}
+    for i in sorted(layouts):
+        if i in fused_done:
+            continue
+        module = _parent(paths[i])
+        if attention == "full" and layouts[i].kind == "attn_in":
+            block = _parent(module)
+            trio = [by_path.get(f"{block}/{n}/kernel" if block else f"{n}/kernel") for n in ("query", "key", "value")]
+            if all(t is not None for t in trio) and len({shapes[t] for t in trio}) == 1 and all(
+                layouts[t].kind == "attn_in" for t in trio
+            ):
+                fused_done.update(trio)
+                units.append((f"{block}/qkv" if block else "qkv", tuple(trio)))
+                continue
+        fused_done.add(i)
+        units.append((module, (i,)))
+
+    members: list[Member] = []
+    offsets: dict[tuple[int, int, str], int] = {}
+    for name, ids in units:
+        layout = layouts[ids[0]]
+        count, rows, cols = _matrix_shape(layout, shapes[ids[0]], attention, len(ids))
+        group = (rows, cols, dtypes[ids[0]])
+        offset = offsets.get(group, 0)
+        offsets[group] = offset + count
+        members.append(Member(name, ids, layout, attention, shapes[ids[0]], group, offset, count))
+    groups = tuple(offsets)
+    return MatrixPlan(
+        treedef=treedef,
+        paths=paths,
+        lead_ndim=lead_ndim,
+        attention=attention,
+        members=tuple(members),
+        groups=groups,
+        group_sizes=tuple(offsets[g] for g in groups),
+    )
+
+
+def map_matrices(
+    fn: Callable[[jax.Array], jax.Array],
+    tree: PyTree,
+    *,
+    non_matrix: Callable[[jax.Array], jax.Array] | None = None,
+    lead_ndim: int = 0,
+    is_matrix: Callable | None = None,
+    attention: AttentionMode = "per_qkv",
+    batch_size: int | None = None,
+) -> PyTree:
+    """Applies ``fn`` to every matrix group, ``non_matrix`` to every other leaf.
+
+    ``fn`` maps a group ``(G, *lead, m, n)`` to ``(G, *lead_out, m, n)``; it is
+    called once per group (all same-shaped layers together), or, with
+    ``batch_size``, through `jax.lax.map` over ``G`` in chunks of that size to
+    bound the memory of its temporaries.
+    """
+    plan = matrix_plan(tree, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
+    groups = plan.gather(tree)
+    results = {g: map_group(fn, x, batch_size) for g, x in groups.items()}
+    new_leaves = plan.scatter(results)
+    if non_matrix is not None:
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
+            if i not in new_leaves:
+                new_leaves[i] = non_matrix(leaf)
+    return plan.rebuild(tree, new_leaves)
+
+
+def map_group(fn: Callable[[jax.Array], jax.Array], x: jax.Array, batch_size: int | None) -> jax.Array:
+    """``fn(x)`` on a whole group, or chunked over its first axis."""
+    if batch_size is None or batch_size >= x.shape[0]:
+        return fn(x)
+    return jax.lax.map(lambda m: fn(m[None])[0], x, batch_size=batch_size)
