@@ -49,7 +49,14 @@ def key_name(key: Any) -> str:
 
 
 def path_str(path: Sequence[Any]) -> str:
-    """`jax.tree_util` key path -> ``"a/b/c"``."""
+    """`jax.tree_util` key path -> ``"a/b/c"``.
+
+    A trailing ``.value`` attribute (how `flax.nnx` Variables flatten) is
+    dropped, so an ``nnx.State`` reads ``"block/fc/kernel"`` like a linen tree.
+    """
+    path = list(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     return "/".join(key_name(k) for k in path)
 
 
