@@ -1,0 +1,59 @@
+"""``subboost convert``: PyTorch / Hugging Face checkpoints -> subboost (orbax) checkpoints.
+
+Examples::
+
+  # an OpenAI / open_clip state_dict (visual tower or full CLIP): ViT-B/32 checked by name
+  subboost convert zeroshot.pt base_ckpt --config ViT-B/32
+  # a whole pickled ImageEncoder (torch.save(model)), read without running its code
+  subboost convert finetuned_MNIST.pt mnist_ckpt
+  # a Hugging Face CLIPVisionModelWithProjection directory (config.json + model.safetensors)
+  subboost convert ./clip-vit-base-patch32 hf_ckpt
+  # a classification head
+  subboost convert head_MNIST.pt head_mnist_ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from subboost.convert import convert
+
+    converted = convert(
+        args.src, args.dst, format=args.format, overwrite=args.overwrite, config=args.config,
+        dtype=args.dtype, heads=args.heads, act=args.act,
+    )
+    meta = converted.metadata
+    if converted.kind == "clip_vision":
+        cfg = converted.config
+        arch = meta.get("config_name") or (
+            f"{cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, patch {cfg.patch_size}, image {cfg.image_size}"
+        )
+        what = f"CLIP vision tower ({arch}, act {cfg.act}, embed {cfg.embed_dim})"
+    else:
+        arch = meta["architecture"]
+        what = f"classification head ({arch['num_classes']} classes, embed {arch['embed_dim']})"
+    notes = "; ".join(meta.get("notes", []))
+    print(f"converted {args.src} [{meta['source']['format']}] -> {args.dst}: {what}" + (f"; note: {notes}" if notes else ""))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from subboost.convert import FORMATS
+    from subboost.models.clip_vit import ACTIVATIONS, available_configs
+
+    parser = subparsers.add_parser(
+        "convert", help="convert a PyTorch / Hugging Face CLIP checkpoint or head to a subboost checkpoint",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", help=".pt/.bin file or Hugging Face model directory")
+    parser.add_argument("dst", help="output checkpoint directory (must not exist unless --overwrite)")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="source format (default: detect)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
+    parser.add_argument("--config", default=None, help=f"expected architecture: {', '.join(available_configs())}")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (default: from the file, else width/64)")
+    parser.add_argument("--act", choices=ACTIVATIONS, default=None,
+                        help="MLP activation (default: from the file, else quick_gelu as in OpenAI CLIP)")
+    parser.add_argument("--dtype", default=None, help="cast parameters, e.g. float32 (default: keep)")
+    parser.set_defaults(func=run_convert)

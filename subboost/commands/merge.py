@@ -1,0 +1,142 @@
+"""``subboost merge`` and ``subboost boost``: merge checkpoints from the command line.
+
+Examples::
+
+  # TIES-merge three experts, boost with beta = 0.01, write base + 0.3 * tau
+  subboost merge --base base_ckpt expert_a expert_b expert_c \\
+      --method ties --param k=0.2 --beta 0.01 --alpha 0.3 --out merged_ckpt
+
+  # boost an already merged model (boosting commutes with the alpha scaling)
+  subboost boost merged_ckpt --base base_ckpt --beta 0.01 --out boosted_ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from typing import Any
+
+import jax
+
+import subboost as sb
+from subboost.boosting import BOOST_MODES
+from subboost.tree import ATTENTION_MODES
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``"k=0.2"`` -> ``("k", 0.2)``; values are Python literals or bare strings."""
+    if "=" not in text:
+        raise ValueError(f"--param expects NAME=VALUE, got {text!r}.")
+    name, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return name.strip(), value
+
+
+def stable_rank_table(before: dict, after: dict | None = None) -> str:
+    """Markdown table of per-matrix stable ranks (before / after boosting)."""
+    header = "| matrix | stable rank |" + (" boosted |" if after is not None else "")
+    rule = "|---|---:|" + ("---:|" if after is not None else "")
+    lines = [header, rule]
+    for name in before:
+        value = jax.device_get(before[name])
+        row = f"| {name} | {_fmt(value)} |"
+        if after is not None:
+            row += f" {_fmt(jax.device_get(after[name]))} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    try:
+        return f"{float(value):.2f}"
+    except TypeError:  # several matrices (heads, scanned layers): show their mean
+        return f"{float(value.mean()):.2f} (mean of {value.size})"
+
+
+def _add_boost_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("--beta", type=float, default=None if not required else 0.01,
+                        help="Subspace Boosting cutoff in [0, 1] (paper grid 0.0, 0.01, 0.02)"
+                        + ("" if required else "; omit for no boosting"))
+    parser.add_argument("--mode", choices=BOOST_MODES, default="cumsum", help="cutoff rule (default cumsum)")
+    parser.add_argument("--attention", choices=ATTENTION_MODES, default="per_qkv",
+                        help="how attention kernels form matrices (default per_qkv)")
+    parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _metadata(base_path: str, **provenance: Any) -> dict[str, Any]:
+    """The base checkpoint's metadata (architecture) plus how this one was made."""
+    from subboost.checkpoints import checkpoint_info
+
+    info = dict(checkpoint_info(base_path) or {})
+    info.update(provenance)
+    return info
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from subboost.checkpoints import load_params, save_params
+
+    base = load_params(args.base)
+    experts = [load_params(path) for path in args.experts]
+    tvs = sb.task_vectors(base, experts)
+    kwargs = dict(parse_param(p) for p in args.param)
+    if args.method == "dare" and "key" not in kwargs:
+        kwargs["key"] = jax.random.key(args.seed)
+    tau = sb.merge(tvs, args.method, **kwargs)
+    before = sb.stable_rank(tau, attention=args.attention)
+    after = None
+    if args.beta is not None:
+        tau = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention)
+        after = sb.stable_rank(tau, attention=args.attention)
+    save_params(sb.apply_task_vector(base, tau, alpha=args.alpha), args.out, overwrite=args.overwrite,
+                metadata=_metadata(args.base, merged={"experts": list(args.experts), "method": args.method,
+                                                      "hyper_parameters": {k: v for k, v in kwargs.items() if k != "key"},
+                                                      "alpha": args.alpha, "beta": args.beta, "mode": args.mode}))
+    print(stable_rank_table(before, after))
+    print(f"wrote {args.out}: base + {args.alpha} * {args.method}"
+          + (f" boosted (beta={args.beta}, {args.mode})" if args.beta is not None else ""))
+    return 0
+
+
+def run_boost(args: argparse.Namespace) -> int:
+    from subboost.checkpoints import load_params, save_params
+
+    base = load_params(args.base)
+    merged = load_params(args.merged)
+    # merged - base = alpha * tau, and boost(alpha * tau) = alpha * boost(tau).
+    tau = jax.tree_util.tree_map(lambda x: x[0], sb.task_vectors(base, [merged]))
+    before = sb.stable_rank(tau, attention=args.attention)
+    boosted = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention)
+    save_params(sb.apply_task_vector(base, boosted, alpha=1.0), args.out, overwrite=args.overwrite,
+                metadata=_metadata(args.base, boosted={"merged": args.merged, "beta": args.beta, "mode": args.mode}))
+    print(stable_rank_table(before, sb.stable_rank(boosted, attention=args.attention)))
+    print(f"wrote {args.out}: base + boost(merged - base), beta={args.beta}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    merge = subparsers.add_parser(
+        "merge", help="merge expert checkpoints (optionally with Subspace Boosting)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("experts", nargs="+", help="expert checkpoint directories")
+    merge.add_argument("--base", required=True, help="pretrained checkpoint directory")
+    merge.add_argument("--method", default="task_arithmetic", help=f"one of {', '.join(sb.available_methods())}")
+    merge.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="method hyper-parameter, e.g. --param k=0.2 (repeatable)")
+    merge.add_argument("--alpha", type=float, default=1.0, help="scaling of the merged task vector")
+    merge.add_argument("--seed", type=int, default=0, help="PRNG seed for DARE")
+    _add_boost_flags(merge, required=False)
+    merge.set_defaults(func=run_merge)
+
+    boost = subparsers.add_parser(
+        "boost", help="apply Subspace Boosting to a merged checkpoint",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    boost.add_argument("merged", help="merged checkpoint directory")
+    boost.add_argument("--base", required=True, help="pretrained checkpoint directory")
+    _add_boost_flags(boost, required=True)
+    boost.set_defaults(func=run_boost)
