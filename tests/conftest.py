@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+try:  # torchvision must be loaded before TensorFlow in one process (the reverse order segfaults)
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
+
 import jax
 import jax.numpy as jnp
 import numpy as np

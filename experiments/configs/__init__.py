@@ -1,0 +1,1 @@
+"""ml_collections configs for `experiments.run_suite` (``--config path.py[:key=value,...]``)."""

@@ -1,0 +1,85 @@
+"""Shared pieces of the suite configs: the paper's grids and one entry per method.
+
+A config names one checkpoint family and backbone and lists cells: every suite
+(8 / 14 / 20 tasks) times every method entry. A method entry is::
+
+    label    names the result file ("ties+boost")
+    title    row name in the table ("TIES + Subspace Boosting")
+    method   `subboost.merge` method name
+    kwargs   its hyper-parameters
+    alphas   validation grid of the scaling coefficient
+    betas    Subspace Boosting grid; (None,) = no boosting
+    tall_lambdas  Consensus only: per-task TALL-mask thresholds tuned on validation
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from subboost.eval import BETAS, TALL_LAMBDAS, alpha_grid
+
+# Base merges the paper boosts, and the SVD-based merges it compares with.
+BOOSTABLE = ("task_arithmetic", "ties", "consensus", "dare")
+ALL_METHODS = ("weight_averaging", "task_arithmetic", "ties", "consensus", "tsv", "iso_c", "iso_cts")
+DEFAULT_KWARGS = {"ties": {"k": 0.2}, "consensus": {"k": 2}, "dare": {"p": 0.9},
+                  "iso_cts": {"common_space_fraction": 0.8}}
+TITLES = {"weight_averaging": "Weight averaging", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
+          "consensus": "Consensus TA", "dare": "DARE", "tsv": "TSV-M", "iso_c": "Iso-C", "iso_cts": "Iso-CTS"}
+
+
+def method(name: str, *, boost: bool = False, alphas=None, **kwargs) -> dict:
+    """One method entry (see the module docstring)."""
+    return dict(
+        label=name + ("+boost" if boost else ""),
+        title=TITLES.get(name, name) + (" + Subspace Boosting" if boost else ""),
+        method=name,
+        kwargs={**DEFAULT_KWARGS.get(name, {}), **kwargs},
+        alphas=tuple(alphas or alpha_grid(name)),
+        betas=BETAS if boost else (None,),
+        tall_lambdas=TALL_LAMBDAS if name == "consensus" else None,
+    )
+
+
+def methods(names=ALL_METHODS, boost: str = "both") -> list[dict]:
+    """Entries for ``names``; ``boost``: "off", "on" (boostable ones only) or "both"."""
+    if boost not in ("off", "on", "both"):
+        raise ValueError(f"boost must be off, on or both, got {boost!r}.")
+    entries = []
+    for name in names:
+        if boost in ("off", "both") or name not in BOOSTABLE:
+            entries.append(method(name))
+        if boost in ("on", "both") and name in BOOSTABLE:
+            entries.append(method(name, boost=True))
+    return entries
+
+
+def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:
+    """big_vision-style ``"key=value,key=value"`` config argument (lists joined by "+")."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}.")
+        values[key] = value
+    return ml_collections.ConfigDict(values)
+
+
+def suite_config(arg: str | None, *, backbone: str, family: str = "tall_tsv") -> ml_collections.ConfigDict:
+    """The paper table for one backbone: suites x methods x boost off/on."""
+    arg = parse_arg(arg, family=family, suites="8+14+20", methods="+".join(ALL_METHODS), boost="both")
+    config = ml_collections.ConfigDict()
+    config.family = arg.family               # checkpoint family: named in every result
+    config.backbone = backbone               # subboost.models.get_config name
+    # "8+14+20"; a custom suite lists task names joined by "/": "suites=MNIST/SVHN+8".
+    config.suites = tuple(int(s) if s.isdigit() else s.replace("/", ",") for s in arg.suites.split("+"))
+    config.methods = methods(arg.methods.split("+"), arg.boost)
+    config.image_size = None                 # None: the backbone's input size (224)
+    config.batch_size = 256
+    config.max_validation_examples = 2000    # per task, first N of the split; None = all
+    config.max_test_examples = None          # None = the whole test split
+    config.cache_test = False                # keep test crops on the device (150 KB per 224 image)
+    config.boost = dict(mode="cumsum", attention="per_qkv")
+    config.seed = 0                          # PRNG seed of DARE
+    # Checkpoint files under --checkpoints ({task} = task name; ".safetensors" optional).
+    config.checkpoints = dict(base="zeroshot", expert="finetuned/{task}", head="heads/{task}")
+    return config

@@ -1,0 +1,10 @@
+"""ViT-B/16: every suite x method x boost cell of the paper table.
+
+    python -m experiments.run_suite --config experiments/configs/vit_b16.py[:suites=8,methods=ties,boost=on] ...
+"""
+
+from experiments.configs.common import suite_config
+
+
+def get_config(arg=None):
+    return suite_config(arg, backbone="ViT-B/16")
