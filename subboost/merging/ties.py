@@ -103,7 +103,9 @@ def elect_signs(trimmed: PyTree) -> PyTree:
     signs = jax.tree_util.tree_map(
         lambda x: jnp.sign(jnp.sum(x.astype(compute_dtype(x.dtype)), axis=0)), trimmed
     )
-    majority = jnp.sign(sum(jnp.sum(s) for s in jax.tree_util.tree_leaves(signs)))
+    # Counted in integers: a float32 sum of millions of +-1 could round a near tie.
+    votes = sum(jnp.sum(s.astype(jnp.int32)) for s in jax.tree_util.tree_leaves(signs))
+    majority = jnp.sign(votes).astype(jax.tree_util.tree_leaves(signs)[0].dtype)
     return jax.tree_util.tree_map(lambda s: jnp.where(s == 0, majority, s), signs)
 
 
