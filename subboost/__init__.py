@@ -13,6 +13,22 @@ from subboost.merging.ties import ties
 from subboost.spectra import energy_rank, spectra, stable_rank
 from subboost.task_vectors import SubboostError, apply_task_vector, task_vectors
 from subboost.tree import MatrixLayout, default_is_matrix, matrix_plan, matrix_predicate
+from subboost.merging.iso import iso_c, iso_cts
+from subboost.merging.lines import lines, lines_scales
+from subboost.merging.tsv import tsv
+from subboost.hogsvd import HOGSVD, hogsvd, hogsvd_layers
+from subboost.alignment import alignment_matrix, generalized_singular_values, select_experts, total_alignment
+from subboost.analysis import RankCollapse, rank_collapse
+from subboost import models
+from subboost.checkpoints import checkpoint_info, load_experts, load_params, save_params
+from subboost import convert  # callable: sb.convert(src, dst, ...)
+from subboost.convert import convert_checkpoint
+from subboost import data  # task registry + tf.data pipelines (TensorFlow imported lazily)
+from subboost.eval import Evaluator, normalized_accuracies, select_alpha_beta, tune_tall_lambdas
+from subboost import sharding, streaming
+from subboost.streaming import merge_from_checkpoints
+from subboost import polar_boost
+from subboost.boosting import BoostReport, GroupReport
 # --- end of re-exports ---
 
 __version__ = "0.1.0"

@@ -16,21 +16,36 @@ boost serves a whole sweep over the merging coefficient ``alpha``.
 
 Non-matrix leaves (biases, norms, embeddings, the final projection) pass
 through unchanged. All matrices of equal shape are boosted by one batched,
-jit-compiled SVD.
+jit-compiled call of the chosen solver:
+
+* ``solver="svd"`` (default): the exact SVD above.
+* ``solver="polar"``: ``tau' = s_k P + sum_{i<k} (s_i - s_k) u_i v_i^T`` with
+  ``P = U V^T`` from QDWH and the top triplets from subspace iteration
+  (`subboost.polar_boost`); matrices on which either does not converge (or
+  whose ``k`` passes the triplet cap, or which are rank-deficient) are
+  recomputed by the exact SVD inside the same compiled call.
+* ``solver="auto"``: per group, by backend, shape and static ``k``
+  (`choose_solver`).
+
+``return_info=True`` adds a `BoostReport`: the solver of every group, and per
+matrix its ``k``, whether it fell back to the SVD and why, and the residuals.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from subboost import linalg
+from subboost import linalg, polar_boost
 from subboost.task_vectors import SubboostError, check_finite, check_floating
-from subboost.tree import AttentionMode, PyTree, map_matrices
+from subboost.tree import AttentionMode, PyTree, matrix_plan
 
 BoostMode = Literal["cumsum", "index"]
 BOOST_MODES = ("cumsum", "index")
@@ -73,7 +88,133 @@ def check_boost_arguments(beta: float, mode: str) -> None:
         raise SubboostError(f"subspace_boost: mode must be one of {BOOST_MODES}, got {mode!r}.")
 
 
-@functools.partial(jax.jit, static_argnames=("beta", "mode", "attention", "is_matrix", "batch_size"))
+# ----------------------------------------------------------------------------
+# Solvers: exact SVD, or polar factor + top triplets (subboost.polar_boost)
+# ----------------------------------------------------------------------------
+Solver = Literal["svd", "polar", "auto"]
+SOLVERS = ("svd", "polar", "auto")
+# "auto" never picks the polar solver for matrices with a side shorter than this
+# (batched SVD is cheap there), nor on these backends: on CPU, LAPACK's
+# divide-and-conquer SVD beat QDWH + subspace iteration for every ViT shape
+# measured by experiments/bench_boost.py.
+AUTO_POLAR_MIN_SIDE = 128
+AUTO_SVD_BACKENDS: frozenset[str] = frozenset({"cpu"})
+
+
+def choose_solver(solver: Solver, shape: tuple[int, int], beta: float, mode: BoostMode,
+                  backend: str | None = None) -> str:
+    """The solver a group of ``shape`` matrices gets (decided at trace time).
+
+    ``svd`` and ``polar`` are taken as asked, except that ``polar`` in
+    ``index`` mode with ``k`` past the triplet cap goes straight to ``svd``
+    (it would fall back anyway). ``auto`` picks ``polar`` only off
+    `AUTO_SVD_BACKENDS`, for matrices whose shorter side is at least
+    `AUTO_POLAR_MIN_SIDE` and whose static ``k`` (``index`` mode) fits the cap;
+    in ``cumsum`` mode the ``k`` found at run time can still send single
+    matrices to the SVD (see `subspace_boost`'s report).
+    """
+    r = min(shape)
+    if solver == "svd":
+        return "svd"
+    if mode == "index" and min(int(beta * r), r - 1) >= polar_boost.max_cutoff_index(r):
+        return "svd"
+    if solver == "polar":
+        return "polar"
+    backend = jax.default_backend() if backend is None else backend
+    if backend in AUTO_SVD_BACKENDS or r < AUTO_POLAR_MIN_SIDE:
+        return "svd"
+    return "polar"
+
+
+def _boost_svd_with_cutoff(x: jax.Array, beta: float, mode: BoostMode) -> tuple[jax.Array, jax.Array]:
+    u, s, vh = linalg.svd(x)
+    k = cutoff_index(s, beta, mode)
+    s_k = jnp.take_along_axis(s, k[..., None], axis=-1)
+    return linalg.reconstruct(u, jnp.maximum(s, s_k), vh).astype(x.dtype), k
+
+
+def _svd_info(k: jax.Array) -> dict[str, jax.Array]:
+    shape = k.shape
+    return {
+        "converged": jnp.ones(shape, bool),
+        "fallback": jnp.zeros(shape, bool),
+        "reason": jnp.zeros(shape, jnp.int8),
+        "k": k.astype(jnp.int32),
+        "polar_residual": jnp.full(shape, jnp.nan, jnp.float32),
+        "triplet_residual": jnp.full(shape, jnp.nan, jnp.float32),
+        "iterations": jnp.zeros(shape, jnp.int32),
+    }
+
+
+def boost_group(x: jax.Array, beta: float, mode: BoostMode, solver: str, tol: float | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Boosts a group ``(G, m, n)`` with ``solver`` (``svd`` or ``polar``) -> ``(boosted, info)``.
+
+    With ``polar``, every matrix whose polar factor or top triplets did not
+    converge is recomputed by exact SVD (inside the same compiled call; a
+    `jax.lax.cond` skips the work when all converged) and flagged in
+    ``info["fallback"]``: an unconverged result is never returned.
+    """
+    if solver == "svd":
+        y, k = _boost_svd_with_cutoff(x, beta, mode)
+        return y, _svd_info(k)
+    y, info = polar_boost.boost_matrices_polar(x, beta, mode, tol=tol)
+    ok = info["converged"]
+
+    def recompute(args):
+        y, k = args
+
+        def one(item):
+            xi, yi, ki, oki = item
+            return jax.lax.cond(
+                oki, lambda: (yi, ki), lambda: tuple(v[0] for v in _boost_svd_with_cutoff(xi[None], beta, mode))
+            )
+
+        return jax.lax.map(one, (x, y, k, ok))
+
+    y, k = jax.lax.cond(jnp.all(ok), lambda args: args, recompute, (y, info["k"]))
+    info = {**info, "k": k, "fallback": ~ok}
+    info["polar_residual"] = info["polar_residual"].astype(jnp.float32)
+    info["triplet_residual"] = info["triplet_residual"].astype(jnp.float32)
+    return y, info
+
+
+def run_after(x: jax.Array, previous) -> jax.Array:
+    """``x`` (same values, ``-0.0`` aside) made data-dependent on ``previous`` (a pytree or None).
+
+    Why: jaxlib 0.10's batched CPU LAPACK kernels (QR, SVD, Cholesky, ...) hand
+    batch chunks to XLA's intra-op thread pool and block a pool thread until
+    they finish; when as many such calls run side by side as the pool has
+    threads (2 on a 2-core machine), none can finish and the process hangs.
+    XLA runs independent groups concurrently, so each group is chained to the
+    previous group's result: one LAPACK call at a time.
+    """
+    if previous is None:
+        return x
+    probe = jax.tree_util.tree_leaves(previous)[0].reshape(-1)[0]
+    zero = jnp.where(jnp.isfinite(probe), probe, 0) * 0  # not folded: x * 0 is NaN for NaN x
+    return x + zero.astype(x.dtype)
+
+
+def _map_chunks(fn: Callable, x: jax.Array, batch_size: int | None):
+    """``fn`` on ``x`` (``(G, m, n)``) whole, or over chunks of ``batch_size`` matrices.
+
+    Chunks run one after another (`jax.lax.map` without vmapping ``fn``, so
+    the `jax.lax.cond`s inside stay real branches); the last chunk is padded
+    with zero matrices, which every solver maps to zero.
+    """
+    num = x.shape[0]
+    if batch_size is None or batch_size >= num:
+        return fn(x)
+    chunks = -(-num // batch_size)
+    padded = jnp.concatenate([x, jnp.zeros((chunks * batch_size - num,) + x.shape[1:], x.dtype)], axis=0)
+    out = jax.lax.map(fn, padded.reshape((chunks, batch_size) + x.shape[1:]))
+    return jax.tree_util.tree_map(lambda a: a.reshape((chunks * batch_size,) + a.shape[2:])[:num], out)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("beta", "mode", "attention", "is_matrix", "batch_size", "solver", "tol", "with_info")
+)
 def _boost_tree(
     tau: PyTree,
     *,
@@ -82,14 +223,142 @@ def _boost_tree(
     attention: AttentionMode,
     is_matrix: Callable | None,
     batch_size: int | None,
-) -> PyTree:
-    return map_matrices(
-        lambda x: boost_matrices(x, beta, mode),
-        tau,
-        attention=attention,
-        is_matrix=is_matrix,
-        batch_size=batch_size,
-    )
+    solver: Solver = "svd",
+    tol: float | None = None,
+    with_info: bool = False,
+):
+    plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
+    boosted, infos, previous = {}, [], None
+    for group, x in plan.gather(tau).items():
+        chosen = choose_solver(solver, group[:2], beta, mode)
+        boosted[group], info = _map_chunks(
+            functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol),
+            run_after(x, previous), batch_size,
+        )
+        previous = boosted[group]
+        infos.append(info)
+    out = plan.rebuild(tau, plan.scatter(boosted))
+    return (out, infos) if with_info else out
+
+
+@functools.partial(jax.jit, static_argnames=("beta", "mode", "batch_size", "solver", "tol", "with_info"))
+def _boost_array(x: jax.Array, *, beta: float, mode: BoostMode, batch_size: int | None = None,
+                 solver: Solver = "svd", tol: float | None = None, with_info: bool = False):
+    stack = x.reshape((-1,) + x.shape[-2:])
+    chosen = choose_solver(solver, x.shape[-2:], beta, mode)
+    y, info = _map_chunks(functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol),
+                          stack, batch_size)
+    y = y.reshape(x.shape)
+    return (y, [info]) if with_info else y
+
+
+# ----------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GroupReport:
+    """How one group of same-shaped matrices was boosted (arrays: one entry per matrix).
+
+    Attributes:
+      shape: ``(rows, cols)`` of the matrices (PyTorch orientation).
+      dtype: their dtype.
+      solver: ``"svd"`` or ``"polar"``, as chosen for the group.
+      names: one name per matrix (module path; ``[i]`` for stacked layers/heads).
+      k: cutoff index per matrix (from the matrix's final solver).
+      fallback: matrices the polar solver did not converge on, recomputed by SVD.
+      reasons: why each matrix fell back (``"converged"`` otherwise).
+      polar_residual: ``||P^T P - I||_F / sqrt(n)`` (NaN for ``svd``).
+      triplet_residual: ``max_{i<=k} ||tau^T u_i - s_i v_i|| / s_k`` (NaN for ``svd``).
+      iterations: subspace iterations (0 for ``svd``).
+    """
+
+    shape: tuple[int, int]
+    dtype: str
+    solver: str
+    names: tuple[str, ...]
+    k: np.ndarray
+    fallback: np.ndarray
+    reasons: tuple[str, ...]
+    polar_residual: np.ndarray
+    triplet_residual: np.ndarray
+    iterations: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoostReport:
+    """Which solver boosted each matrix group and whether it converged."""
+
+    groups: tuple[GroupReport, ...]
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        """``{matrix name: reason}`` for every matrix recomputed by exact SVD."""
+        return {
+            name: reason
+            for g in self.groups
+            for name, fell, reason in zip(g.names, g.fallback, g.reasons)
+            if fell
+        }
+
+    @property
+    def solvers(self) -> dict[tuple[int, int], str]:
+        """``{shape: solver}`` per group."""
+        return {g.shape: g.solver for g in self.groups}
+
+    def summary(self) -> str:
+        """One line per group: shape, solver, matrices, fallbacks, worst residuals, k range."""
+        lines = [f"{'shape':>12} {'dtype':>8} {'solver':>6} {'count':>5} {'fallback':>8} "
+                 f"{'k min-max':>9} {'polar res':>9} {'trip res':>9} {'iters':>5}"]
+        for g in self.groups:
+            finite = lambda a: a[np.isfinite(a)]  # noqa: E731
+            pr, tr = finite(g.polar_residual), finite(g.triplet_residual)
+            lines.append(
+                f"{g.shape[0]:>5} x {g.shape[1]:<5}{g.dtype:>8} {g.solver:>6} {g.count:>5} "
+                f"{int(g.fallback.sum()):>8} {f'{g.k.min()}-{g.k.max()}':>9} "
+                f"{(f'{pr.max():.1e}' if pr.size else '-'):>9} {(f'{tr.max():.1e}' if tr.size else '-'):>9} "
+                f"{int(g.iterations.max()):>5}"
+            )
+        for name, reason in self.fallbacks.items():
+            lines.append(f"  fell back to SVD: {name}: {reason}")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+def _group_names(plan) -> dict[tuple[int, int, str], list[str]]:
+    names: dict[tuple[int, int, str], list[str]] = {g: [] for g in plan.groups}
+    for member in plan.members:
+        if member.count == 1:
+            names[member.group].append(member.name)
+        else:
+            names[member.group].extend(f"{member.name}[{i}]" for i in range(member.count))
+    return names
+
+
+def _report(keys, names, solvers, infos) -> BoostReport:
+    infos = jax.device_get(infos)
+    groups = []
+    for (m, n, dtype), group_names, solver, info in zip(keys, names, solvers, infos):
+        groups.append(GroupReport(
+            shape=(m, n), dtype=dtype, solver=solver, names=tuple(group_names),
+            k=np.asarray(info["k"]), fallback=np.asarray(info["fallback"]),
+            reasons=tuple(polar_boost.REASONS[int(r)] for r in np.asarray(info["reason"])),
+            polar_residual=np.asarray(info["polar_residual"]),
+            triplet_residual=np.asarray(info["triplet_residual"]),
+            iterations=np.asarray(info["iterations"]),
+        ))
+    return BoostReport(tuple(groups))
+
+
+def check_solver_arguments(solver: str, tol: float | None) -> None:
+    if solver not in SOLVERS:
+        raise SubboostError(f"subspace_boost: solver must be one of {SOLVERS}, got {solver!r}.")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
+        raise SubboostError(f"subspace_boost: tol must be None or in (0, 1), got {tol!r}.")
 
 
 def subspace_boost(
@@ -100,8 +369,12 @@ def subspace_boost(
     attention: AttentionMode = "per_qkv",
     is_matrix: Callable | None = None,
     batch_size: int | None = None,
+    solver: Solver = "svd",
+    tol: float | None = None,
+    return_info: bool = False,
     validate: bool = True,
-) -> PyTree:
+    mesh: jax.sharding.Mesh | None = None,
+) -> PyTree | tuple[PyTree, BoostReport]:
     """Subspace Boosting of a merged task vector (every matrix leaf).
 
     Args:
@@ -115,10 +388,22 @@ def subspace_boost(
         overriding `subboost.tree.default_is_matrix`.
       batch_size: boost at most this many matrices of a group at once
         (`jax.lax.map`), bounding SVD temporaries; ``None`` = whole groups.
+      solver: ``"svd"`` (default: one exact SVD per matrix), ``"polar"``
+        (``s_k P + sum_{i<k} (s_i - s_k) u_i v_i^T`` from a QDWH polar factor
+        and the top triplets, `subboost.polar_boost`; matrices it does not
+        converge on are recomputed by SVD) or ``"auto"`` (per group, see
+        `choose_solver`).
+      tol: the polar solver's accepted ``||P^T P - I||_F / sqrt(n)``
+        (default ``1e-4`` in float32, ``1e-10`` in float64).
+      return_info: also return a `BoostReport` (solver per group; per matrix
+        ``k``, fallback and residuals). Costs one host transfer of small arrays.
       validate: check for non-finite values first (one host sync).
+      mesh: run over this device mesh: every matrix group is split along its
+        group axis over the devices (`subboost.sharding`); result replicated.
 
     Returns:
-      The boosted task vector, same structure, shapes and dtypes.
+      The boosted task vector, same structure, shapes and dtypes; with
+      ``return_info``, ``(boosted, report)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -127,21 +412,39 @@ def subspace_boost(
       [4.0, 4.0, 4.0, 4.0]
     """
     check_boost_arguments(beta, mode)
+    check_solver_arguments(solver, tol)
+    tol = None if tol is None else float(tol)
+    if mesh is not None:
+        from subboost.sharding import boost_on_mesh
+
+        return boost_on_mesh(tau, beta=beta, mode=mode, attention=attention, is_matrix=is_matrix,
+                             batch_size=batch_size, solver=solver, tol=tol, return_info=return_info,
+                             validate=validate, mesh=mesh)
     if isinstance(tau, (jax.Array,)) or hasattr(tau, "__array__") and not isinstance(tau, dict):
         x = jnp.asarray(tau)
         if x.ndim < 2:
             raise SubboostError(f"subspace_boost: a bare array needs >= 2 dimensions, got shape {x.shape}.")
         if validate:
             check_finite(x, what="subspace_boost input")
-        return _boost_array(x, beta=float(beta), mode=mode)
+        out = _boost_array(x, beta=float(beta), mode=mode, batch_size=batch_size, solver=solver, tol=tol,
+                           with_info=return_info)
+        if not return_info:
+            return out
+        m, n = x.shape[-2:]
+        count = math.prod(x.shape[:-2])
+        names = [[f"[{i}]" for i in range(count)]] if x.ndim > 2 else [["matrix"]]
+        keys = [(m, n, jnp.dtype(x.dtype).name)]
+        return out[0], _report(keys, names, [choose_solver(solver, (m, n), float(beta), mode)], out[1])
     if validate:
         check_floating(tau, what="subspace_boost input")
         check_finite(tau, what="subspace_boost input")
-    return _boost_tree(
-        tau, beta=float(beta), mode=mode, attention=attention, is_matrix=is_matrix, batch_size=batch_size
+    out = _boost_tree(
+        tau, beta=float(beta), mode=mode, attention=attention, is_matrix=is_matrix, batch_size=batch_size,
+        solver=solver, tol=tol, with_info=return_info,
     )
-
-
-@functools.partial(jax.jit, static_argnames=("beta", "mode"))
-def _boost_array(x: jax.Array, *, beta: float, mode: BoostMode) -> jax.Array:
-    return boost_matrices(x, beta, mode)
+    if not return_info:
+        return out
+    plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
+    names = _group_names(plan)
+    solvers = [choose_solver(solver, g[:2], float(beta), mode) for g in plan.groups]
+    return out[0], _report(plan.groups, [names[g] for g in plan.groups], solvers, out[1])

@@ -15,6 +15,10 @@ from collections.abc import Sequence
 # Modules that contribute a subcommand via `register(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = (
     "subboost.commands.merge",
+    "subboost.commands.convert",
+    "subboost.commands.demo",
+    "subboost.commands.analyze",
+    "subboost.commands.eval",
 )
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, PermissionError)

@@ -8,8 +8,19 @@ result is cast back: dtype in equals dtype out.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
+
+SvdMethod = Literal["auto", "direct", "qr"]
+# Backends on which `svd(method="auto")` reduces tall/wide matrices by a thin QR
+# first. Empty: on CPU, LAPACK's gesdd already QR-reduces tall input itself and
+# experiments/bench_boost.py measured no gain; GPU is unmeasured so far (the
+# bench's tall-SVD table is the place to decide it).
+TALL_QR_BACKENDS: frozenset[str] = frozenset()
+# Aspect ratio max(m, n) / min(m, n) from which "auto" uses the QR route.
+TALL_QR_RATIO = 2.0
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -17,15 +28,43 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def use_tall_qr(shape: tuple[int, ...], backend: str | None = None) -> bool:
+    """Whether ``svd(method="auto")`` takes the QR route for matrices of ``shape``."""
+    m, n = shape[-2:]
+    backend = jax.default_backend() if backend is None else backend
+    return backend in TALL_QR_BACKENDS and max(m, n) >= TALL_QR_RATIO * min(m, n)
+
+
+def svd(x: jax.Array, *, method: SvdMethod = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Thin SVD ``x = U diag(s) Vh`` in at least float32, ``s`` descending.
+
+    ``method="qr"`` factors a tall ``x = Q R`` (a wide one through ``x^T``)
+    and takes the SVD of the square ``R = U_R diag(s) Vh``: ``U = Q U_R``.
+    Same result up to rounding (and the usual sign freedom); it pays where the
+    backend's SVD of the square ``R`` is much cheaper than of ``x`` (e.g. a
+    Jacobi SVD limited to small matrices). ``"auto"`` uses it per
+    `use_tall_qr`; ``"direct"`` never.
 
     Returns:
       ``(U, s, Vh)`` in the compute dtype: shapes ``(..., m, r)``, ``(..., r)``,
       ``(..., r, n)`` with ``r = min(m, n)``.
     """
+    if method not in ("auto", "direct", "qr"):
+        raise ValueError(f"svd: method must be 'auto', 'direct' or 'qr', got {method!r}.")
     x = x.astype(compute_dtype(x.dtype))
-    return jnp.linalg.svd(x, full_matrices=False)
+    m, n = x.shape[-2:]
+    if method == "auto":
+        method = "qr" if use_tall_qr(x.shape) else "direct"
+    if method == "direct" or m == n:
+        return jnp.linalg.svd(x, full_matrices=False)
+    wide = m < n
+    a = jnp.swapaxes(x, -1, -2) if wide else x
+    q, r = jnp.linalg.qr(a, mode="reduced")
+    u_r, s, vh = jnp.linalg.svd(r, full_matrices=False)
+    u = q @ u_r
+    if wide:  # x^T = U s Vh  =>  x = Vh^T s U^T
+        return jnp.swapaxes(vh, -1, -2), s, jnp.swapaxes(u, -1, -2)
+    return u, s, vh
 
 
 def singular_values(x: jax.Array) -> jax.Array:

@@ -18,7 +18,9 @@ import jax
 from subboost.merging.averaging import task_arithmetic, weight_averaging
 from subboost.merging.consensus import consensus
 from subboost.merging.dare import dare
+from subboost.merging.iso import check_common_space_fraction, iso_c, iso_cts
 from subboost.merging.ties import ties
+from subboost.merging.tsv import check_batch_size, tsv
 from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
 from subboost.tree import PyTree
 
@@ -97,13 +99,22 @@ def _jitted(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
     return jax.jit(METHODS[name], static_argnames=static_names)
 
 
-def merge(tvs: PyTree, method: str = "task_arithmetic", *, validate: bool = True, **kwargs: Any) -> PyTree:
+def merge(
+    tvs: PyTree,
+    method: str = "task_arithmetic",
+    *,
+    validate: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    **kwargs: Any,
+) -> PyTree:
     """Merges stacked task vectors with a named method.
 
     Args:
       tvs: stacked task vectors from `subboost.task_vectors` (leading axis T).
       method: one of `available_methods()`.
       validate: check the input (expert axis, float dtypes, finiteness; one host sync).
+      mesh: run over this device mesh (`subboost.sharding`): matrix groups split
+        along G, elementwise methods over parameters; the result is replicated.
       **kwargs: the method's hyper-parameters (see its docstring).
 
     Returns:
@@ -126,7 +137,22 @@ def merge(tvs: PyTree, method: str = "task_arithmetic", *, validate: bool = True
         _CHECKS[method](kwargs, num_tasks)
     kwargs = {k: _hashable(v) for k, v in kwargs.items()}
     static_names = tuple(sorted(k for k in kwargs if k not in DYNAMIC_ARGUMENTS))
+    if mesh is not None:
+        from subboost.sharding import merge_on_mesh
+
+        return merge_on_mesh(tvs, method, mesh=mesh, **kwargs)
     return _jitted(method, static_names)(tvs, **kwargs)
+
+
+def _check_svd_merge(kwargs: dict[str, Any], num_tasks: int, what: str) -> None:
+    check_batch_size(kwargs.get("batch_size"), what)
+    if what == "iso_cts":
+        check_common_space_fraction(kwargs.get("common_space_fraction", 0.8), what)
+
+
+# Matrix shapes are checked against T inside each method (at trace time), naming the parameter.
+for _name, _fn in (("tsv", tsv), ("iso_c", iso_c), ("iso_cts", iso_cts)):
+    register(_name, _fn, functools.partial(_check_svd_merge, what=_name))
 
 
 __all__ = [
@@ -134,9 +160,12 @@ __all__ = [
     "available_methods",
     "consensus",
     "dare",
+    "iso_c",
+    "iso_cts",
     "merge",
     "register",
     "task_arithmetic",
     "ties",
+    "tsv",
     "weight_averaging",
 ]
