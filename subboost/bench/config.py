@@ -1,0 +1,202 @@
+"""Benchmark configurations: ``tiny`` (CI, < 2 min) and ``default`` (the README's main job).
+
+Everything the benchmark does is decided here, so a run is described by its
+config and seed alone (they are written into ``results.json``). The part that
+decides the trained models (`BenchConfig.training_key`) keys the checkpoint
+cache: changing an evaluation setting reuses the trained base and experts,
+changing a training setting retrains them.
+
+``default``: a 3-block ViT (16x16 RGB, patch 4, width 64, 4 heads, projection
+to 32 dims; ~150k parameters), pretrained CLIP-style on the coarse-caption
+mixture of all 20 tasks, 20 experts, merged at 8 / 14 / 20 tasks.
+
+``tiny``: the same pipeline, scaled down in every direction: a 2-block width-32
+ViT, fewer images and steps, and the first 10 tasks merged at 4 / 7 / 10 tasks
+(the 8 / 14 / 20 structure halved), so CI sees every stage in well under two
+minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from typing import Any
+
+from subboost.models.clip_vit import CLIPVisionConfig
+
+# Coarse log-spaced alpha grid, 0.01 * 2^k (0.01 .. 5.12); the sweep refines the
+# best point by 2^(+-1/2) and flags choices on the grid's edges.
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.01 * 2**k, 6) for k in range(10))
+DEFAULT_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)
+
+# Hyper-parameters of the merge methods (REFERENCE.md defaults; Consensus's
+# per-task lambda is fixed at 0.4 instead of tuned per task).
+# SVD-based steps run one layer at a time (`batch_size=1`, same result). jaxlib
+# 0.10.2's CPU LAPACK kernels split a batch of matrices over the intra-op thread
+# pool and block until it finishes; two such kernels running at once on a
+# 2-thread pool wait on each other forever (observed: the unchunked Iso-CTS of
+# the tiny model at T = 4, 7 and 10). One layer at a time leaves far fewer
+# batched kernels that can run concurrently; a boost of a single matrix runs inline.
+SVD_BATCH_SIZE = 1
+DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {
+    "ties": {"k": 0.2},
+    "dare": {"p": 0.9},
+    "consensus": {"k": 2, "lambdas": 0.4},
+    "tsv": {"batch_size": SVD_BATCH_SIZE},
+    "iso_c": {"batch_size": SVD_BATCH_SIZE},
+    "iso_cts": {"batch_size": SVD_BATCH_SIZE},
+}
+# Methods used at a fixed alpha instead of a tuned one: weight averaging *is*
+# theta_0 + mean(tau) (with a tuned alpha it would equal task arithmetic).
+DEFAULT_FIXED_ALPHAS: dict[str, float] = {"weight_averaging": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark size.
+
+    Attributes:
+      name: ``"tiny"`` or ``"default"`` (or anything, for custom configs).
+      model: the ViT image tower (`subboost.models.clip_vit.CLIPVisionConfig`).
+      num_tasks: tasks generated, pretrained on and fine-tuned (the first ones of `tasks.TASKS`).
+      task_counts: numbers of experts merged (prefixes of the task order).
+      train_per_task, val_per_task, test_per_task: images per task and split.
+      pretrain_per_task: images per task in the pretraining mixture.
+      head_shots: training images per class averaged into a frozen zero-shot-like head.
+      pretrain_steps, pretrain_batch, pretrain_lr, pretrain_warmup, pretrain_weight_decay:
+        CLIP-style pretraining (AdamW, linear warm-up then cosine decay, global-norm clip 1).
+      finetune_steps, finetune_batch, finetune_lr, finetune_warmup: per-expert fine-tuning
+        of the encoder (AdamW without weight decay, same schedule shape); heads stay frozen.
+      steps_per_call: optimisation steps fused into one jit-compiled `lax.scan` call.
+      eval_batch: images per forward pass in evaluation.
+      methods: merge methods to run (``None`` = every method in `subboost.available_methods()`).
+      method_kwargs: hyper-parameters per method.
+      fixed_alphas: methods evaluated at one alpha instead of a tuned one.
+      alphas: coarse alpha grid (refined around the best value).
+      betas: Subspace Boosting cutoffs tried (chosen on validation with alpha).
+    """
+
+    name: str
+    model: CLIPVisionConfig
+    num_tasks: int
+    task_counts: tuple[int, ...]
+    train_per_task: int
+    val_per_task: int
+    test_per_task: int
+    pretrain_per_task: int
+    head_shots: int
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_lr: float
+    pretrain_warmup: int
+    pretrain_weight_decay: float
+    finetune_steps: int
+    finetune_batch: int
+    finetune_lr: float
+    finetune_warmup: int
+    steps_per_call: int = 50
+    eval_batch: int = 512
+    methods: tuple[str, ...] | None = None
+    method_kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_METHOD_KWARGS))
+    fixed_alphas: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_FIXED_ALPHAS))
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    betas: tuple[float, ...] = DEFAULT_BETAS
+
+    def __post_init__(self):
+        from subboost.bench.tasks import TASKS
+
+        if not 1 <= self.num_tasks <= len(TASKS):
+            raise ValueError(f"BenchConfig.num_tasks must be in [1, {len(TASKS)}], got {self.num_tasks}.")
+        if not self.task_counts or any(not 1 <= k <= self.num_tasks for k in self.task_counts):
+            raise ValueError(f"BenchConfig.task_counts must lie in [1, num_tasks={self.num_tasks}], got {self.task_counts}.")
+        if list(self.task_counts) != sorted(set(self.task_counts)):
+            raise ValueError(f"BenchConfig.task_counts must be strictly increasing, got {self.task_counts}.")
+        if any(a <= 0 for a in self.alphas) or list(self.alphas) != sorted(set(self.alphas)):
+            raise ValueError(f"BenchConfig.alphas must be positive and strictly increasing, got {self.alphas}.")
+        if any(not 0.0 <= b <= 1.0 for b in self.betas):
+            raise ValueError(f"BenchConfig.betas must lie in [0, 1], got {self.betas}.")
+        if self.model.image_size != 16 or self.model.in_channels != 3:
+            raise ValueError("BenchConfig.model must take 16x16 RGB images (the tasks' input space).")
+        if self.head_shots > self.train_per_task // 10:
+            raise ValueError(f"BenchConfig.head_shots={self.head_shots} needs train_per_task >= {10 * self.head_shots}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    def training_key(self, seed: int) -> str:
+        """Hash of everything that decides the trained base, heads and experts.
+
+        Includes the source of the task generators and training code, so editing
+        them invalidates cached checkpoints.
+        """
+        from subboost.bench import data, finetune, heads, model, pretrain, tasks
+
+        fields = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_", "steps_per_call"))
+        }
+        sources = "".join(inspect.getsource(m) for m in (tasks, data, model, pretrain, finetune, heads))
+        blob = json.dumps({"seed": seed, "config": fields}, sort_keys=True) + sources
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_MODELS = {
+    "default": CLIPVisionConfig(image_size=16, patch_size=4, width=64, layers=3, heads=4, embed_dim=32),
+    "tiny": CLIPVisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=16),
+}
+
+CONFIGS: dict[str, BenchConfig] = {
+    "default": BenchConfig(
+        name="default",
+        model=_MODELS["default"],
+        num_tasks=20,
+        task_counts=(8, 14, 20),
+        train_per_task=2048,
+        val_per_task=128,
+        test_per_task=512,
+        pretrain_per_task=4096,
+        head_shots=5,
+        pretrain_steps=2000,
+        pretrain_batch=256,
+        pretrain_lr=1e-3,
+        pretrain_warmup=100,
+        pretrain_weight_decay=0.05,
+        finetune_steps=1200,
+        finetune_batch=32,
+        finetune_lr=3e-3,
+        finetune_warmup=100,
+    ),
+    "tiny": BenchConfig(
+        name="tiny",
+        model=_MODELS["tiny"],
+        num_tasks=10,
+        task_counts=(4, 7, 10),
+        train_per_task=512,
+        val_per_task=48,
+        test_per_task=128,
+        pretrain_per_task=1024,
+        head_shots=5,
+        pretrain_steps=600,
+        pretrain_batch=128,
+        pretrain_lr=2e-3,
+        pretrain_warmup=50,
+        pretrain_weight_decay=0.05,
+        finetune_steps=400,
+        finetune_batch=32,
+        finetune_lr=3e-3,
+        finetune_warmup=40,
+        eval_batch=256,
+    ),
+}
+
+
+def get_config(size: str = "default", **overrides: Any) -> BenchConfig:
+    """The named size (``"tiny"`` or ``"default"``), with fields replaced by ``overrides``."""
+    if size not in CONFIGS:
+        raise ValueError(f"unknown benchmark size {size!r}; choose one of {', '.join(CONFIGS)}.")
+    return dataclasses.replace(CONFIGS[size], **overrides)

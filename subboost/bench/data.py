@@ -1,0 +1,111 @@
+"""Stacked arrays of a task suite: one leading task axis, equal sizes per task.
+
+Training splits are stored clean (training adds each task's pixel noise afresh
+per step); evaluation splits hold their fixed noisy images. Everything is
+float32 in ``[0, 1]``; `subboost.bench.tasks.normalise` maps to model input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from subboost.bench.tasks import MAX_CLASSES, Task, coarse_labels, generate
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """``images`` (T, n, H, W, 3) float32 in [0, 1]; ``labels`` (T, n) int32."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def num_tasks(self) -> int:
+        return self.images.shape[0]
+
+    def take(self, num_tasks: int) -> Split:
+        """The first ``num_tasks`` tasks."""
+        return Split(self.images[:num_tasks], self.labels[:num_tasks])
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteData:
+    """The splits of a task suite.
+
+    Attributes:
+      tasks: the tasks, in benchmark order.
+      train: clean training images (noise is added per step).
+      val: noisy validation images (alpha / beta selection).
+      test: noisy test images (reported numbers).
+      noise: (T,) pixel-noise standard deviation per task.
+      num_classes: (T,) classes per task.
+    """
+
+    tasks: tuple[Task, ...]
+    train: Split
+    val: Split
+    test: Split
+    noise: np.ndarray
+    num_classes: np.ndarray
+
+
+def build_suite(tasks: Sequence[Task], *, train: int, val: int, test: int, seed: int, progress: bool = True) -> SuiteData:
+    """Generates every split of every task (deterministic in ``seed``)."""
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    sizes = {"train": train, "val": val, "test": test}
+    for task in tqdm(tasks, desc="generating tasks", disable=not progress, leave=False):
+        for split, n in sizes.items():
+            splits[split].append(generate(task, split, n, seed=seed, noisy=split != "train"))
+    stacked = {
+        split: Split(np.stack([x for x, _ in items]), np.stack([y for _, y in items])) for split, items in splits.items()
+    }
+    return SuiteData(
+        tasks=tuple(tasks),
+        noise=np.array([t.noise for t in tasks], np.float32),
+        num_classes=np.array([t.num_classes for t in tasks], np.int32),
+        **stacked,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainData:
+    """The pretraining mixture: clean images, caption ids and per-image noise levels.
+
+    Captions are ``2 * task index + coarse label`` (see `tasks.coarse_labels`).
+    """
+
+    images: np.ndarray
+    captions: np.ndarray
+    noise: np.ndarray
+    num_captions: int
+
+
+def build_pretraining_mixture(tasks: Sequence[Task], *, per_task: int, seed: int, progress: bool = True) -> PretrainData:
+    """Images from every task's ``pretrain`` stream, labelled by coarse captions only."""
+    images, captions, noise = [], [], []
+    for index, task in enumerate(tqdm(tasks, desc="generating pretraining mixture", disable=not progress, leave=False)):
+        x, y = generate(task, "pretrain", per_task, seed=seed, noisy=False)
+        images.append(x)
+        captions.append(2 * index + coarse_labels(task, y))
+        noise.append(np.full((per_task,), task.noise, np.float32))
+    return PretrainData(np.concatenate(images), np.concatenate(captions).astype(np.int32), np.concatenate(noise), 2 * len(tasks))
+
+
+def few_shot_examples(task_index: int, data: SuiteData, shots: int) -> np.ndarray:
+    """``(MAX_CLASSES, shots, H, W, 3)`` clean training images, ``shots`` per class (zeros for absent classes).
+
+    The first ``shots`` training examples of each class: what a zero-shot head
+    is built from (see `subboost.bench.heads`).
+    """
+    labels = data.train.labels[task_index]
+    out = np.zeros((MAX_CLASSES, shots) + data.train.images.shape[2:], np.float32)
+    for c in range(int(data.num_classes[task_index])):
+        where = np.flatnonzero(labels == c)[:shots]
+        if where.size < shots:
+            raise ValueError(f"task {data.tasks[task_index].name!r}: only {where.size} training examples of class {c}, need {shots}.")
+        out[c] = data.train.images[task_index, where]
+    return out

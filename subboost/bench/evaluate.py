@@ -1,0 +1,76 @@
+"""Batched accuracy of encoders with the frozen task heads.
+
+Three jit-compiled evaluations, all on stacked ``(T, n, 16, 16, 3)`` splits:
+
+* `accuracies`: one encoder on every task -> ``(T,)``;
+* `accuracies_at`: ``theta_0 + alpha * tau`` (alpha a traced scalar, so a whole
+  alpha sweep reuses one compiled program and dispatches asynchronously) -> ``(T,)``;
+* `expert_accuracies`: stacked experts, expert ``t`` on task ``t``, vmapped
+  over experts -> ``(T,)``.
+
+Images go through the encoder in fixed-size batches (`jax.lax.map`), so memory
+stays bounded. The model config and batch size are static arguments, so the
+compiled programs are shared by every run in a process.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from subboost.bench.heads import task_logits
+from subboost.bench.model import make_encoder
+from subboost.models.clip_vit import CLIPVisionConfig
+
+_STATIC = ("model", "batch")
+
+
+def features(params: dict, images: jax.Array, *, model: CLIPVisionConfig, batch: int) -> jax.Array:
+    """``(N, H, W, C)`` -> ``(N, E)``, ``batch`` images per forward pass."""
+    encode = make_encoder(model)
+    n = images.shape[0]
+    batch = min(batch, n)
+    num_batches = math.ceil(n / batch)
+    padded = jnp.pad(images, ((0, num_batches * batch - n),) + ((0, 0),) * (images.ndim - 1))
+    out = jax.lax.map(lambda x: encode(params, x), padded.reshape((num_batches, batch) + images.shape[1:]))
+    return out.reshape((num_batches * batch,) + out.shape[2:])[:n]
+
+
+def _accuracies(params, images, labels, heads, *, model, batch):
+    num_tasks, n = labels.shape
+    feats = features(params, images.reshape((num_tasks * n,) + images.shape[2:]), model=model, batch=batch)
+    logits = task_logits(feats.reshape(num_tasks, n, -1), heads)
+    return jnp.mean(jnp.argmax(logits, axis=-1) == labels, axis=1)
+
+
+accuracies = jax.jit(_accuracies, static_argnames=_STATIC)
+accuracies.__doc__ = "Accuracy of one encoder on each task: ``(T,)``."
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def accuracies_at(base, tau, alpha, images, labels, heads, *, model, batch):
+    """Accuracy of ``theta_0 + alpha * tau`` on each task: ``(T,)``."""
+    params = jax.tree_util.tree_map(lambda p, t: p + alpha.astype(p.dtype) * t.astype(p.dtype), base, tau)
+    return _accuracies(params, images, labels, heads, model=model, batch=batch)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def expert_accuracies(experts, images, labels, heads, *, model, batch):
+    """Expert ``t`` (leading axis of ``experts``) on task ``t`` only: ``(T,)``."""
+
+    def one(params, images, labels, head):
+        head = jax.tree_util.tree_map(lambda x: x[None], head)
+        return _accuracies(params, images[None], labels[None], head, model=model, batch=batch)[0]
+
+    return jax.vmap(one)(experts, images, labels, heads)
+
+
+def alpha_sweep(base, tau, alphas: Sequence[float], images, labels, heads, *, model, batch) -> np.ndarray:
+    """``(A, T)`` accuracies of ``theta_0 + alpha * tau`` for every alpha (one host sync)."""
+    rows = [accuracies_at(base, tau, jnp.float32(a), images, labels, heads, model=model, batch=batch) for a in alphas]
+    return np.asarray(jnp.stack(rows))

@@ -1,0 +1,322 @@
+"""The whole mini-benchmark, end to end: data -> base -> heads -> experts -> merges -> report.
+
+1. Generate the tasks' splits and the pretraining mixture (`subboost.bench.tasks`, `.data`).
+2. Pretrain the ViT CLIP-style on coarse captions (`.pretrain`), build the frozen
+   zero-shot-like heads (`.heads`), fine-tune one expert per task (`.finetune`);
+   base, heads and experts are cached as orbax checkpoints under
+   ``<cache dir>/<training key>`` and reused when the training config matches (`.cache`).
+3. For each number of experts ``T`` in ``config.task_counts`` (the first ``T``
+   tasks): the pretrained model with heads, each expert on its own task, and
+   every merge method in `subboost.available_methods()`, each without and with
+   Subspace Boosting; alpha (and beta) chosen on validation (`.sweep`),
+   accuracy reported on test, absolute and normalized (merged / expert
+   accuracy per task, averaged over the ``T`` tasks); the mean stable rank of
+   the merged task vector's matrices, plain and boosted.
+4. Write ``results.json``, ``results.md`` and two PNG plots to the output directory.
+
+Nothing here is tuned for any merge method: all methods share the grids, the
+data and the experts, and a method that cannot run on these shapes (e.g.
+Iso-CTS with too many tasks for a small matrix) is reported as n/a with the
+reason.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import subboost as sb
+from subboost.bench.cache import ModelCache
+from subboost.bench.config import SVD_BATCH_SIZE, BenchConfig
+from subboost.bench.data import SuiteData, build_pretraining_mixture, build_suite
+from subboost.bench import evaluate as bench_eval
+from subboost.bench.finetune import finetune_experts
+from subboost.bench.heads import build_heads, take_tasks
+from subboost.bench.model import make_encoder
+from subboost.bench.pretrain import pretrain
+from subboost.bench.sweep import select
+from subboost.bench.tasks import TASKS
+from subboost.boosting import cutoff_index
+from subboost.task_vectors import SubboostError
+
+RESULT_FILES = ("results.json", "results.md", "accuracy_vs_tasks.png", "stable_rank_vs_tasks.png")
+OUT_MARKER = ".subboost-demo"
+
+
+def prepare_out_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Creates ``out_dir``; refuses a non-empty directory not written by the demo unless ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory.")
+    if out.exists() and any(out.iterdir()) and not (out / OUT_MARKER).exists() and not overwrite:
+        raise FileExistsError(
+            f"--out {out} is a non-empty directory that `subboost demo` did not create; "
+            "choose another --out or pass --overwrite (the demo then replaces only its own result files)."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUT_MARKER).write_text("written by `subboost demo`; its results are overwritten by the next run\n")
+    return out
+
+
+def methods_to_run(config: BenchConfig) -> tuple[str, ...]:
+    available = sb.available_methods()
+    if config.methods is None:
+        return tuple(available)
+    unknown = [m for m in config.methods if m not in available]
+    if unknown:
+        raise ValueError(f"BenchConfig.methods: unknown merge method(s) {unknown}; available: {', '.join(available)}.")
+    return tuple(config.methods)
+
+
+def method_kwargs(config: BenchConfig, method: str, seed: int) -> dict[str, Any]:
+    kwargs = dict(config.method_kwargs.get(method, {}))
+    if method == "dare":
+        kwargs.setdefault("key", jax.random.key(seed))
+    return kwargs
+
+
+def mean_stable_rank(tau: dict) -> float:
+    """Mean stable rank over every matrix of a task vector (`subboost.stable_rank`)."""
+    values = [np.ravel(np.asarray(v)) for v in sb.stable_rank(tau).values()]
+    return float(np.mean(np.concatenate(values)))
+
+
+def cutoff_indices(tau: dict, betas) -> dict[float, np.ndarray]:
+    """Per beta, the boosting cutoff index ``k`` of every matrix (cumsum mode, as `subspace_boost`).
+
+    ``k = 0`` means boosting raises every singular value to ``s_0`` (a flat spectrum).
+    """
+    spectra = [jnp.asarray(s) for s in sb.spectra(tau).values()]
+    return {beta: np.concatenate([np.ravel(np.asarray(cutoff_index(s, beta))) for s in spectra]) for beta in betas}
+
+
+def boost_candidates(tau: dict, betas) -> tuple[dict[float, dict], dict[float, list[float]], dict[float, np.ndarray]]:
+    """Boosted task vectors for the distinct betas.
+
+    Betas whose cutoff indices coincide on every matrix give the *same* boosted
+    task vector, so only the first of them is boosted and evaluated.
+
+    Returns:
+      ``(candidates, equivalent, cutoffs)``: ``{beta: boosted tau}`` for the first
+      beta of each group, ``{that beta: every beta of its group}``, and the
+      cutoff indices per beta.
+    """
+    cutoffs = cutoff_indices(tau, betas)
+    candidates: dict[float, dict] = {}
+    equivalent: dict[float, list[float]] = {}
+    for beta in betas:
+        twin = next((b for b in candidates if np.array_equal(cutoffs[b], cutoffs[beta])), None)
+        if twin is not None:
+            equivalent[twin].append(beta)
+            continue
+        candidates[beta] = sb.subspace_boost(tau, beta=beta, batch_size=SVD_BATCH_SIZE)
+        equivalent[beta] = [beta]
+    return candidates, equivalent, cutoffs
+
+
+def train_models(config: BenchConfig, data: SuiteData, *, seed: int, progress: bool, log: Callable[[str], None]):
+    """Pretrains the base, builds the heads and fine-tunes the experts (timed)."""
+    timings = {}
+    start = time.perf_counter()
+    mixture = build_pretraining_mixture(data.tasks, per_task=config.pretrain_per_task, seed=seed, progress=progress)
+    timings["pretraining_data_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    pretrained = pretrain(config, mixture, seed=seed, progress=progress)
+    timings["pretrain_s"] = time.perf_counter() - start
+    log(f"pretrained {config.pretrain_steps} steps in {timings['pretrain_s']:.0f} s "
+        f"(loss {pretrained.losses[0]:.3f} -> {pretrained.losses[-1]:.3f}, logit scale {pretrained.logit_scale:.1f})")
+    start = time.perf_counter()
+    heads = build_heads(make_encoder(config.model), pretrained.encoder, data, shots=config.head_shots,
+                        logit_scale=pretrained.logit_scale, seed=seed)
+    experts, losses = finetune_experts(config, pretrained.encoder, data, heads, seed=seed, progress=progress)
+    experts = jax.block_until_ready(experts)
+    timings["finetune_s"] = time.perf_counter() - start
+    log(f"fine-tuned {data.train.num_tasks} experts x {config.finetune_steps} steps in {timings['finetune_s']:.0f} s "
+        f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})")
+    meta = {
+        "logit_scale": pretrained.logit_scale,
+        "pretrain_losses": list(pretrained.losses),
+        "finetune_losses": losses,
+        "timings": timings,
+    }
+    return jax.device_get(pretrained.encoder), jax.device_get(heads), jax.device_get(experts), meta
+
+
+def evaluate_merges(
+    config: BenchConfig,
+    data: SuiteData,
+    *,
+    base: dict,
+    heads: dict,
+    experts: dict,
+    expert_test: np.ndarray,
+    num_tasks: int,
+    seed: int,
+    bar: tqdm,
+) -> dict[str, Any]:
+    """Every merge method, plain and boosted, on the first ``num_tasks`` experts."""
+    heads_t = jax.tree_util.tree_map(jnp.asarray, take_tasks(heads, num_tasks))
+    val_images, val_labels = jnp.asarray(data.val.images[:num_tasks]), jnp.asarray(data.val.labels[:num_tasks])
+    test_images, test_labels = jnp.asarray(data.test.images[:num_tasks]), jnp.asarray(data.test.labels[:num_tasks])
+    expert_list = [jax.tree_util.tree_map(lambda x: x[t], experts) for t in range(num_tasks)]
+    tvs = sb.task_vectors(base, expert_list)
+    reference = expert_test[:num_tasks]
+
+    static = {"model": config.model, "batch": config.eval_batch}
+
+    def evaluate(tau, alphas):
+        return bench_eval.alpha_sweep(base, tau, alphas, val_images, val_labels, heads_t, **static)
+
+    def report(tau, selection) -> dict[str, Any]:
+        test = bench_eval.alpha_sweep(base, tau, [selection.alpha], test_images, test_labels, heads_t, **static)[0]
+        return {
+            "alpha": selection.alpha,
+            "beta": selection.candidate,
+            "alpha_on_edge": selection.alpha_on_edge,
+            "val_accuracy": selection.val_accuracy,
+            "test_accuracy": test.tolist(),
+            "absolute": float(test.mean()),
+            "normalized": float(np.mean(test / reference)),
+            "stable_rank": mean_stable_rank(tau),
+            "evaluations": selection.evaluations,
+        }
+
+    results: dict[str, Any] = {}
+    for method in methods_to_run(config):
+        bar.set_postfix_str(f"{num_tasks} tasks: {method}")
+        fixed_alpha = config.fixed_alphas.get(method)
+        try:
+            tau = sb.merge(tvs, method=method, **method_kwargs(config, method, seed))
+        except SubboostError as err:
+            results[method] = {"status": "n/a", "reason": str(err)}
+            bar.update(1)
+            continue
+        plain = select(evaluate, {None: tau}, alphas=config.alphas, fixed_alpha=fixed_alpha)
+        boosted_candidates, equivalent, cutoffs = boost_candidates(tau, config.betas)
+        boosted = select(evaluate, boosted_candidates, alphas=config.alphas, fixed_alpha=fixed_alpha)
+        results[method] = {
+            "status": "ok",
+            "hyper_parameters": {k: v for k, v in config.method_kwargs.get(method, {}).items()},
+            "fixed_alpha": fixed_alpha,
+            "plain": report(tau, plain),
+            "boosted": report(boosted_candidates[boosted.candidate], boosted),
+        }
+        results[method]["boosted"].update(
+            equivalent_betas=equivalent[boosted.candidate],
+            mean_cutoff_index=float(cutoffs[boosted.candidate].mean()),
+        )
+        bar.update(1)
+    return results
+
+
+def run_benchmark(
+    config: BenchConfig,
+    *,
+    seed: int = 0,
+    out_dir: str | Path = "results",
+    cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Runs the benchmark and writes its results; returns the ``results.json`` content.
+
+    Args:
+      config: the benchmark size (`subboost.bench.config.get_config`).
+      seed: run seed (data, initialisation, batches, DARE); the same seed gives the same tables.
+      out_dir: where results go (see `prepare_out_dir`).
+      cache_dir: model cache root (default ``<out_dir>/cache``).
+      overwrite: allow writing into a non-empty directory the demo did not create.
+      progress: show progress bars.
+      log: receives one-line progress messages.
+    """
+    from subboost.bench.plots import plot_accuracy, plot_stable_rank
+    from subboost.bench.report import markdown_report
+
+    total_start = time.perf_counter()
+    out = prepare_out_dir(out_dir, overwrite=overwrite)
+    timings: dict[str, float] = {}
+    tasks = TASKS[: config.num_tasks]
+
+    start = time.perf_counter()
+    data = build_suite(tasks, train=config.train_per_task, val=config.val_per_task, test=config.test_per_task,
+                       seed=seed, progress=progress)
+    timings["data_s"] = time.perf_counter() - start
+
+    key = config.training_key(seed)
+    cache = ModelCache(Path(cache_dir) if cache_dir is not None else out / "cache", key)
+    if cache.complete():
+        start = time.perf_counter()
+        base, heads, experts, meta = cache.load()
+        timings["cache_load_s"] = time.perf_counter() - start
+        cache_hit = True
+        log(f"reusing trained base and {config.num_tasks} experts from {cache.dir}")
+    else:
+        base, heads, experts, meta = train_models(config, data, seed=seed, progress=progress, log=log)
+        start = time.perf_counter()
+        cache.save(base=base, heads=heads, experts=experts, task_names=[t.name for t in tasks], meta=meta)
+        timings["cache_save_s"] = time.perf_counter() - start
+        timings.update(meta["timings"])
+        cache_hit = False
+
+    start = time.perf_counter()
+    static = {"model": config.model, "batch": config.eval_batch}
+    heads_j = jax.tree_util.tree_map(jnp.asarray, heads)
+    test_images, test_labels = jnp.asarray(data.test.images), jnp.asarray(data.test.labels)
+    pretrained_test = np.asarray(bench_eval.accuracies(base, test_images, test_labels, heads_j, **static))
+    expert_test = np.asarray(bench_eval.expert_accuracies(experts, test_images, test_labels, heads_j, **static))
+    timings["eval_models_s"] = time.perf_counter() - start
+
+    settings = []
+    methods = methods_to_run(config)
+    with tqdm(total=len(config.task_counts) * len(methods), desc="merging", unit="method",
+              disable=not progress, leave=False) as bar:
+        for num_tasks in config.task_counts:
+            start = time.perf_counter()
+            merged = evaluate_merges(config, data, base=base, heads=heads, experts=experts,
+                                     expert_test=expert_test, num_tasks=num_tasks, seed=seed, bar=bar)
+            zs, ex = pretrained_test[:num_tasks], expert_test[:num_tasks]
+            settings.append({
+                "num_tasks": num_tasks,
+                "tasks": [t.name for t in tasks[:num_tasks]],
+                "pretrained": {"absolute": float(zs.mean()), "normalized": float(np.mean(zs / ex))},
+                "experts": {"absolute": float(ex.mean()), "normalized": 1.0},
+                "methods": merged,
+                "seconds": time.perf_counter() - start,
+            })
+            timings[f"merge_{num_tasks}_tasks_s"] = settings[-1]["seconds"]
+
+    results = {
+        "benchmark": "subboost offline mini-benchmark",
+        "size": config.name,
+        "seed": seed,
+        "config": config.to_dict(),
+        "training_key": key,
+        "cache_dir": str(cache.dir),
+        "cache_hit": cache_hit,
+        "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version()},
+        "tasks": [{"name": t.name, "num_classes": t.num_classes, "noise": t.noise, "description": t.description}
+                  for t in tasks],
+        "pretrained_test_accuracy": pretrained_test.tolist(),
+        "expert_test_accuracy": expert_test.tolist(),
+        "training": {k: v for k, v in meta.items() if k != "timings"},
+        "settings": settings,
+        "timings": timings,
+    }
+    start = time.perf_counter()
+    plot_accuracy(results, out / "accuracy_vs_tasks.png")
+    plot_stable_rank(results, out / "stable_rank_vs_tasks.png")
+    timings["plots_s"] = time.perf_counter() - start
+    timings["total_s"] = time.perf_counter() - total_start
+    (out / "results.md").write_text(markdown_report(results))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
