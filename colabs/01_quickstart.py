@@ -11,7 +11,10 @@
 # %% [markdown]
 # # subboost quickstart: merge experts, boost, sweep alpha, read spectra
 #
-# This notebook runs on a CPU, offline, in about a minute. It uses the library's
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/subboost/blob/main/colabs/01_quickstart.ipynb)
+#
+# This notebook runs on a CPU, offline: about a minute the first time (it trains the
+# tiny models), well under a minute afterwards. It uses the library's
 # **mini-benchmark** (`subboost.bench`, size `tiny`): ten generated 16x16 image
 # tasks, a small CLIP-style ViT pretrained on all of them, and one fine-tuned
 # expert per task. We
@@ -28,6 +31,7 @@
 # %%
 # Install subboost if it is not importable (on Colab). A local checkout installed with
 # `pip install -e ".[test]"` -- and CI -- already has it, so this never reaches the network there.
+# On Colab, if pip upgraded jax, restart the session once (Runtime > Restart session).
 try:
     import subboost  # noqa: F401
 except ImportError:
@@ -222,5 +226,5 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# Next: `02_rank_collapse.ipynb` follows these spectra as experts are added one by
-# one; `03_hogsvd.ipynb` compares the experts in a shared HO-GSVD basis.
+# Next: `02_rank_collapse.ipynb` follows these spectra as more experts are merged;
+# `03_hogsvd.ipynb` compares the experts in a shared HO-GSVD basis.

@@ -11,6 +11,8 @@
 # %% [markdown]
 # # HO-GSVD: comparing experts in one shared basis
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/subboost/blob/main/colabs/03_hogsvd.ipynb)
+#
 # The higher-order generalized SVD writes N matrices with **one shared right
 # factor** `V`:
 #
@@ -30,6 +32,7 @@
 # %%
 # Install subboost if it is not importable (on Colab). A local checkout installed with
 # `pip install -e ".[test]"` -- and CI -- already has it, so this never reaches the network there.
+# On Colab, if pip upgraded jax, restart the session once (Runtime > Restart session).
 try:
     import subboost  # noqa: F401
 except ImportError:

@@ -11,6 +11,8 @@
 # %% [markdown]
 # # Bring your own checkpoints: convert open_clip / Hugging Face experts and run a suite
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/subboost/blob/main/colabs/04_bring_your_own_checkpoints.ipynb)
+#
 # subboost works on Flax parameter pytrees. This notebook
 #
 # 1. converts PyTorch checkpoints -- open_clip / OpenAI CLIP state dicts, whole
@@ -24,15 +26,17 @@
 #
 # **Offline by default.** With `USE_REAL_CHECKPOINTS = False` (below) the notebook
 # builds tiny *random* open_clip and Hugging Face models itself, "fine-tunes" them
-# by adding noise, and evaluates on `tfds.testing.mock_data` (random images): it
-# runs anywhere in well under a minute and its accuracies are meaningless (chance
-# level). Set the flag to `True` and fill in the paths to convert and evaluate real
+# by adding noise, and evaluates on `tfds.testing.mock_data` (random images)
+# labelled by each task's own expert, so "accuracy" there means agreement with the
+# experts (experts score 100% by construction) and says nothing about real tasks.
+# It runs anywhere in about a minute. Set the flag to `True` and fill in the paths to convert and evaluate real
 # checkpoints: that needs the checkpoint files, the prepared tensorflow-datasets
 # (nothing is downloaded), and preferably a GPU.
 
 # %%
 # Install subboost if it is not importable (on Colab). A local checkout installed with
 # `pip install -e ".[test]"` -- and CI -- already has it, so this never reaches the network there.
+# On Colab, if pip upgraded jax, restart the session once (Runtime > Restart session).
 # Colab already provides torch, transformers and tensorflow-datasets; open_clip is installed here.
 try:
     import subboost  # noqa: F401
@@ -63,14 +67,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import subboost as sb
 from subboost import data as sbdata
-from subboost.eval import Evaluator, search, summarize
-from subboost.models import CLIPVisionTransformer, get_config
+from subboost.data.preprocessing import normalize_images
+from subboost.eval import LINEAR_ALPHAS, Evaluator, select_alpha_beta, summarize
+from subboost.models import ClassificationHead, CLIPVisionTransformer, get_config
 
 WORK = Path(tempfile.mkdtemp(prefix="subboost_byo_"))  # converted checkpoints go here (a fresh directory)
 CKPT = WORK / "checkpoints"
@@ -115,7 +119,7 @@ else:
         generator = torch.Generator().manual_seed(100 + t)
         with torch.no_grad():
             for p in expert.visual.parameters():
-                p.add_(0.02 * p.std().clamp_min(1e-3) * torch.randn(p.shape, generator=generator))
+                p.add_(0.1 * p.std().clamp_min(1e-3) * torch.randn(p.shape, generator=generator))
         torch.save(expert.state_dict(), SOURCES / "finetuned" / f"{task}.pt")
         experts_torch[task] = expert
 
@@ -215,22 +219,24 @@ print("experts:", len(TASK_NAMES), "| proj task vectors:", tvs["proj"].shape,
 # Data comes from `subboost.data`: tensorflow-datasets builders (and ImageFolder
 # directories for GTSRB, FER2013, RenderedSST2), CLIP preprocessing (resize,
 # center crop), the paper's validation/test splits; nothing is ever downloaded.
-# Offline, `tfds.testing.mock_data` replaces the datasets by random images.
+# Offline, `tfds.testing.mock_data` replaces the datasets by random images, and we
+# relabel them with each task's expert (random labels would leave every model at
+# chance).
 #
 # `Evaluator.for_clip(config, heads)` evaluates Flax CLIP parameters with one head
-# per task (batched, jit-compiled). `search` picks `(beta, alpha)` on validation --
-# boosting once per `beta`, since boosting commutes with scaling -- and the choice
-# is scored on test.
+# per task (batched, jit-compiled). `select_alpha_beta` picks `(beta, alpha)` on
+# validation -- boosting once per `beta`, since boosting commutes with scaling --
+# and the choice is scored on test.
 
 # %%
 if USE_REAL_CHECKPOINTS:
     data_context = contextlib.nullcontext()
-    DATA_DIR, MAX_VAL, MAX_TEST, ALPHAS = os.path.expanduser(REAL_DATA_DIR), 2000, None, sb.eval.LINEAR_ALPHAS
+    DATA_DIR, MAX_VAL, MAX_TEST, ALPHAS = os.path.expanduser(REAL_DATA_DIR), 2000, None, LINEAR_ALPHAS
 else:
     import tensorflow_datasets as tfds
 
-    data_context = tfds.testing.mock_data(num_examples=16)
-    DATA_DIR, MAX_VAL, MAX_TEST, ALPHAS = None, 16, 16, (0.3, 0.6, 1.0)
+    data_context = tfds.testing.mock_data(num_examples=32)
+    DATA_DIR, MAX_VAL, MAX_TEST, ALPHAS = None, 32, 32, (0.25, 0.5, 1.0, 2.0)
 
 start = time.perf_counter()
 with data_context:
@@ -243,21 +249,31 @@ with data_context:
 print(f"loaded {len(TASK_NAMES)} tasks x 2 splits in {time.perf_counter() - start:.1f} s;",
       {task: images.shape for task, (images, _) in splits["test"].items()})
 
-evaluator = Evaluator.for_clip(model_config, heads, batch_size=16 if not USE_REAL_CHECKPOINTS else 256,
+experts = {task: sb.load_params(CKPT / "finetuned" / task) for task in TASK_NAMES}
+if not USE_REAL_CHECKPOINTS:  # mock labels are random: use the experts' predictions instead
+    encoder = CLIPVisionTransformer(model_config)
+    for split in splits.values():
+        for task, (images, _) in split.items():
+            head = heads[task]
+            features = encoder.apply({"params": experts[task]}, normalize_images(images))
+            logits = ClassificationHead(head["kernel"].shape[1]).apply({"params": head}, features)
+            split[task] = (images, np.asarray(jnp.argmax(logits, axis=-1), np.int32))
+
+evaluator = Evaluator.for_clip(model_config, heads, batch_size=256 if USE_REAL_CHECKPOINTS else 32,
                                num_classes={task: sbdata.get_task(task).num_classes for task in TASK_NAMES})
 validation = {task: evaluator.prepare(task, *arrays) for task, arrays in splits["validation"].items()}
 test = {task: evaluator.prepare(task, *arrays) for task, arrays in splits["test"].items()}
 
 zeroshot_test = evaluator.accuracies(base, test)
-expert_test = {task: evaluator.accuracy(sb.load_params(CKPT / "finetuned" / task), task, test[task])
-               for task in TASK_NAMES}
+expert_test = {task: evaluator.accuracy(experts[task], task, test[task]) for task in TASK_NAMES}
+print("zero-shot:", zeroshot_test, "| experts:", expert_test)
 
 # %%
 rows = {"zero-shot": summarize(zeroshot_test, expert_test)}
 for method, kwargs in [("task_arithmetic", {}), ("ties", {"k": 0.2})]:
     tau = sb.merge(tvs, method, **kwargs)
     for betas, label in [((None,), method), ((0.0, 0.01, 0.02), method + " + boost")]:
-        sweep = search(base, tau, lambda params: evaluator.accuracies(params, validation),
+        sweep = select_alpha_beta(base, tau, lambda params: evaluator.accuracies(params, validation),
                        alphas=ALPHAS, betas=betas, progress=False, description=label)
         chosen = tau if sweep.beta is None else sb.subspace_boost(tau, beta=sweep.beta)
         accuracies = evaluator.accuracies(sb.apply_task_vector(base, chosen, alpha=sweep.alpha), test)
@@ -270,7 +286,7 @@ for label, s in rows.items():
     print(f"{label:44s} {s['average_absolute']:6.1%} {s['average_normalized']:6.1%}  "
           + "  ".join(f"{s['per_task'][t]:8.1%}" for t in TASK_NAMES))
 if not USE_REAL_CHECKPOINTS:
-    print("\n(random models on random images: these accuracies are chance level and say nothing)")
+    print("\n(offline: random models, random images labelled by the experts -- agreement, not accuracy)")
 
 # %% [markdown]
 # ## The paper's tables
@@ -286,7 +302,9 @@ if not USE_REAL_CHECKPOINTS:
 # ```
 #
 # The cell below runs it when `USE_REAL_CHECKPOINTS` is `True` and the notebook
-# runs inside that checkout.
+# runs inside that checkout. A single checkpoint (e.g. a merge written by `subboost
+# merge`) is scored with `subboost eval CKPT --heads CKPT_DIR/heads --tasks 8
+# --data_dir ~/tensorflow_datasets`.
 
 # %%
 if USE_REAL_CHECKPOINTS:
