@@ -179,23 +179,6 @@ def boost_group(x: jax.Array, beta: float, mode: BoostMode, solver: str, tol: fl
     return y, info
 
 
-def run_after(x: jax.Array, previous) -> jax.Array:
-    """``x`` (same values, ``-0.0`` aside) made data-dependent on ``previous`` (a pytree or None).
-
-    Why: jaxlib 0.10's batched CPU LAPACK kernels (QR, SVD, Cholesky, ...) hand
-    batch chunks to XLA's intra-op thread pool and block a pool thread until
-    they finish; when as many such calls run side by side as the pool has
-    threads (2 on a 2-core machine), none can finish and the process hangs.
-    XLA runs independent groups concurrently, so each group is chained to the
-    previous group's result: one LAPACK call at a time.
-    """
-    if previous is None:
-        return x
-    probe = jax.tree_util.tree_leaves(previous)[0].reshape(-1)[0]
-    zero = jnp.where(jnp.isfinite(probe), probe, 0) * 0  # not folded: x * 0 is NaN for NaN x
-    return x + zero.astype(x.dtype)
-
-
 def _map_chunks(fn: Callable, x: jax.Array, batch_size: int | None):
     """``fn`` on ``x`` (``(G, m, n)``) whole, or over chunks of ``batch_size`` matrices.
 
@@ -233,7 +216,7 @@ def _boost_tree(
         chosen = choose_solver(solver, group[:2], beta, mode)
         boosted[group], info = _map_chunks(
             functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol),
-            run_after(x, previous), batch_size,
+            linalg.after(x, previous), batch_size,
         )
         previous = boosted[group]
         infos.append(info)

@@ -320,8 +320,9 @@ def _classic(blocks, stacked: bool, *, common_tol: float, compute_u: bool):
         num = len(blocks)
     d = 0.5 * (d + jnp.swapaxes(d, -1, -2))
     d_sum = jnp.sum(d, axis=-3)
+    # The LAPACK calls below are chained with `linalg.after`: one in flight at a time.
     d_inv_sum = jnp.sum(jnp.linalg.inv(d), axis=-3)
-    chol = jnp.linalg.cholesky(d_sum)  # D = L L^T
+    chol = jnp.linalg.cholesky(linalg.after(d_sum, d_inv_sum))  # D = L L^T
     sym = jnp.swapaxes(chol, -1, -2) @ d_inv_sum @ chol
     mu, y = jnp.linalg.eigh(0.5 * (sym + jnp.swapaxes(sym, -1, -2)))
     tau = (mu - num) / (num * (num - 1))
@@ -330,7 +331,7 @@ def _classic(blocks, stacked: bool, *, common_tol: float, compute_u: bool):
     weighted = jnp.einsum("i,...ikl->...kl", weights, d)
     half = jax.lax.linalg.triangular_solve(chol, weighted, left_side=True, lower=True)  # L^{-1} W
     k = jax.lax.linalg.triangular_solve(chol, half, left_side=False, lower=True, transpose_a=True)  # L^{-1} W L^{-T}
-    d_sum_eigs = jnp.linalg.eigvalsh(d_sum)
+    d_sum_eigs = jnp.linalg.eigvalsh(linalg.after(d_sum, (mu, k)))
     condition = d_sum_eigs[..., -1] / jnp.maximum(d_sum_eigs[..., 0], jnp.finfo(d_sum_eigs.dtype).tiny)
     y = _resolve_degenerate(mu, y, k, condition)
     v = chol @ y
@@ -348,7 +349,7 @@ def _classic(blocks, stacked: bool, *, common_tol: float, compute_u: bool):
     u, sigma = _column_norms_and_units(b, stacked, compute_u)
     common = jnp.abs(tau - 1) <= common_tol
     # Reciprocal condition number of every D_i (checked on the host when eager).
-    eigs = jnp.linalg.eigvalsh(d)
+    eigs = jnp.linalg.eigvalsh(linalg.after(d, b))
     rcond = eigs[..., 0] / jnp.maximum(eigs[..., -1], jnp.finfo(eigs.dtype).tiny)
     return HOGSVD(U=u, sigma=sigma, V=v, tau=tau, common=common), rcond
 
@@ -499,12 +500,14 @@ def _hogsvd_groups(tvs, *, method, pi, common_tol, rank_rtol, compute_u, attenti
         result, rcond = hogsvd_kernel(x, **kwargs)
         return result, (jnp.zeros(x.shape[:-3], x.dtype) if rcond is None else jnp.min(rcond, axis=-1))
 
-    results, rconds = {}, {}
+    results, rconds, previous = {}, {}, None
     for group, x in plan.gather(tvs).items():
+        x = linalg.after(x, previous)  # one group's LAPACK calls at a time
         if batch_size is None or batch_size >= x.shape[0]:
             results[group], rconds[group] = decompose(x)
         else:
             results[group], rconds[group] = jax.lax.map(decompose, x, batch_size=batch_size)
+        previous = (results[group].sigma, rconds[group])
     fields = {
         name: plan.split({g: getattr(r, name) for g, r in results.items()}) for name in HOGSVD._fields if name != "U"
     }

@@ -35,6 +35,33 @@ def use_tall_qr(shape: tuple[int, ...], backend: str | None = None) -> bool:
     return backend in TALL_QR_BACKENDS and max(m, n) >= TALL_QR_RATIO * min(m, n)
 
 
+def after(x: jax.Array, previous) -> jax.Array:
+    """``x`` (same values, ``-0.0`` aside) made data-dependent on ``previous`` (a pytree or None).
+
+    Why: jaxlib 0.10's batched CPU LAPACK kernels (QR, SVD, eigh, LU, ...) hand
+    chunks of their batch to XLA's intra-op thread pool and block a pool thread
+    until those finish. XLA runs independent operations of one program side by
+    side; when as many such kernels run at once as the pool has threads (2 on a
+    2-core machine), each waits for work queued behind the others and the
+    process hangs. Every function here that decomposes several groups (or
+    several independent stacks) in one jit chains them with ``after``, so at
+    most one LAPACK call is in flight. On GPU/TPU the chain costs nothing
+    measurable: kernels of one program run in order there anyway.
+    """
+    if previous is None:
+        return x
+    leaves = jax.tree_util.tree_leaves(previous)
+    if not leaves:
+        return x
+    # One element of every leaf (each may come from a different LAPACK call).
+    probes = [jnp.ravel(leaf)[0].astype(jnp.float32) for leaf in leaves if jnp.size(leaf)]
+    if not probes:
+        return x
+    probe = jnp.stack(probes)
+    zero = jnp.sum(jnp.where(jnp.isfinite(probe), probe, 0) * 0)  # where(): p * 0 is NaN for NaN or inf p
+    return x + zero.astype(x.dtype)
+
+
 def svd(x: jax.Array, *, method: SvdMethod = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Thin SVD ``x = U diag(s) Vh`` in at least float32, ``s`` descending.
 

@@ -269,7 +269,7 @@ def _start_block(p: jax.Array, key: jax.Array, width: int) -> jax.Array:
     """Orthonormal ``(G, n, width)`` start ``orth(P^T Omega)``, ``Omega`` Gaussian ``(m, width)``.
 
     ``P^T Omega = V (U^T Omega)`` mixes right singular vectors only. Building it
-    from ``P`` also orders it after QDWH (see `subboost.boosting.run_after`).
+    from ``P`` also orders it after QDWH (see `subboost.linalg.after`).
     """
     omega = jax.random.normal(key, (p.shape[-2], width), p.dtype)
     v, _ = jnp.linalg.qr(_mT(p) @ omega, mode="reduced")

@@ -44,8 +44,10 @@ def energy_rank_from_singular_values(s: jax.Array, fraction: float = 0.95) -> ja
 @functools.partial(jax.jit, static_argnames=("lead_ndim", "is_matrix", "attention"))
 def _tree_spectra(tree, *, lead_ndim, is_matrix, attention) -> dict[str, jax.Array]:
     plan = matrix_plan(tree, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
-    groups = plan.gather(tree)
-    return plan.split({g: linalg.singular_values(x) for g, x in groups.items()})
+    values, previous = {}, None
+    for g, x in plan.gather(tree).items():  # chained: one LAPACK call at a time (`linalg.after`)
+        values[g] = previous = linalg.singular_values(linalg.after(x, previous))
+    return plan.split(values)
 
 
 def spectra(

@@ -87,8 +87,12 @@ def check_finite(tree: PyTree, *, what: str = "input") -> None:
     """Raises `SubboostError` naming the first parameter holding NaN or inf.
 
     One fused reduction and a single device-to-host transfer of one flag per leaf.
+    Skipped while tracing (inside a caller's `jax.jit`), where values are
+    unknown: the functions that call it stay usable in jit-compiled code.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    if any(isinstance(x, jax.core.Tracer) for _, x in flat):
+        return
     float_items = [(p, x) for p, x in flat if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
     if not float_items:
         return

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subboost import linalg
+
 PyTree = Any
 AttentionMode = Literal["per_qkv", "full", "per_head"]
 ATTENTION_MODES: tuple[str, ...] = ("per_qkv", "full", "per_head")
@@ -421,7 +423,9 @@ def map_matrices(
     """
     plan = matrix_plan(tree, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
     groups = plan.gather(tree)
-    results = {g: map_group(fn, x, batch_size) for g, x in groups.items()}
+    results, previous = {}, None
+    for g, x in groups.items():  # chained: one LAPACK-backed group at a time (see `subboost.linalg.after`)
+        results[g] = previous = map_group(fn, linalg.after(x, previous), batch_size)
     new_leaves = plan.scatter(results)
     if non_matrix is not None:
         for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from subboost.bench.tasks import MAX_CLASSES, Task, coarse_labels, generate
+from subboost.bench.tasks import MAX_CLASSES, Task, coarse_labels, generate, num_coarse_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def build_suite(tasks: Sequence[Task], *, train: int, val: int, test: int, seed:
 class PretrainData:
     """The pretraining mixture: clean images, caption ids and per-image noise levels.
 
-    Captions are ``2 * task index + coarse label`` (see `tasks.coarse_labels`).
+    Each task has its own captions, one per coarse label (see `tasks.coarse_labels`).
     """
 
     images: np.ndarray
@@ -87,12 +87,14 @@ class PretrainData:
 def build_pretraining_mixture(tasks: Sequence[Task], *, per_task: int, seed: int, progress: bool = True) -> PretrainData:
     """Images from every task's ``pretrain`` stream, labelled by coarse captions only."""
     images, captions, noise = [], [], []
-    for index, task in enumerate(tqdm(tasks, desc="generating pretraining mixture", disable=not progress, leave=False)):
+    offset = 0
+    for task in tqdm(tasks, desc="generating pretraining mixture", disable=not progress, leave=False):
         x, y = generate(task, "pretrain", per_task, seed=seed, noisy=False)
         images.append(x)
-        captions.append(2 * index + coarse_labels(task, y))
+        captions.append(offset + coarse_labels(task, y))
         noise.append(np.full((per_task,), task.noise, np.float32))
-    return PretrainData(np.concatenate(images), np.concatenate(captions).astype(np.int32), np.concatenate(noise), 2 * len(tasks))
+        offset += num_coarse_labels(task)
+    return PretrainData(np.concatenate(images), np.concatenate(captions).astype(np.int32), np.concatenate(noise), offset)
 
 
 def few_shot_examples(task_index: int, data: SuiteData, shots: int) -> np.ndarray:

@@ -44,10 +44,11 @@ that does not depend on the run seed, like an official dataset split); the
 procedural tasks draw fresh images for every split.
 
 Pretraining (see `subboost.bench.pretrain`) sees other images from the same
-generators, labelled only *coarsely*: `coarse_labels` splits each task's
-classes into two contiguous halves ("few dots" / "many dots", "digits 0-4" /
-"5-9"), so the pretrained encoder knows every domain roughly but none of the
-fine-grained labels, the way CLIP knows many concepts loosely.
+generators, labelled only *coarsely*: `coarse_labels` merges each task's
+classes into pairs of neighbours (0-1, 2-3, ...: "1 or 2 dots", "digit 4 or 5",
+"orientation 0 or 22.5 deg"), so the pretrained encoder knows every domain but
+confuses each class with its neighbour, the way CLIP knows many concepts
+loosely. The experts have to learn the distinctions inside the pairs.
 """
 
 from __future__ import annotations
@@ -639,8 +640,14 @@ def generate(task: Task, split: str, n: int, *, seed: int, noisy: bool = True) -
 
 
 def coarse_labels(task: Task, labels: np.ndarray) -> np.ndarray:
-    """Pretraining label: which contiguous half of the task's classes (0 or 1)."""
-    return (np.asarray(labels) * 2 // task.num_classes).astype(np.int32)
+    """Pretraining label: the pair of neighbouring classes, ``label // 2``."""
+    del task  # the same rule for every task
+    return (np.asarray(labels) // 2).astype(np.int32)
+
+
+def num_coarse_labels(task: Task) -> int:
+    """``ceil(num_classes / 2)``."""
+    return (task.num_classes + 1) // 2
 
 
 def normalise(images):

@@ -71,7 +71,8 @@ def orthogonalise(
     u_hat: jax.Array, s_hat: jax.Array, vh_hat: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(polar(U_hat), S_hat, polar(Vh_hat))``: the concatenated bases made orthonormal."""
-    return linalg.polar(u_hat), s_hat, linalg.polar(vh_hat)
+    u_perp = linalg.polar(u_hat)
+    return u_perp, s_hat, linalg.polar(linalg.after(vh_hat, u_perp))  # one LAPACK call at a time
 
 
 def tsv_rank(m: int, n: int, num_tasks: int) -> int:
@@ -185,26 +186,28 @@ def map_task_matrices(
         )
     plan = matrix_plan(tvs, lead_ndim=1, is_matrix=is_matrix, attention=attention)
     leaves = jax.tree_util.tree_leaves(tvs)
-    results = {}
+    results, previous = {}, None
     for group, size in zip(plan.groups, plan.group_sizes):
         members = [m for m in plan.members if m.group == group]
         loaders = [_matrix_loader(plan, m, leaves) for m in members]
         member_of = jnp.asarray(np.repeat(np.arange(len(members)), [m.count for m in members]), jnp.int32)
         local_index = jnp.asarray(np.concatenate([np.arange(m.count) for m in members]), jnp.int32)
 
-        def merge_chunk(indices) -> jax.Array:  # (B,) matrix indices, traced or concrete
+        def merge_chunk(indices, previous) -> jax.Array:  # (B,) matrix indices, traced or concrete
             # One switch per matrix: a vmapped switch would evaluate every branch.
             loaded = [jax.lax.switch(member_of[i], loaders, local_index[i]) for i in list(indices)]
-            return fn(jnp.stack(loaded))
+            # Chained after the previous group / chunk: one LAPACK call at a time (`linalg.after`).
+            return fn(linalg.after(jnp.stack(loaded), previous))
 
         full = (size // batch_size) * batch_size
         parts = []
         if full:
             chunks = jnp.arange(full, dtype=jnp.int32).reshape(-1, batch_size)
-            merged = jax.lax.map(merge_chunk, chunks)  # (full / B, B, m, n)
-            parts.append(merged.reshape((full,) + merged.shape[2:]))
+            first = previous
+            merged = jax.lax.map(lambda c: merge_chunk(c, first), chunks)  # (full / B, B, m, n)
+            parts.append(previous := merged.reshape((full,) + merged.shape[2:]))
         if full < size:
-            parts.append(merge_chunk(np.arange(full, size)))
+            parts.append(previous := merge_chunk(np.arange(full, size), previous))
         results[group] = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
     new_leaves = plan.scatter(results)
     for i, leaf in enumerate(leaves):
