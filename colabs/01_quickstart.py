@@ -43,7 +43,6 @@ except ImportError:
 
 # %%
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -52,12 +51,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import subboost as sb
-from subboost.bench import get_config
-from subboost.bench.cache import ModelCache
-from subboost.bench.data import build_suite
+from subboost.bench import get_config, load_or_train
 from subboost.bench import evaluate as bench_eval
-from subboost.bench.pipeline import train_models
-from subboost.bench.tasks import TASKS
 
 print("subboost", sb.__version__, "| jax", jax.__version__, "| backend:", jax.default_backend())
 
@@ -73,23 +68,9 @@ print("subboost", sb.__version__, "| jax", jax.__version__, "| backend:", jax.de
 
 # %%
 CACHE_DIR = Path(os.environ.get("SUBBOOST_BENCH_CACHE", "~/.cache/subboost/bench")).expanduser()
-SEED = 0
-config = get_config("tiny")
-tasks = TASKS[: config.num_tasks]
-
-data = build_suite(tasks, train=config.train_per_task, val=config.val_per_task,
-                   test=config.test_per_task, seed=SEED, progress=False)
-cache = ModelCache(CACHE_DIR, config.training_key(SEED))
-start = time.perf_counter()
-if cache.complete():
-    base, heads, experts, meta = cache.load()
-    print(f"loaded the cached models from {cache.dir} in {time.perf_counter() - start:.1f} s")
-else:
-    base, heads, experts, meta = train_models(config, data, seed=SEED, progress=True, log=print)
-    cache.save(base=base, heads=heads, experts=experts, task_names=[t.name for t in tasks], meta=meta)
-    print(f"trained and cached the models in {cache.dir} ({time.perf_counter() - start:.0f} s)")
-
-task_names = [t.name for t in tasks]
+models = load_or_train(get_config("tiny"), seed=0, cache_dir=CACHE_DIR)  # trains on first use
+config, data, base, heads, experts = models.config, models.data, models.base, models.heads, models.experts
+task_names = models.task_names
 num_tasks = len(task_names)
 print(num_tasks, "tasks:", ", ".join(task_names))
 

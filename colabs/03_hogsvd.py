@@ -44,7 +44,6 @@ except ImportError:
 
 # %%
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -53,12 +52,8 @@ import numpy as np
 from IPython.display import Image, display
 
 import subboost as sb
-from subboost.bench import get_config
-from subboost.bench.cache import ModelCache
-from subboost.bench.data import build_suite
+from subboost.bench import get_config, load_or_train
 from subboost.bench import evaluate as bench_eval
-from subboost.bench.pipeline import train_models
-from subboost.bench.tasks import TASKS
 from subboost.alignment import mean_alignment
 from subboost.hogsvd import common_tau, isolated_tau
 from subboost.plots import plot_alignment, plot_gsv_distributions, pool_generalized_singular_values
@@ -117,23 +112,9 @@ assert reconstruction < 1e-5
 
 # %%
 CACHE_DIR = Path(os.environ.get("SUBBOOST_BENCH_CACHE", "~/.cache/subboost/bench")).expanduser()
-SEED = 0
-config = get_config("tiny")
-tasks = TASKS[: config.num_tasks]
-
-data = build_suite(tasks, train=config.train_per_task, val=config.val_per_task,
-                   test=config.test_per_task, seed=SEED, progress=False)
-cache = ModelCache(CACHE_DIR, config.training_key(SEED))
-start = time.perf_counter()
-if cache.complete():
-    base, heads, experts, meta = cache.load()
-    print(f"loaded the cached models from {cache.dir} in {time.perf_counter() - start:.1f} s")
-else:
-    base, heads, experts, meta = train_models(config, data, seed=SEED, progress=True, log=print)
-    cache.save(base=base, heads=heads, experts=experts, task_names=[t.name for t in tasks], meta=meta)
-    print(f"trained and cached the models in {cache.dir} ({time.perf_counter() - start:.0f} s)")
-
-task_names = [t.name for t in tasks]
+models = load_or_train(get_config("tiny"), seed=0, cache_dir=CACHE_DIR)  # trains on first use
+config, data, base, heads, experts = models.config, models.data, models.base, models.heads, models.experts
+task_names = models.task_names
 num_tasks = len(task_names)
 tvs = sb.task_vectors(base, [jax.tree_util.tree_map(lambda x, t=t: x[t], experts) for t in range(num_tasks)])
 merged = sb.merge(tvs, "task_arithmetic")

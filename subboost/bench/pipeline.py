@@ -22,6 +22,7 @@ reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -151,6 +152,72 @@ def train_models(config: BenchConfig, data: SuiteData, *, seed: int, progress: b
     return jax.device_get(pretrained.encoder), jax.device_get(heads), jax.device_get(experts), meta
 
 
+@dataclasses.dataclass
+class BenchModels:
+    """A benchmark size's data and trained models (from the cache, or trained and cached now).
+
+    ``experts`` holds the encoders stacked on a leading task axis (expert ``t``
+    at index ``t``); `expert_list` and `task_vectors` give the usual views.
+    """
+
+    config: BenchConfig
+    data: SuiteData
+    base: dict
+    heads: dict
+    experts: dict
+    meta: dict[str, Any]
+    cache_dir: Path
+    cache_hit: bool
+    timings: dict[str, float]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.data.tasks]
+
+    def expert_list(self, num_tasks: int | None = None) -> list[dict]:
+        count = self.config.num_tasks if num_tasks is None else num_tasks
+        return [jax.tree_util.tree_map(lambda x, t=t: x[t], self.experts) for t in range(count)]
+
+    def task_vectors(self, num_tasks: int | None = None) -> dict:
+        """``sb.task_vectors(base, experts)`` of the first ``num_tasks`` experts (all by default)."""
+        return sb.task_vectors(self.base, self.expert_list(num_tasks))
+
+
+def load_or_train(
+    config: BenchConfig,
+    *,
+    seed: int = 0,
+    cache_dir: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> BenchModels:
+    """Generates the data, then loads base, heads and experts from ``cache_dir`` or trains and caches them.
+
+    The cache entry is ``cache_dir/<config.training_key(seed)>``: any change to a
+    training setting or to the generators' and trainers' source trains anew.
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    tasks = TASKS[: config.num_tasks]
+    data = build_suite(tasks, train=config.train_per_task, val=config.val_per_task, test=config.test_per_task,
+                       seed=seed, progress=progress)
+    timings["data_s"] = time.perf_counter() - start
+    cache = ModelCache(Path(cache_dir).expanduser(), config.training_key(seed))
+    if cache.complete():
+        start = time.perf_counter()
+        base, heads, experts, meta = cache.load()
+        timings["cache_load_s"] = time.perf_counter() - start
+        log(f"reusing trained base and {config.num_tasks} experts from {cache.dir}")
+        return BenchModels(config, data, base, heads, experts, meta, cache.dir, True, timings)
+    base, heads, experts, meta = train_models(config, data, seed=seed, progress=progress, log=log)
+    start = time.perf_counter()
+    cache.save(base=base, heads=heads, experts=experts, task_names=[t.name for t in tasks], meta=meta)
+    timings["cache_save_s"] = time.perf_counter() - start
+    timings.update(meta["timings"])
+    log(f"cached the trained models in {cache.dir}")
+    return BenchModels(config, data, base, heads, experts, meta, cache.dir, False, timings)
+
+
 def evaluate_merges(
     config: BenchConfig,
     data: SuiteData,
@@ -247,26 +314,11 @@ def run_benchmark(
     timings: dict[str, float] = {}
     tasks = TASKS[: config.num_tasks]
 
-    start = time.perf_counter()
-    data = build_suite(tasks, train=config.train_per_task, val=config.val_per_task, test=config.test_per_task,
-                       seed=seed, progress=progress)
-    timings["data_s"] = time.perf_counter() - start
-
-    key = config.training_key(seed)
-    cache = ModelCache(Path(cache_dir) if cache_dir is not None else out / "cache", key)
-    if cache.complete():
-        start = time.perf_counter()
-        base, heads, experts, meta = cache.load()
-        timings["cache_load_s"] = time.perf_counter() - start
-        cache_hit = True
-        log(f"reusing trained base and {config.num_tasks} experts from {cache.dir}")
-    else:
-        base, heads, experts, meta = train_models(config, data, seed=seed, progress=progress, log=log)
-        start = time.perf_counter()
-        cache.save(base=base, heads=heads, experts=experts, task_names=[t.name for t in tasks], meta=meta)
-        timings["cache_save_s"] = time.perf_counter() - start
-        timings.update(meta["timings"])
-        cache_hit = False
+    models = load_or_train(config, seed=seed, cache_dir=cache_dir if cache_dir is not None else out / "cache",
+                           progress=progress, log=log)
+    data, base, heads, experts, meta = models.data, models.base, models.heads, models.experts, models.meta
+    timings.update(models.timings)
+    key, cache_hit = config.training_key(seed), models.cache_hit
 
     start = time.perf_counter()
     static = {"model": config.model, "batch": config.eval_batch}
@@ -301,7 +353,7 @@ def run_benchmark(
         "seed": seed,
         "config": config.to_dict(),
         "training_key": key,
-        "cache_dir": str(cache.dir),
+        "cache_dir": str(models.cache_dir),
         "cache_hit": cache_hit,
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version()},
         "tasks": [{"name": t.name, "num_classes": t.num_classes, "noise": t.noise, "description": t.description}
