@@ -8,8 +8,8 @@ cached in ``--out``/cache (orbax checkpoints) and reused by the next run.
 
 Examples::
 
-  subboost demo                          # default size, ~10 min on 2 CPU cores
-  subboost demo --size tiny --out /tmp/demo   # the same pipeline in well under 2 min
+  subboost demo                          # default size, ~15 min on 2 CPU cores (training included)
+  subboost demo --size tiny --out /tmp/demo   # the same pipeline in about 2 min
 """
 
 from __future__ import annotations
