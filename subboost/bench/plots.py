@@ -2,7 +2,8 @@
 
 Each merge method has one colour; solid lines are the plain merge, dashed
 lines the merge with Subspace Boosting. The pretrained model with heads and
-the experts are grey reference lines.
+the experts are black reference lines (dotted and solid); the legend sits
+outside the axes, where it cannot hide lines.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> Path:
     """Absolute and normalized test accuracy vs number of experts, one line per method and variant."""
     plt = _pyplot()
     counts = [s["num_tasks"] for s in results["settings"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), layout="constrained")
     colours = plt.get_cmap("tab10")
     for ax, field, title in ((axes[0], "absolute", "absolute accuracy (%)"), (axes[1], "normalized", "normalized accuracy (%)")):
         ax.plot(counts, [100 * s["experts"][field] for s in results["settings"]], color="black", lw=2, label="experts")
-        ax.plot(counts, [100 * s["pretrained"][field] for s in results["settings"]], color="grey", lw=2, ls=":",
+        ax.plot(counts, [100 * s["pretrained"][field] for s in results["settings"]], color="black", lw=2, ls=":",
                 label="pretrained + heads")
         for i, method in enumerate(method_names(results)):
             for variant, style in (("plain", "-"), ("boosted", "--")):
@@ -53,7 +54,8 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> Path:
         ax.set_xlabel("number of merged experts")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)  # outside: the lines bunch together
     fig.suptitle(f"Offline mini-benchmark ({results['size']}, seed {results['seed']}): solid = merge, dashed = + Subspace Boosting")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -64,7 +66,7 @@ def plot_stable_rank(results: dict[str, Any], path: str | Path) -> Path:
     """Mean stable rank of the merged task vector vs number of experts (plain solid, boosted dashed)."""
     plt = _pyplot()
     counts = [s["num_tasks"] for s in results["settings"]]
-    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
     colours = plt.get_cmap("tab10")
     for i, method in enumerate(method_names(results)):
         for variant, style in (("plain", "-"), ("boosted", "--")):
@@ -77,7 +79,7 @@ def plot_stable_rank(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("mean stable rank of merged matrices (log scale)")
     ax.set_title("Rank collapse and Subspace Boosting")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    fig.legend(loc="outside right center", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
