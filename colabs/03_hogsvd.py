@@ -116,7 +116,7 @@ models = load_or_train(get_config("tiny"), seed=0, cache_dir=CACHE_DIR)  # train
 config, data, base, heads, experts = models.config, models.data, models.base, models.heads, models.experts
 task_names = models.task_names
 num_tasks = len(task_names)
-tvs = sb.task_vectors(base, [jax.tree_util.tree_map(lambda x, t=t: x[t], experts) for t in range(num_tasks)])
+tvs = models.task_vectors()  # sb.task_vectors(base, [expert_0, ..., expert_9])
 merged = sb.merge(tvs, "task_arithmetic")
 
 # %% [markdown]

@@ -157,7 +157,8 @@ class BenchModels:
     """A benchmark size's data and trained models (from the cache, or trained and cached now).
 
     ``experts`` holds the encoders stacked on a leading task axis (expert ``t``
-    at index ``t``); `expert_list` and `task_vectors` give the usual views.
+    at index ``t``); `task_vectors` gives the stacked task vectors. The cache
+    entry ``cache_dir`` is named by the config's training key.
     """
 
     config: BenchConfig
@@ -174,13 +175,14 @@ class BenchModels:
     def task_names(self) -> list[str]:
         return [t.name for t in self.data.tasks]
 
-    def expert_list(self, num_tasks: int | None = None) -> list[dict]:
-        count = self.config.num_tasks if num_tasks is None else num_tasks
-        return [jax.tree_util.tree_map(lambda x, t=t: x[t], self.experts) for t in range(count)]
-
     def task_vectors(self, num_tasks: int | None = None) -> dict:
         """``sb.task_vectors(base, experts)`` of the first ``num_tasks`` experts (all by default)."""
-        return sb.task_vectors(self.base, self.expert_list(num_tasks))
+        return task_vectors_of(self.base, self.experts, self.config.num_tasks if num_tasks is None else num_tasks)
+
+
+def task_vectors_of(base: dict, experts: dict, num_tasks: int) -> dict:
+    """Stacked task vectors of the first ``num_tasks`` experts (``experts`` stacked on a leading axis)."""
+    return sb.task_vectors(base, [jax.tree_util.tree_map(lambda x, t=t: x[t], experts) for t in range(num_tasks)])
 
 
 def load_or_train(
@@ -234,8 +236,7 @@ def evaluate_merges(
     heads_t = jax.tree_util.tree_map(jnp.asarray, take_tasks(heads, num_tasks))
     val_images, val_labels = jnp.asarray(data.val.images[:num_tasks]), jnp.asarray(data.val.labels[:num_tasks])
     test_images, test_labels = jnp.asarray(data.test.images[:num_tasks]), jnp.asarray(data.test.labels[:num_tasks])
-    expert_list = [jax.tree_util.tree_map(lambda x: x[t], experts) for t in range(num_tasks)]
-    tvs = sb.task_vectors(base, expert_list)
+    tvs = task_vectors_of(base, experts, num_tasks)
     reference = expert_test[:num_tasks]
 
     static = {"model": config.model, "batch": config.eval_batch}
@@ -318,7 +319,7 @@ def run_benchmark(
                            progress=progress, log=log)
     data, base, heads, experts, meta = models.data, models.base, models.heads, models.experts, models.meta
     timings.update(models.timings)
-    key, cache_hit = config.training_key(seed), models.cache_hit
+    key, cache_hit = models.cache_dir.name, models.cache_hit  # the cache entry is named by the training key
 
     start = time.perf_counter()
     static = {"model": config.model, "batch": config.eval_batch}
