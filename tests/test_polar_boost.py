@@ -171,7 +171,10 @@ def test_dtype_in_equals_dtype_out(rng):
     for name in tau:
         got, want = out[name]["kernel"], exact[name]["kernel"]
         assert got.dtype == tau[name]["kernel"].dtype
-        bound = 8 * float(jnp.finfo(got.dtype).eps) * float(jnp.abs(want.astype(jnp.float32)).max())
+        # Low precision: the two paths may differ by rounding the output (8 ulps). float32: QDWH's own
+        # error, measured up to ~10 ulps of the largest entry depending on the CPU's BLAS kernels.
+        ulps = 8 if got.dtype != jnp.float32 else 32
+        bound = ulps * float(jnp.finfo(got.dtype).eps) * float(jnp.abs(want.astype(jnp.float32)).max())
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=bound)
 
 
