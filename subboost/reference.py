@@ -74,16 +74,23 @@ def _kernel_layout(path: str, leaf: Any) -> MatrixLayout | None:
     return layout if ndim == layout.ndim else None
 
 
-def every_2d_matrix(path: str, leaf: Any) -> MatrixLayout | None:
-    """Every 2-D tensor of an open_clip tower, as the official TSV / Iso code.
+# Leaves that are 2-D tensors in the PyTorch state dict besides the weights of
+# Linear layers (kernels here). Attention biases are 2-D here, (heads, head_dim),
+# but 1-D in PyTorch: not matrices.
+TORCH_2D_LEAVES = ("proj", "positional_embedding")
 
-    Kernels (Dense 2-D, attention 3-D) in their usual layout; any other 2-D
-    leaf (``proj``, ``positional_embedding``) as stored, which is open_clip's
-    own orientation. The 4-D patch convolution and 1-D leaves are not matrices.
+
+def every_2d_matrix(path: str, leaf: Any) -> MatrixLayout | None:
+    """Every 2-D tensor of an open_clip tower's state dict, as the official TSV / Iso code.
+
+    Kernels (Dense 2-D, attention 3-D) in their usual layout; ``proj`` and
+    ``positional_embedding`` as stored, which is open_clip's own orientation.
+    The 4-D patch convolution, biases and norms are not matrices.
     """
-    if path.split("/")[-1] == "kernel":
+    name = path.split("/")[-1]
+    if name == "kernel":
         return _kernel_layout(path, leaf)
-    return MatrixLayout("matrix") if len(np.shape(leaf)) == 2 else None
+    return MatrixLayout("matrix") if name in TORCH_2D_LEAVES and len(np.shape(leaf)) == 2 else None
 
 
 def every_2d_matrix_hf(path: str, leaf: Any) -> MatrixLayout | None:
