@@ -386,3 +386,22 @@ def test_cli_warns_about_rank_deficient_matrices(rng, tmp_path, capsys):
     boosted = sb.load_params(tmp_path / "defined")
     want = sb.subspace_boost(tree, 0.01, rank_rtol=1e-5)
     assert worst_relative_error(boosted, want)[0] < RTOL
+
+
+def test_streaming_attn_beta_and_rank_rtol_equal_in_memory(rng, tmp_path):
+    from subboost import streaming
+
+    block = attention_tree(rng)
+    experts = [jax.tree_util.tree_map(lambda x: x + 0.1 * jnp.asarray(rng.standard_normal(x.shape), x.dtype), block)
+               for _ in range(2)]
+    streaming.save_safetensors(block, tmp_path / "base.safetensors")
+    paths = [streaming.save_safetensors(e, tmp_path / f"e{i}.safetensors") for i, e in enumerate(experts)]
+    boost = {"beta": 0.01, "attn_beta": 0.3, "rank_rtol": 1e-5}
+    out = streaming.merge_from_checkpoints(tmp_path / "base.safetensors", paths, boost=boost, out=tmp_path / "out",
+                                           progress=False)
+    want = sb.subspace_boost(sb.merge(sb.task_vectors(block, experts), "task_arithmetic"), **boost)
+    error, where = worst_relative_error(streaming.read_params(out), want)
+    assert error < RTOL, where
+    with pytest.raises(sb.SubboostError, match="attn_beta"):
+        streaming.merge_from_checkpoints(tmp_path / "base.safetensors", paths, boost={"beta": 0.01, "attn_beta": 2},
+                                         out=tmp_path / "bad", progress=False)
