@@ -11,12 +11,14 @@ Which parameters are matrices (every SVD-based method):
 * subboost default: kernels of Dense layers and the q/k/v/out attention
   kernels (q, k, v separately); the final projection ``proj`` and the
   positional embedding are averaged like biases.
-* TSV-M, Iso-C, Iso-CTS reference (official TSV code, ``TSVM_utils.py`` in the
-  TSV repository and FusionBench ``fusion_bench/method/task_singular_vector/
-  utils/TSVM_utils.py``; Iso code, ``iso_utils.py`` in the Iso-C repository and
-  FusionBench ``fusion_bench/method/isotropic_merging/iso_utils.py``): every
-  tensor with ``len(shape) == 2`` of the state dict is a matrix, everything else
-  is averaged. On an open_clip tower that is ``attn.in_proj_weight`` as one
+* TSV-M, Iso-C, Iso-CTS reference (official TSV and Iso-C code, as ported to
+  FusionBench: ``tanganke/fusion_bench``, ``fusion_bench/method/
+  task_singular_vector/utils/TSVM_utils.py`` (``compute_and_sum_svd_mem_reduction``)
+  and ``fusion_bench/method/isotropic_merging/iso_utils.py`` (``iso_c``,
+  ``iso_cts``), both read for this module; the same rule, ``len(shape) == 2 and
+  "text_projection" not in key``, is in the copies the Subspace Boosting
+  authors' code carries): every tensor with ``len(shape) == 2`` of the state
+  dict is a matrix, everything else is averaged. On an open_clip tower that is ``attn.in_proj_weight`` as one
   ``(3D, D)`` matrix (``attention="full"``), ``attn.out_proj.weight``, the MLP
   weights, ``proj`` (``(width, embed)``, read as stored) and
   ``positional_embedding`` (``(tokens, width)``, as stored): `every_2d_matrix`.
@@ -24,12 +26,15 @@ Which parameters are matrices (every SVD-based method):
   ``Linear`` layers (``attention="per_qkv"``) and the position embedding is an
   ``nn.Embedding`` weight ``(tokens, width)``: `every_2d_matrix_hf`.
 * Subspace Boosting reference: the authors' fork of mergekit
-  (``subspace_helpers``) has ``svd_thresh = 0.01`` and a separate
-  ``attn_svd_thresh = 0.10`` for the attention input projection; FusionBench's
-  port (``subspace_boosting`` utilities, unreleased branch) boosts
-  ``attn.in_proj_weight`` per q/k/v with ``attn_beta``, ``attn.out_proj`` and
-  the MLP with ``beta``, and also the vision projection ``visual.proj``;
-  positional embeddings are not boosted: `boosted_matrix`.
+  (``subspace_helpers``, function ``subspace_boosting``) has ``svd_thresh=0.01``
+  and a separate ``attn_svd_thresh=0.10`` for the attention input projection
+  (in the LLM variant read here its use is commented out). FusionBench's port
+  (``subspace_boosting`` utilities on an unreleased branch; not in the 0.2.33
+  release) boosts ``attn.in_proj_weight`` with ``attn_beta`` (per q/k/v by
+  default, "recommended" there), ``attn.out_proj``, ``c_fc``, ``c_proj`` with
+  ``beta``, and also ``model.visual.proj``; positional embeddings are not in its
+  target keys: `boosted_matrix`. Hence ``attention="per_qkv"`` and
+  ``attn_beta`` on q/k/v only (the output projection keeps ``beta``).
 
 Other reference choices (hyper-parameters and selection, not keyword arguments
 of one call; see `subboost.eval` and ``experiments/run_suite.py``):
