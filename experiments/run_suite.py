@@ -41,7 +41,8 @@ import numpy as np
 import subboost as sb
 from subboost import data as sbdata
 from subboost.eval import (Evaluator, code_version, encoder_config, find_checkpoint, load_checkpoint, load_heads,
-                           select_alpha_beta, summarize, tune_tall_lambdas)
+                           select_alpha_beta, selection_score, summarize, tune_tall_lambdas)
+from subboost.reference import reference_settings, reference_ties_k
 
 PyTree = Any
 RESULT_VERSION = 1
@@ -88,6 +89,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, (np.generic,)):
         return value.item()
+    if callable(value):  # e.g. a matrix predicate: recorded by name
+        return getattr(value, "__name__", repr(value))
     return value
 
 
@@ -249,8 +252,51 @@ class SuiteRun:
         return record
 
     # -- one cell ------------------------------------------------------------
+    # -- conventions ---------------------------------------------------------
+    @property
+    def conventions(self) -> str:
+        return self.config.get("conventions", "subboost")
+
+    @property
+    def reference_family(self) -> str:
+        """`reference_settings` family of the checkpoints (converted from open_clip unless named hf)."""
+        return "hf_clip" if "hf" in str(self.config.family).lower() else "clip"
+
+    def boost_kwargs(self) -> dict[str, Any]:
+        """Arguments of `subboost.subspace_boost` besides beta."""
+        if self.conventions == "reference":
+            return {k: v for k, v in reference_settings("subspace_boost", self.reference_family).items() if k != "beta"}
+        return dict(self.config.boost)
+
+    def merge_kwargs(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """The merge method's hyper-parameters under the config's conventions."""
+        kwargs = dict(entry["kwargs"])
+        if self.conventions != "reference":
+            return kwargs
+        name = entry["method"]
+        if name in ("tsv", "iso_c", "iso_cts", "ties"):
+            kwargs = {**reference_settings(name, self.reference_family), **kwargs}
+        if name == "consensus":
+            which = "consensus_ties" if kwargs.get("base") == "ties" else "consensus"
+            kwargs = {**reference_settings(which), **kwargs}
+        try:  # TIES "k" is a fraction of the vision weights; match the reference's effective density.
+            if name == "ties" or (name == "dare" and kwargs.get("base") == "ties"):
+                kwargs["k"] = reference_ties_k(self.config.backbone, kwargs.get("k", 0.2))
+            if name == "consensus" and kwargs.get("base") == "ties":
+                kwargs["ties_k"] = reference_ties_k(self.config.backbone, kwargs.get("ties_k", 0.2))
+        except ValueError:
+            pass  # not a published CLIP backbone: k as given
+        return kwargs
+
+    def selection_score(self, tasks: Sequence[str], reference: Mapping[str, Any]):
+        metric = self.config.get("alpha_metric", "absolute")
+        experts = {t: reference["experts"][t]["validation"] for t in tasks} if metric == "normalized" else None
+        return selection_score(metric, experts)
+
     def cell_settings(self, suite: str, entry: Mapping[str, Any]) -> dict[str, Any]:
         return {
+            "conventions": self.conventions,
+            "alpha_metric": self.config.get("alpha_metric", "absolute"),
             "result_version": RESULT_VERSION,
             "family": self.config.family,
             "backbone": self.config.backbone,
@@ -277,32 +323,49 @@ class SuiteRun:
             return None
         raise FileExistsError(f"{path} was computed with other settings; pass --overwrite or use another --out.")
 
-    def merge(self, tvs: PyTree, entry: Mapping[str, Any], tasks: Sequence[str]) -> tuple[PyTree, dict[str, Any]]:
+    def merge(self, tvs: PyTree, entry: Mapping[str, Any], tasks: Sequence[str],
+              score: Any = None) -> tuple[PyTree, dict[str, Any]]:
         """The merged task vector and the hyper-parameters it was made with (as recorded)."""
-        kwargs = dict(entry["kwargs"])
+        kwargs = self.merge_kwargs(entry)
         extra: dict[str, Any] = {}
         if entry["method"] == "dare":
             kwargs["key"] = jax.random.key(int(self.config.seed))
             extra["seed"] = int(self.config.seed)
         if entry["method"] == "consensus" and entry.get("tall_lambdas"):
-            # TALL thresholds per task, scored at Task Arithmetic's validation alpha.
-            ta = select_alpha_beta(self.base, sb.merge(tvs, "task_arithmetic"), lambda p: self.val_accuracies(p, tasks),
-                        alphas=entry["alphas"], progress=self.progress, description="consensus: TA alpha")
-            lambdas = tune_tall_lambdas(self.base, tvs, lambda p, t: self.val_accuracies(p, [tasks[t]])[tasks[t]],
-                                        alpha=ta.alpha, lambdas=entry["tall_lambdas"], progress=self.progress)
+            evaluate_task = lambda p, t: self.val_accuracies(p, [tasks[t]])[tasks[t]]  # noqa: E731
+            if self.conventions == "reference":
+                # TALL: each task's lambda on its own validation split at coefficient 1.0, masks
+                # against the base merge (TIES for Consensus-TIES, mask_from="merged").
+                merged = None
+                if kwargs.get("mask_from") == "merged" and kwargs.get("base", "task_arithmetic") == "ties":
+                    ties_kwargs = {k: v for k, v in kwargs.items() if k in ("merge", "scope")}
+                    merged = sb.merge(tvs, "ties", k=kwargs.get("ties_k", 0.2), **ties_kwargs)
+                tall_alpha = 1.0
+                lambdas = tune_tall_lambdas(self.base, tvs, evaluate_task, alpha=tall_alpha,
+                                            lambdas=entry["tall_lambdas"], progress=self.progress, merged=merged)
+            else:
+                # TALL thresholds per task, scored at Task Arithmetic's validation alpha.
+                ta = select_alpha_beta(self.base, sb.merge(tvs, "task_arithmetic"),
+                                       lambda p: self.val_accuracies(p, tasks), alphas=entry["alphas"],
+                                       score=score, progress=self.progress, description="consensus: TA alpha")
+                tall_alpha = ta.alpha
+                lambdas = tune_tall_lambdas(self.base, tvs, evaluate_task, alpha=tall_alpha,
+                                            lambdas=entry["tall_lambdas"], progress=self.progress)
             kwargs["lambdas"] = lambdas
-            extra = {"tall_alpha": ta.alpha, "tall_lambdas": dict(zip(tasks, lambdas))}
+            extra = {"tall_alpha": tall_alpha, "tall_lambdas": dict(zip(tasks, lambdas))}
         recorded = {k: v for k, v in kwargs.items() if k != "key"} | extra
         return sb.merge(tvs, entry["method"], **kwargs), recorded
 
     def run_cell(self, suite: str, entry: Mapping[str, Any], tvs: PyTree, reference: Mapping[str, Any]) -> dict:
         start = time.time()
         tasks = self.suites[suite]
-        tau, merge_kwargs = self.merge(tvs, entry, tasks)
+        score = self.selection_score(tasks, reference)
+        tau, merge_kwargs = self.merge(tvs, entry, tasks, score)
+        boost_kwargs = self.boost_kwargs()
         sweep = select_alpha_beta(self.base, tau, lambda p: self.val_accuracies(p, tasks), alphas=entry["alphas"],
-                       betas=entry["betas"], boost_kwargs=dict(self.config.boost), progress=self.progress,
+                       betas=entry["betas"], boost_kwargs=boost_kwargs, score=score, progress=self.progress,
                        description=f"{suite_title(suite)}: {entry['label']}")
-        chosen = tau if sweep.beta is None else sb.subspace_boost(tau, sweep.beta, **dict(self.config.boost))
+        chosen = tau if sweep.beta is None else sb.subspace_boost(tau, sweep.beta, **boost_kwargs)
         test = self.test_accuracies(sb.apply_task_vector(self.base, chosen, alpha=sweep.alpha), tasks)
         experts = {t: reference["experts"][t]["test"] for t in tasks}
         settings = self.cell_settings(suite, entry)
@@ -313,8 +376,10 @@ class SuiteRun:
             "tasks": list(tasks),
             "method": entry["method"],
             "label": entry["label"],
+            "conventions": self.conventions,
+            "alpha_metric": self.config.get("alpha_metric", "absolute"),
             "hyper_parameters": {"merge": merge_kwargs, "alpha": sweep.alpha,
-                                 "beta": sweep.beta, "boost": dict(self.config.boost) if sweep.beta is not None else None},
+                                 "beta": sweep.beta, "boost": boost_kwargs if sweep.beta is not None else None},
             "alpha_on_grid_edge": sweep.alpha_on_edge,
             "validation": {"selected_average": sweep.score, "per_task": dict(sweep.best.accuracies)},
             "test": summarize(test, experts),
@@ -348,6 +413,7 @@ class SuiteRun:
         table = results_table(self.config, self.suites, results, reference)
         write_json(self.root / "results.json", {
             "family": self.config.family, "backbone": self.config.backbone,
+            "conventions": self.conventions, "alpha_metric": self.config.get("alpha_metric", "absolute"),
             "cells": [results[s, e["label"]] for s, e in cells], "reference": reference,
             "code_version": self.version})
         (self.root / "results.md").write_text(table)

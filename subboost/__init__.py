@@ -29,6 +29,7 @@ from subboost import sharding, streaming
 from subboost.streaming import merge_from_checkpoints
 from subboost import polar_boost
 from subboost.boosting import BoostReport, GroupReport
+from subboost.reference import reference_settings, reference_ties_k
 # --- end of re-exports ---
 
 __version__ = "0.1.0"

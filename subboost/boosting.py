@@ -11,6 +11,23 @@ singular values of every merged weight matrix::
     tau' = U diag(s') V^T                      (cast back to the input dtype)
 
 ``beta = 0`` flattens the whole spectrum to ``s_0``; a zero matrix stays zero.
+``attn_beta`` (default: ``beta``) is the cutoff of the attention input
+projections (the q/k/v matrices in the layout ``attention=`` selects), like the
+authors' separate ``attn_svd_thresh``.
+
+Rank-deficient matrices. With ``k = 0`` (the usual case at ``beta = 0.01``)
+every singular value is raised to ``s_0``, exact zeros included, and their
+singular vectors are not unique: the result then depends on the SVD's choice
+of null-space basis (different on one device and on a mesh, or between
+solvers). ``rank_rtol`` makes it defined: singular values ``<= rank_rtol * s_0``
+count as exact zeros and stay zero (the cutoff is computed from the others)::
+
+    s'_i = 0                 if s_i <= rank_rtol * s_0
+         = max(s_i, s_k)     otherwise
+
+``rank_rtol=None`` (default) is the authors' behaviour. The report flags every
+matrix whose numerical rank (tolerance ``rank_rtol``, or
+``max(m, n) * eps * s_0`` when it is ``None``) is below ``min(m, n)``.
 Boosting commutes with positive scaling, ``boost(a tau) = a boost(tau)``, so one
 boost serves a whole sweep over the merging coefficient ``alpha``.
 
@@ -126,16 +143,41 @@ def choose_solver(solver: Solver, shape: tuple[int, int], beta: float, mode: Boo
     return "polar"
 
 
-def _boost_svd_with_cutoff(x: jax.Array, beta: float, mode: BoostMode) -> tuple[jax.Array, jax.Array]:
+def rank_tolerance(shape: tuple[int, int], dtype, rank_rtol: float | None) -> float:
+    """Relative tolerance below which a singular value counts as zero.
+
+    ``rank_rtol`` if given, else numpy's ``matrix_rank`` default ``max(m, n) * eps``.
+    """
+    if rank_rtol is not None:
+        return float(rank_rtol)
+    return max(shape) * float(jnp.finfo(linalg.compute_dtype(dtype)).eps)
+
+
+def rank_deficient(s: jax.Array, shape: tuple[int, int], rank_rtol: float | None) -> jax.Array:
+    """Per matrix: some singular value ``<= tol * s_0`` (and the matrix is not zero)."""
+    tol = rank_tolerance(shape, s.dtype, rank_rtol)
+    return (s[..., -1] <= tol * s[..., 0]) & (s[..., 0] > 0)
+
+
+def _boost_svd_with_cutoff(x: jax.Array, beta: float, mode: BoostMode, rank_rtol: float | None = None
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(boosted, k, rank_deficient)`` by exact SVD."""
     u, s, vh = linalg.svd(x)
+    deficient = rank_deficient(s, x.shape[-2:], rank_rtol)
+    if rank_rtol is not None:
+        s = jnp.where(s > rank_rtol * s[..., :1], s, 0)
     k = cutoff_index(s, beta, mode)
     s_k = jnp.take_along_axis(s, k[..., None], axis=-1)
-    return linalg.reconstruct(u, jnp.maximum(s, s_k), vh).astype(x.dtype), k
+    boosted = jnp.maximum(s, s_k)
+    if rank_rtol is not None:
+        boosted = jnp.where(s > 0, boosted, 0)  # the numerical null space stays zero
+    return linalg.reconstruct(u, boosted, vh).astype(x.dtype), k, deficient
 
 
-def _svd_info(k: jax.Array) -> dict[str, jax.Array]:
+def _svd_info(k: jax.Array, deficient: jax.Array) -> dict[str, jax.Array]:
     shape = k.shape
     return {
+        "rank_deficient": deficient,
         "converged": jnp.ones(shape, bool),
         "fallback": jnp.zeros(shape, bool),
         "reason": jnp.zeros(shape, jnp.int8),
@@ -146,8 +188,8 @@ def _svd_info(k: jax.Array) -> dict[str, jax.Array]:
     }
 
 
-def boost_group(x: jax.Array, beta: float, mode: BoostMode, solver: str, tol: float | None = None
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def boost_group(x: jax.Array, beta: float, mode: BoostMode, solver: str, tol: float | None = None,
+                rank_rtol: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Boosts a group ``(G, m, n)`` with ``solver`` (``svd`` or ``polar``) -> ``(boosted, info)``.
 
     With ``polar``, every matrix whose polar factor or top triplets did not
@@ -156,24 +198,24 @@ def boost_group(x: jax.Array, beta: float, mode: BoostMode, solver: str, tol: fl
     ``info["fallback"]``: an unconverged result is never returned.
     """
     if solver == "svd":
-        y, k = _boost_svd_with_cutoff(x, beta, mode)
-        return y, _svd_info(k)
-    y, info = polar_boost.boost_matrices_polar(x, beta, mode, tol=tol)
+        y, k, deficient = _boost_svd_with_cutoff(x, beta, mode, rank_rtol)
+        return y, _svd_info(k, deficient)
+    y, info = polar_boost.boost_matrices_polar(x, beta, mode, tol=tol, rank_rtol=rank_rtol)
     ok = info["converged"]
 
     def recompute(args):
-        y, k = args
-
         def one(item):
-            xi, yi, ki, oki = item
+            xi, yi, ki, di, oki = item
             return jax.lax.cond(
-                oki, lambda: (yi, ki), lambda: tuple(v[0] for v in _boost_svd_with_cutoff(xi[None], beta, mode))
+                oki, lambda: (yi, ki, di),
+                lambda: tuple(v[0] for v in _boost_svd_with_cutoff(xi[None], beta, mode, rank_rtol)),
             )
 
-        return jax.lax.map(one, (x, y, k, ok))
+        return jax.lax.map(one, (x,) + args + (ok,))
 
-    y, k = jax.lax.cond(jnp.all(ok), lambda args: args, recompute, (y, info["k"]))
-    info = {**info, "k": k, "fallback": ~ok}
+    y, k, deficient = jax.lax.cond(jnp.all(ok), lambda args: args, recompute,
+                                   (y, info["k"], info["rank_deficient"]))
+    info = {**info, "k": k, "rank_deficient": deficient, "fallback": ~ok}
     info["polar_residual"] = info["polar_residual"].astype(jnp.float32)
     info["triplet_residual"] = info["triplet_residual"].astype(jnp.float32)
     return y, info
@@ -195,8 +237,45 @@ def _map_chunks(fn: Callable, x: jax.Array, batch_size: int | None):
     return jax.tree_util.tree_map(lambda a: a.reshape((chunks * batch_size,) + a.shape[2:])[:num], out)
 
 
+def attention_matrices(plan) -> dict[tuple[int, int, str], np.ndarray]:
+    """Per group, which of its matrices come from attention q/k/v kernels (get ``attn_beta``).
+
+    These are the matrices the ``attention=`` mode forms from query/key/value
+    kernels: q, k, v (``per_qkv``), the fused ``(3D, D)`` matrix (``full``) or
+    each head's (``per_head``). The output projection keeps ``beta``, as in the
+    reference code (only ``in_proj`` gets the attention threshold).
+    """
+    masks = {g: np.zeros(size, bool) for g, size in zip(plan.groups, plan.group_sizes)}
+    for member in plan.members:
+        if member.layout.kind == "attn_in":
+            masks[member.group][member.offset: member.offset + member.count] = True
+    return masks
+
+
+def group_beta(is_attention: np.ndarray, beta: float, attn_beta: float) -> float:
+    """The single beta of a group whose matrices are all attention or all not."""
+    return attn_beta if is_attention.size and is_attention.all() else beta
+
+
+def split_by_beta(run: Callable[[float, jax.Array], tuple], x: jax.Array, is_attention: np.ndarray,
+                  beta: float, attn_beta: float) -> tuple:
+    """``run(beta, x)`` on a group whose attention matrices take ``attn_beta``.
+
+    A group mixing both kinds is split by static indices into two calls (each
+    with its own static cutoff, so every solver and mode applies unchanged)
+    and reassembled in the original order.
+    """
+    if attn_beta == beta or not is_attention.any() or is_attention.all():
+        return run(group_beta(is_attention, beta, attn_beta), x)
+    attn, rest = np.flatnonzero(is_attention), np.flatnonzero(~is_attention)
+    first, second = run(attn_beta, x[attn]), run(beta, x[rest])
+    order = np.argsort(np.concatenate([attn, rest]))
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=0)[order], first, second)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("beta", "mode", "attention", "is_matrix", "batch_size", "solver", "tol", "with_info")
+    jax.jit, static_argnames=("beta", "mode", "attention", "is_matrix", "batch_size", "solver", "tol", "with_info",
+                              "attn_beta", "rank_rtol")
 )
 def _boost_tree(
     tau: PyTree,
@@ -209,27 +288,37 @@ def _boost_tree(
     solver: Solver = "svd",
     tol: float | None = None,
     with_info: bool = False,
+    attn_beta: float | None = None,
+    rank_rtol: float | None = None,
 ):
     plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
+    attn_beta = beta if attn_beta is None else attn_beta
+    masks = attention_matrices(plan)
     boosted, infos, previous = {}, [], None
     for group, x in plan.gather(tau).items():
-        chosen = choose_solver(solver, group[:2], beta, mode)
-        boosted[group], info = _map_chunks(
-            functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol),
-            linalg.after(x, previous), batch_size,
-        )
+        def run(b, xs, group=group):
+            chosen = choose_solver(solver, group[:2], b, mode)
+            return _map_chunks(
+                functools.partial(boost_group, beta=b, mode=mode, solver=chosen, tol=tol, rank_rtol=rank_rtol),
+                xs, batch_size,
+            )
+
+        boosted[group], info = split_by_beta(run, linalg.after(x, previous), masks[group], beta, attn_beta)
         previous = boosted[group]
         infos.append(info)
     out = plan.rebuild(tau, plan.scatter(boosted))
     return (out, infos) if with_info else out
 
 
-@functools.partial(jax.jit, static_argnames=("beta", "mode", "batch_size", "solver", "tol", "with_info"))
+@functools.partial(jax.jit, static_argnames=("beta", "mode", "batch_size", "solver", "tol", "with_info",
+                                             "rank_rtol"))
 def _boost_array(x: jax.Array, *, beta: float, mode: BoostMode, batch_size: int | None = None,
-                 solver: Solver = "svd", tol: float | None = None, with_info: bool = False):
+                 solver: Solver = "svd", tol: float | None = None, with_info: bool = False,
+                 rank_rtol: float | None = None):
     stack = x.reshape((-1,) + x.shape[-2:])
     chosen = choose_solver(solver, x.shape[-2:], beta, mode)
-    y, info = _map_chunks(functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol),
+    y, info = _map_chunks(functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol,
+                                            rank_rtol=rank_rtol),
                           stack, batch_size)
     y = y.reshape(x.shape)
     return (y, [info]) if with_info else y
@@ -253,6 +342,8 @@ class GroupReport:
       polar_residual: ``||P^T P - I||_F / sqrt(n)`` (NaN for ``svd``).
       triplet_residual: ``max_{i<=k} ||tau^T u_i - s_i v_i|| / s_k`` (NaN for ``svd``).
       iterations: subspace iterations (0 for ``svd``).
+      rank_deficient: matrices whose numerical rank is below ``min(m, n)``
+        (see `rank_tolerance`).
     """
 
     shape: tuple[int, int]
@@ -265,6 +356,7 @@ class GroupReport:
     polar_residual: np.ndarray
     triplet_residual: np.ndarray
     iterations: np.ndarray
+    rank_deficient: np.ndarray | None = None
 
     @property
     def count(self) -> int:
@@ -273,9 +365,36 @@ class GroupReport:
 
 @dataclasses.dataclass(frozen=True)
 class BoostReport:
-    """Which solver boosted each matrix group and whether it converged."""
+    """Which solver boosted each matrix group, whether it converged, which matrices are rank-deficient."""
 
     groups: tuple[GroupReport, ...]
+    rank_rtol: float | None = None
+
+    @property
+    def rank_deficient(self) -> tuple[str, ...]:
+        """Names of the matrices whose numerical rank is below ``min(m, n)``."""
+        return tuple(
+            name for g in self.groups if g.rank_deficient is not None
+            for name, flag in zip(g.names, g.rank_deficient) if flag
+        )
+
+    @property
+    def ambiguous(self) -> tuple[str, ...]:
+        """Rank-deficient matrices whose result depends on the SVD's null-space basis.
+
+        All rank-deficient ones when ``rank_rtol`` is ``None``; none otherwise
+        (their null space is kept at zero).
+        """
+        return self.rank_deficient if self.rank_rtol is None else ()
+
+    def rank_warning(self, limit: int = 5) -> str | None:
+        """One line naming the `ambiguous` matrices (``None`` if there are none)."""
+        names = self.ambiguous
+        if not names:
+            return None
+        shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+        return (f"warning: {len(names)} rank-deficient matrices ({shown}): their boosted null space depends "
+                f"on the SVD's choice of basis; set rank_rtol (e.g. 1e-5) to keep it at zero.")
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -307,6 +426,9 @@ class BoostReport:
             )
         for name, reason in self.fallbacks.items():
             lines.append(f"  fell back to SVD: {name}: {reason}")
+        for name in self.rank_deficient:
+            lines.append(f"  rank-deficient: {name}" + ("" if self.rank_rtol is None
+                                                          else f" (null space kept at zero, rank_rtol={self.rank_rtol})"))
         return "\n".join(lines)
 
     __str__ = summary
@@ -322,7 +444,7 @@ def _group_names(plan) -> dict[tuple[int, int, str], list[str]]:
     return names
 
 
-def _report(keys, names, solvers, infos) -> BoostReport:
+def _report(keys, names, solvers, infos, rank_rtol: float | None = None) -> BoostReport:
     infos = jax.device_get(infos)
     groups = []
     for (m, n, dtype), group_names, solver, info in zip(keys, names, solvers, infos):
@@ -333,8 +455,9 @@ def _report(keys, names, solvers, infos) -> BoostReport:
             polar_residual=np.asarray(info["polar_residual"]),
             triplet_residual=np.asarray(info["triplet_residual"]),
             iterations=np.asarray(info["iterations"]),
+            rank_deficient=np.asarray(info["rank_deficient"]),
         ))
-    return BoostReport(tuple(groups))
+    return BoostReport(tuple(groups), rank_rtol=rank_rtol)
 
 
 def check_solver_arguments(solver: str, tol: float | None) -> None:
@@ -344,10 +467,21 @@ def check_solver_arguments(solver: str, tol: float | None) -> None:
         raise SubboostError(f"subspace_boost: tol must be None or in (0, 1), got {tol!r}.")
 
 
+def check_rank_arguments(attn_beta: float | None, rank_rtol: float | None) -> None:
+    if attn_beta is not None and (isinstance(attn_beta, bool) or not isinstance(attn_beta, (int, float))
+                                  or not 0.0 <= attn_beta <= 1.0):
+        raise SubboostError(f"subspace_boost: attn_beta must be None or in [0, 1], got {attn_beta!r}.")
+    if rank_rtol is not None and (isinstance(rank_rtol, bool) or not isinstance(rank_rtol, (int, float))
+                                  or not 0.0 < rank_rtol < 1.0):
+        raise SubboostError(f"subspace_boost: rank_rtol must be None or in (0, 1), got {rank_rtol!r}.")
+
+
 def subspace_boost(
     tau: PyTree,
     beta: float = 0.01,
     *,
+    attn_beta: float | None = None,
+    rank_rtol: float | None = None,
     mode: BoostMode = "cumsum",
     attention: AttentionMode = "per_qkv",
     is_matrix: Callable | None = None,
@@ -364,6 +498,12 @@ def subspace_boost(
       tau: merged task vector (a parameter pytree), or a bare array whose two
         trailing axes form the matrices.
       beta: cutoff in [0, 1] (paper grid {0.0, 0.01, 0.02}).
+      attn_beta: cutoff of the attention q/k/v matrices (as formed by
+        ``attention``); ``None`` = ``beta``. The authors' code uses 0.10.
+      rank_rtol: singular values ``<= rank_rtol * s_0`` count as exact zeros
+        and stay zero, so rank-deficient matrices get a defined result (the
+        same on any device count and from both solvers). ``None`` (default):
+        the authors' behaviour, every singular value raised.
       mode: ``"cumsum"`` (default) or ``"index"``; see the module docstring.
       attention: how attention kernels form matrices: ``per_qkv`` (default),
         ``full`` (q/k/v stacked, PyTorch's ``in_proj_weight``) or ``per_head``.
@@ -396,13 +536,16 @@ def subspace_boost(
     """
     check_boost_arguments(beta, mode)
     check_solver_arguments(solver, tol)
+    check_rank_arguments(attn_beta, rank_rtol)
     tol = None if tol is None else float(tol)
+    attn_beta = None if attn_beta is None or float(attn_beta) == float(beta) else float(attn_beta)
+    rank_rtol = None if rank_rtol is None else float(rank_rtol)
     if mesh is not None:
         from subboost.sharding import boost_on_mesh
 
         return boost_on_mesh(tau, beta=beta, mode=mode, attention=attention, is_matrix=is_matrix,
                              batch_size=batch_size, solver=solver, tol=tol, return_info=return_info,
-                             validate=validate, mesh=mesh)
+                             validate=validate, mesh=mesh, attn_beta=attn_beta, rank_rtol=rank_rtol)
     if isinstance(tau, (jax.Array,)) or hasattr(tau, "__array__") and not isinstance(tau, dict):
         x = jnp.asarray(tau)
         if x.ndim < 2:
@@ -410,24 +553,32 @@ def subspace_boost(
         if validate:
             check_finite(x, what="subspace_boost input")
         out = _boost_array(x, beta=float(beta), mode=mode, batch_size=batch_size, solver=solver, tol=tol,
-                           with_info=return_info)
+                           with_info=return_info, rank_rtol=rank_rtol)
         if not return_info:
             return out
         m, n = x.shape[-2:]
         count = math.prod(x.shape[:-2])
         names = [[f"[{i}]" for i in range(count)]] if x.ndim > 2 else [["matrix"]]
         keys = [(m, n, jnp.dtype(x.dtype).name)]
-        return out[0], _report(keys, names, [choose_solver(solver, (m, n), float(beta), mode)], out[1])
+        return out[0], _report(keys, names, [choose_solver(solver, (m, n), float(beta), mode)], out[1], rank_rtol)
     if validate:
         check_floating(tau, what="subspace_boost input")
         check_finite(tau, what="subspace_boost input")
     out = _boost_tree(
         tau, beta=float(beta), mode=mode, attention=attention, is_matrix=is_matrix, batch_size=batch_size,
-        solver=solver, tol=tol, with_info=return_info,
+        solver=solver, tol=tol, with_info=return_info, attn_beta=attn_beta, rank_rtol=rank_rtol,
     )
     if not return_info:
         return out
     plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
+    return out[0], tree_report(plan, solver, float(beta), attn_beta, mode, out[1], rank_rtol)
+
+
+def tree_report(plan, solver: str, beta: float, attn_beta: float | None, mode: BoostMode, infos,
+                rank_rtol: float | None) -> BoostReport:
+    """The `BoostReport` of a boosted tree (groups in plan order)."""
     names = _group_names(plan)
-    solvers = [choose_solver(solver, g[:2], float(beta), mode) for g in plan.groups]
-    return out[0], _report(plan.groups, [names[g] for g in plan.groups], solvers, out[1])
+    masks = attention_matrices(plan)
+    attn_beta = beta if attn_beta is None else attn_beta
+    solvers = [choose_solver(solver, g[:2], group_beta(masks[g], beta, attn_beta), mode) for g in plan.groups]
+    return _report(plan.groups, [names[g] for g in plan.groups], solvers, infos, rank_rtol)

@@ -90,6 +90,27 @@ def normalized_accuracies(merged: Mapping[str, float], experts: Mapping[str, flo
     return {t: float(merged[t]) / float(experts[t]) for t in merged}
 
 
+ALPHA_METRICS = ("normalized", "absolute")
+
+
+def selection_score(metric: str, expert_accuracies: Mapping[str, float] | None = None
+                    ) -> Callable[[Mapping[str, float]], float]:
+    """The validation score an alpha (and beta) sweep maximises.
+
+    ``"absolute"``: mean accuracy. ``"normalized"`` (the reference code's
+    choice): mean of ``acc_t / acc_t(expert t)`` over the tasks, with the
+    experts' *validation* accuracies.
+    """
+    if metric == "absolute":
+        return lambda accs: _mean(accs.values())
+    if metric == "normalized":
+        if expert_accuracies is None:
+            raise ValueError("selection_score: metric 'normalized' needs the experts' validation accuracies.")
+        experts = dict(expert_accuracies)
+        return lambda accs: _mean(normalized_accuracies(accs, experts).values())
+    raise ValueError(f"selection_score: metric must be one of {ALPHA_METRICS}, got {metric!r}.")
+
+
 def summarize(accuracies: Mapping[str, float], expert_accuracies: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Per-task accuracies, their mean, and (with experts) normalized accuracies and their mean."""
     summary: dict[str, Any] = {
@@ -406,13 +427,15 @@ def tune_tall_lambdas(
     alpha: float,
     lambdas: Sequence[float] = TALL_LAMBDAS,
     progress: bool = True,
+    merged: PyTree | None = None,
 ) -> tuple[float, ...]:
     """Per-task TALL-mask thresholds for Consensus merging, chosen on validation.
 
     For each task t and each ``lam``: ``m_t = |tau_t| > lam |tau_MTL - tau_t|``
-    (``tau_MTL = sum_t tau_t``); the task's model ``theta_0 + alpha (m_t * tau_MTL)``
-    is scored on task t's validation split by ``evaluate_task(params, t)``; the
-    best ``lam`` (first on ties) is task t's threshold.
+    (``tau_MTL = sum_t tau_t``, or ``merged`` when given, e.g. the TIES vector);
+    the task's model ``theta_0 + alpha (m_t * tau_MTL)`` is scored on task t's
+    validation split by ``evaluate_task(params, t)``; the best ``lam`` (first on
+    ties) is task t's threshold. The TALL code scores at ``alpha = 1.0``.
 
     Returns:
       One lambda per task, in the order of the expert axis.
@@ -425,13 +448,14 @@ def tune_tall_lambdas(
 
     lambdas = tuple(float(v) for v in _check_grid("lambda", lambdas))
     num_tasks = num_experts(tvs)
-    tau_mtl = task_arithmetic(tvs)
+    tau_mtl = task_arithmetic(tvs) if merged is None else merged
     select = jax.jit(lambda masks, total, t: jax.tree_util.tree_map(lambda m, x: jnp.where(m[t], x, 0), masks, total))
     scores = np.zeros((num_tasks, len(lambdas)))
     bar = tqdm(total=num_tasks * len(lambdas), desc="TALL lambdas", disable=not progress, leave=False)
-    masks_at = jax.jit(lambda x, lam: tall_masks(x, lambdas=lam))  # lambda traced: one program for the grid
+    # lambda traced: one program for the grid
+    masks_at = jax.jit(lambda x, total, lam: tall_masks(x, lambdas=lam, merged=total))
     for j, lam in enumerate(lambdas):
-        masks = masks_at(tvs, jnp.float32(lam))
+        masks = masks_at(tvs, tau_mtl, jnp.float32(lam))
         for t in range(num_tasks):
             scores[t, j] = evaluate_task(apply_task_vector(pretrained, select(masks, tau_mtl, t), alpha=alpha), t)
             bar.update()

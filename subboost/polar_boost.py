@@ -52,6 +52,18 @@ range of ``tau^T``) and the Gram matrices ``tau'^T tau'`` and ``tau' tau'^T``.
 Exact structural zeros (a zero row or column) stay exactly zero under QDWH, so
 ``P^T P`` misses them, the residual test fails and the matrix is recomputed by
 the SVD path (reported). A zero matrix stays zero and counts as converged.
+
+``rank_rtol`` (see `subboost.boosting`) makes the rank-deficient case defined
+(singular values ``<= rank_rtol * s_0`` stay zero). The polar path detects such
+matrices without the spectrum: ``H = P^T tau = V diag(s) V^T`` is symmetric
+positive semi-definite, and its Cholesky factorisation after the shift
+``- rank_rtol * s_0 * I`` exists exactly when every ``s_i`` exceeds the
+threshold (the null-space eigenvalues of ``H`` do not move to first order
+with the error of ``P``). Matrices failing it are reported as
+``rank-deficient`` and recomputed by the SVD path, which keeps their null
+space at zero; the others have nothing to zero and keep the polar result.
+The same test with ``max(m, n) * eps`` (when ``rank_rtol`` is ``None``) feeds the
+report's ``rank_deficient`` flag.
 """
 
 from __future__ import annotations
@@ -78,8 +90,9 @@ REASONS: tuple[str, ...] = (
     "cutoff index k beyond the triplet cap",
     "top triplets not converged",
     "non-finite intermediate",
+    "rank-deficient at rank_rtol (null space kept at zero by the SVD)",
 )
-CONVERGED, ZERO, POLAR_FAILED, K_BEYOND_CAP, TRIPLETS_FAILED, NON_FINITE = range(6)
+CONVERGED, ZERO, POLAR_FAILED, K_BEYOND_CAP, TRIPLETS_FAILED, NON_FINITE, RANK_DEFICIENT = range(7)
 TALL_RATIO = 1.5
 
 
@@ -295,6 +308,7 @@ def boost_matrices_polar(
     triplet_tol: float | None = None,
     max_iterations: int = 50,
     lower_bound: float | None = None,
+    rank_rtol: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Subspace Boosting of a stack ``(..., m, n)`` by polar factor + top triplets.
 
@@ -307,12 +321,15 @@ def boost_matrices_polar(
       triplet_tol: accepted Ritz residual relative to ``s_k`` (default ``1e-3``).
       max_iterations: subspace iterations per block size.
       lower_bound: ``sigma_min / ||x||_F`` the QDWH schedule covers.
+      rank_rtol: singular values ``<= rank_rtol * s_0`` are zeros to keep;
+        matrices having any are not converged (reason ``rank-deficient``).
 
     Returns:
       ``(boosted, info)``: ``boosted`` has the shape and dtype of ``x``;
       ``info`` holds per-matrix arrays (shape ``x.shape[:-2]``): ``converged``
       (bool), ``reason`` (int8 index into `REASONS`), ``k`` (int32),
-      ``polar_residual``, ``triplet_residual`` and ``iterations``. Entries not
+      ``polar_residual``, ``triplet_residual``, ``iterations`` and
+      ``rank_deficient`` (bool). Entries not
       converged are NOT usable: the caller must recompute them exactly.
     """
     dtype = linalg.compute_dtype(x.dtype)
@@ -366,7 +383,7 @@ def boost_matrices_polar(
             max_iterations=max_iterations,
         )
         s_k, low_rank = _low_rank_part(u, s, v, k)
-        return v, (s_k, low_rank, k, rel, its, conv)
+        return v, (s_k, low_rank, k, rel, its, s[..., 0], conv)
 
     v, result = run_block(0, None)
     for i in range(1, len(blocks)):
@@ -384,7 +401,16 @@ def boost_matrices_polar(
             return v, merged
 
         v, result = jax.lax.cond(jnp.all(result[-1] | zero), lambda args: args, bigger, (v, result))
-    s_k, low_rank, k, triplet_residual, iterations, triplets_ok = result
+    s_k, low_rank, k, triplet_residual, iterations, s_0, triplets_ok = result
+
+    # Numerical rank test on H = P^T a (symmetric PSD, eigenvalues = singular values).
+    from subboost.boosting import rank_tolerance  # late: boosting imports this module
+
+    h = _mT(p) @ a
+    h = 0.5 * (h + _mT(h))
+    shift = rank_tolerance((m, n), dtype, rank_rtol) * s_0
+    chol = jnp.linalg.cholesky(h - shift[:, None, None] * jnp.eye(cols, dtype=h.dtype))
+    deficient = ~jnp.all(jnp.isfinite(chol), axis=(-2, -1)) & ~zero
 
     boosted = s_k[:, None, None] * p + low_rank
     if q_tall is not None:
@@ -394,12 +420,13 @@ def boost_matrices_polar(
     polar_ok = polar_residual <= tol
     k_full = jnp.minimum(k, r - 1)
     k_beyond = k >= usable_of(blocks[-1])
+    to_zero = deficient if rank_rtol is not None else jnp.zeros_like(deficient)
     reason = jnp.select(
-        [zero, ~polar_ok, k_beyond, ~triplets_ok, ~finite],
-        [ZERO, POLAR_FAILED, K_BEYOND_CAP, TRIPLETS_FAILED, NON_FINITE],
+        [zero, to_zero, ~polar_ok, k_beyond, ~triplets_ok, ~finite],
+        [ZERO, RANK_DEFICIENT, POLAR_FAILED, K_BEYOND_CAP, TRIPLETS_FAILED, NON_FINITE],
         CONVERGED,
     ).astype(jnp.int8)
-    converged = zero | (polar_ok & triplets_ok & finite)
+    converged = zero | (polar_ok & triplets_ok & finite & ~to_zero)
     boosted = jnp.where(zero[:, None, None], 0.0, boosted)
     if wide:
         boosted = _mT(boosted)
@@ -410,6 +437,7 @@ def boost_matrices_polar(
         "polar_residual": jnp.where(zero, 0.0, polar_residual),
         "triplet_residual": jnp.where(zero, 0.0, triplet_residual),
         "iterations": iterations,
+        "rank_deficient": deficient,
     }
     info = {name: value.reshape(batch_shape) for name, value in info.items()}
     return boosted.reshape(x.shape).astype(x.dtype), info

@@ -164,24 +164,32 @@ def map_groups_on_mesh(fn: Callable[[jax.Array], Any], x: jax.Array, mesh: Mesh)
 # Subspace Boosting
 # ----------------------------------------------------------------------------
 def _boost_group_fn(beta: float, mode: str, solver: str, shape: tuple[int, int], tol: float | None,
-                    batch_size: int | None) -> Callable[[jax.Array], Any]:
+                    batch_size: int | None, rank_rtol: float | None = None) -> Callable[[jax.Array], Any]:
     """The per-device work of one group: `subboost.boosting.boost_group`, chunked by ``batch_size``."""
     from subboost.boosting import _map_chunks, boost_group, choose_solver
 
     chosen = choose_solver(solver, shape, beta, mode)
-    fn = functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol)
+    fn = functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol, rank_rtol=rank_rtol)
     return lambda block: _map_chunks(fn, block, batch_size)
 
 
 @functools.lru_cache(maxsize=None)
 def _boost_tree_fn(mesh: Mesh, beta: float, mode: str, attention: str, is_matrix: Callable | None,
-                   batch_size: int | None, solver: str, tol: float | None, with_info: bool) -> Callable:
+                   batch_size: int | None, solver: str, tol: float | None, with_info: bool,
+                   attn_beta: float | None = None, rank_rtol: float | None = None) -> Callable:
+    from subboost.boosting import attention_matrices, split_by_beta
+
     def run(tau):
         plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
+        masks = attention_matrices(plan)
         boosted, infos = {}, []
         for group, x in plan.gather(tau).items():
-            fn = _boost_group_fn(beta, mode, solver, group[:2], tol, batch_size)
-            boosted[group], info = map_groups_on_mesh(fn, x, mesh)
+            def on_mesh(b, xs, group=group):
+                return map_groups_on_mesh(_boost_group_fn(b, mode, solver, group[:2], tol, batch_size, rank_rtol),
+                                          xs, mesh)
+
+            boosted[group], info = split_by_beta(on_mesh, x, masks[group], beta,
+                                                 beta if attn_beta is None else attn_beta)
             infos.append(info)
         out = plan.rebuild(tau, plan.scatter(boosted))
         return (out, infos) if with_info else out
@@ -191,10 +199,11 @@ def _boost_tree_fn(mesh: Mesh, beta: float, mode: str, attention: str, is_matrix
 
 @functools.lru_cache(maxsize=None)
 def _boost_array_fn(mesh: Mesh, beta: float, mode: str, batch_size: int | None, solver: str,
-                    tol: float | None, with_info: bool) -> Callable:
+                    tol: float | None, with_info: bool, rank_rtol: float | None = None) -> Callable:
     def run(x):
         stack = x.reshape((-1,) + x.shape[-2:])
-        y, info = map_groups_on_mesh(_boost_group_fn(beta, mode, solver, x.shape[-2:], tol, batch_size), stack, mesh)
+        y, info = map_groups_on_mesh(_boost_group_fn(beta, mode, solver, x.shape[-2:], tol, batch_size, rank_rtol),
+                                     stack, mesh)
         y = y.reshape(x.shape)
         return (y, [info]) if with_info else y
 
@@ -214,6 +223,8 @@ def boost_on_mesh(
     tol: float | None = None,
     return_info: bool = False,
     validate: bool = True,
+    attn_beta: float | None = None,
+    rank_rtol: float | None = None,
 ) -> Any:
     """Subspace Boosting with every matrix group split along G over ``mesh``.
 
@@ -222,7 +233,7 @@ def boost_on_mesh(
     leading axes are flattened into one group. The result is replicated over
     the mesh.
     """
-    from subboost.boosting import _group_names, _report, choose_solver
+    from subboost.boosting import _report, choose_solver, tree_report
     from subboost.task_vectors import SubboostError, check_finite, check_floating
 
     mesh_axes(mesh)
@@ -233,24 +244,23 @@ def boost_on_mesh(
         if validate:
             check_finite(tau, what="subspace_boost input")
         x = place(tau, NamedSharding(mesh, PartitionSpec()))
-        out = _boost_array_fn(mesh, beta, mode, batch_size, solver, tol, return_info)(x)
+        out = _boost_array_fn(mesh, beta, mode, batch_size, solver, tol, return_info, rank_rtol)(x)
         if not return_info:
             return out
         (m, n), count = x.shape[-2:], math.prod(x.shape[:-2])
         names = [[f"[{i}]" for i in range(count)]] if x.ndim > 2 else [["matrix"]]
         keys = [(m, n, jnp.dtype(x.dtype).name)]
-        return out[0], _report(keys, names, [choose_solver(solver, (m, n), beta, mode)], out[1])
+        return out[0], _report(keys, names, [choose_solver(solver, (m, n), beta, mode)], out[1], rank_rtol)
     if validate:
         check_floating(tau, what="subspace_boost input")
         check_finite(tau, what="subspace_boost input")
     placed = place_parameters(tau, mesh)
-    out = _boost_tree_fn(mesh, beta, mode, attention, is_matrix, batch_size, solver, tol, return_info)(placed)
+    out = _boost_tree_fn(mesh, beta, mode, attention, is_matrix, batch_size, solver, tol, return_info,
+                         attn_beta, rank_rtol)(placed)
     if not return_info:
         return out
     plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
-    names = _group_names(plan)
-    solvers = [choose_solver(solver, g[:2], beta, mode) for g in plan.groups]
-    return out[0], _report(plan.groups, [names[g] for g in plan.groups], solvers, out[1])
+    return out[0], tree_report(plan, solver, beta, attn_beta, mode, out[1], rank_rtol)
 
 
 # ----------------------------------------------------------------------------

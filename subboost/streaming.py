@@ -828,7 +828,7 @@ def _jsonable(value: Any) -> Any:
 # ----------------------------------------------------------------------------
 def _boost_options(boost: float | Mapping[str, Any] | None) -> dict[str, Any] | None:
     """``boost`` as complete `subspace_boost` keyword arguments (checked), or ``None``."""
-    from subboost.boosting import check_boost_arguments, subspace_boost
+    from subboost.boosting import check_boost_arguments, check_rank_arguments, subspace_boost
     from subboost.tree import ATTENTION_MODES
 
     if boost is None:
@@ -843,6 +843,7 @@ def _boost_options(boost: float | Mapping[str, Any] | None) -> dict[str, Any] | 
         raise SubboostError(f"boost: unknown option(s) {unknown}; valid ones: {valid}.")
     options = {**{k: parameters[k].default for k in valid}, **options}
     check_boost_arguments(options["beta"], options["mode"])
+    check_rank_arguments(options["attn_beta"], options["rank_rtol"])
     if options["attention"] not in ATTENTION_MODES:
         raise SubboostError(f"boost: attention must be one of {ATTENTION_MODES}, got {options['attention']!r}.")
     batch = options["batch_size"]
@@ -913,7 +914,7 @@ def merge_from_checkpoints(
       expert_paths: the fine-tuned experts' checkpoints, same parameters as ``base``.
       method: a registered merge method with a streaming scheme (`streaming_scheme`).
       boost: ``None`` (no boosting), a ``beta``, or a dict of
-        `subboost.subspace_boost` keywords (``beta``, ``mode``, ``attention``,
+        `subboost.subspace_boost` keywords (``beta``, ``attn_beta``, ``rank_rtol``, ``mode``, ``attention``,
         ``is_matrix``, ``batch_size``, ``solver``, ...).
       out: output directory (``params.safetensors`` + ``merge_info.json`` +
         ``COMPLETE``); it must not exist unless ``overwrite``.

@@ -76,19 +76,22 @@ class MatrixLayout:
     """How one leaf is read as a batch of ``(out, in)`` matrices.
 
     Attributes:
-      kind: ``"dense"`` for a kernel ``(*layer, in, out)``; ``"attn_in"`` for a
+      kind: ``"dense"`` for a kernel ``(*layer, in, out)``; ``"matrix"`` for a
+        leaf that already is a ``(*layer, rows, cols)`` matrix in the orientation
+        the reference code uses (open_clip's ``proj`` and
+        ``positional_embedding``, read as stored); ``"attn_in"`` for a
         query/key/value kernel ``(*layer, embed, heads, head_dim)``;
         ``"attn_out"`` for an output kernel ``(*layer, heads, head_dim, embed)``.
       layer_axes: number of leading scan-stacked layer axes (big_vision style);
         they become batch axes of the group.
     """
 
-    kind: Literal["dense", "attn_in", "attn_out"] = "dense"
+    kind: Literal["dense", "matrix", "attn_in", "attn_out"] = "dense"
     layer_axes: int = 0
 
     @property
     def ndim(self) -> int:
-        return self.layer_axes + (2 if self.kind == "dense" else 3)
+        return self.layer_axes + (2 if self.kind in ("dense", "matrix") else 3)
 
 
 def layout_from_name(path: str, ndim: int, layer_axes: int = 0) -> MatrixLayout:
@@ -193,6 +196,9 @@ def _matrix_shape(layout: MatrixLayout, shape: tuple[int, ...], attention: str, 
     if layout.kind == "dense":
         d_in, d_out = core
         return layers, d_out, d_in
+    if layout.kind == "matrix":
+        rows, cols = core
+        return layers, rows, cols
     if layout.kind == "attn_in":
         embed, heads, head_dim = core
         if attention == "per_head":
@@ -246,6 +252,8 @@ class MatrixPlan:
             x = x.reshape(lead_shape + (layers,) + core)
             if layout.kind == "dense":
                 x = jnp.swapaxes(x, -1, -2)  # (in, out) -> (out, in)
+            elif layout.kind == "matrix":
+                pass  # already (rows, cols)
             elif layout.kind == "attn_in":
                 embed, heads, head_dim = core
                 if member.attention == "per_head":
@@ -283,6 +291,8 @@ class MatrixPlan:
                 x = block[..., j * rows : (j + 1) * rows, :] if n_fused > 1 else block
                 if layout.kind == "dense":
                     x = jnp.swapaxes(x, -1, -2)
+                elif layout.kind == "matrix":
+                    pass
                 elif layout.kind == "attn_in":
                     embed, heads, head_dim = core
                     if member.attention == "per_head":

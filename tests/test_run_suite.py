@@ -26,6 +26,8 @@ from subboost.streaming import save_safetensors  # noqa: E402
 CONFIG_FILE = str(Path(__file__).resolve().parent.parent / "experiments" / "configs" / "tiny.py")
 # Two suites of two tasks (merges compile once per number of experts), one of them local, few classes.
 SUITES = "PCAM/GTSRB+EuroSAT/GTSRB"
+# These tests recompute the clean definitions; the reference conventions have their own test.
+CLEAN = ",conventions=subboost,alpha_metric=absolute"
 TASKS = ("PCAM", "GTSRB", "EuroSAT")
 MODEL = get_config("tiny")
 MOCK_EXAMPLES = 12
@@ -90,7 +92,7 @@ def setup(tmp_path_factory, mock):
 
 
 def config(**overrides):
-    cfg = run_suite.load_config(CONFIG_FILE + f":suites={SUITES}")
+    cfg = run_suite.load_config(CONFIG_FILE + f":suites={SUITES}{CLEAN}")
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -99,7 +101,7 @@ def config(**overrides):
 @pytest.fixture(scope="module")
 def first_run(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    argv = ["--config", CONFIG_FILE + f":suites={SUITES}", "--checkpoints", str(setup["ckpt"]),
+    argv = ["--config", CONFIG_FILE + f":suites={SUITES}{CLEAN}", "--checkpoints", str(setup["ckpt"]),
             "--data_dir", str(setup["data_dir"]), "--out", str(out), "--no_progress"]
     assert run_suite.main(argv) == 0
     return out / "random_tiny" / "tiny"
@@ -202,6 +204,28 @@ def test_resume_skips_finished_cells_and_refuses_other_settings(setup, first_run
     with pytest.raises(FileExistsError, match=r"consensus.json was computed with other settings; pass --overwrite"):
         run_suite.run(changed, checkpoints=str(setup["ckpt"]), data_dir=str(setup["data_dir"]), out=str(out),
                       progress=False)
+
+
+def test_reference_conventions(setup, tmp_path):
+    """Default conventions: TALL lambdas at coefficient 1.0, alpha by normalized validation accuracy."""
+    cfg = run_suite.load_config(CONFIG_FILE + ":suites=PCAM/GTSRB")
+    assert (cfg.conventions, cfg.alpha_metric) == ("reference", "normalized")
+    run_suite.run(cfg, checkpoints=str(setup["ckpt"]), data_dir=str(setup["data_dir"]), out=str(tmp_path),
+                  progress=False)
+    root = tmp_path / "random_tiny" / "tiny"
+    experts = {t: v["validation"] for t, v in json.loads((root / "reference.json").read_text())["experts"].items()}
+    consensus = json.loads((root / "suite_PCAM,GTSRB" / "consensus.json").read_text())
+    assert consensus["conventions"] == "reference" and consensus["hyper_parameters"]["merge"]["tall_alpha"] == 1.0
+    boosted = json.loads((root / "suite_PCAM,GTSRB" / "task_arithmetic+boost.json").read_text())
+    assert boosted["alpha_metric"] == "normalized"
+    for point in boosted["sweep"]["points"]:
+        normalized = np.mean([point["accuracies"][t] / experts[t] for t in ("PCAM", "GTSRB")])
+        assert point["score"] == pytest.approx(normalized)
+    best = max(boosted["sweep"]["points"], key=lambda p: p["score"])
+    assert boosted["validation"]["selected_average"] == pytest.approx(best["score"])
+    if boosted["hyper_parameters"]["beta"] is not None:
+        assert boosted["hyper_parameters"]["boost"]["attn_beta"] == 0.1
+        assert boosted["hyper_parameters"]["boost"]["is_matrix"] == "boosted_matrix"
 
 
 def test_interrupted_run_resumes_where_it_stopped(setup, tmp_path, monkeypatch):

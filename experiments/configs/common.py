@@ -10,6 +10,20 @@ A config names one checkpoint family and backbone and lists cells: every suite
     alphas   validation grid of the scaling coefficient
     betas    Subspace Boosting grid; (None,) = no boosting
     tall_lambdas  Consensus only: per-task TALL-mask thresholds tuned on validation
+
+``conventions`` (config argument, recorded in every result):
+
+    reference  (default, the paper tables) the official codes' choices,
+               `subboost.reference.reference_settings`: TSV-M / Iso on every 2-D
+               tensor with in_proj as one matrix; boosting with attn_beta 0.10
+               and the projection boosted; TIES k matched to the reference's
+               effective density (`reference_ties_k`); Consensus lambdas per task
+               at coefficient 1.0 (Consensus-TIES: disjoint sum, masks from TIES).
+    subboost   the clean definitions of REFERENCE.md (``config.boost``; lambdas
+               scored at Task Arithmetic's validation alpha).
+
+``alpha_metric``: ``normalized`` (default, as the reference code) or
+``absolute`` mean validation accuracy picks alpha (and beta).
 """
 
 from __future__ import annotations
@@ -66,7 +80,12 @@ def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:
 
 def suite_config(arg: str | None, *, backbone: str, family: str = "tall_tsv") -> ml_collections.ConfigDict:
     """The paper table for one backbone: suites x methods x boost off/on."""
-    arg = parse_arg(arg, family=family, suites="8+14+20", methods="+".join(ALL_METHODS), boost="both")
+    arg = parse_arg(arg, family=family, suites="8+14+20", methods="+".join(ALL_METHODS), boost="both",
+                    conventions="reference", alpha_metric="normalized")
+    if arg.conventions not in ("reference", "subboost"):
+        raise ValueError(f"conventions must be reference or subboost, got {arg.conventions!r}.")
+    if arg.alpha_metric not in ("normalized", "absolute"):
+        raise ValueError(f"alpha_metric must be normalized or absolute, got {arg.alpha_metric!r}.")
     config = ml_collections.ConfigDict()
     config.family = arg.family               # checkpoint family: named in every result
     config.backbone = backbone               # subboost.models.get_config name
@@ -78,7 +97,9 @@ def suite_config(arg: str | None, *, backbone: str, family: str = "tall_tsv") ->
     config.max_validation_examples = 2000    # per task, first N of the split; None = all
     config.max_test_examples = None          # None = the whole test split
     config.cache_test = False                # keep test crops on the device (150 KB per 224 image)
-    config.boost = dict(mode="cumsum", attention="per_qkv")
+    config.conventions = arg.conventions     # "reference" | "subboost" (see the module docstring)
+    config.alpha_metric = arg.alpha_metric   # "normalized" | "absolute" validation score
+    config.boost = dict(mode="cumsum", attention="per_qkv")  # subboost conventions only
     config.seed = 0                          # PRNG seed of DARE
     # Checkpoint files under --checkpoints ({task} = task name; ".safetensors" optional).
     config.checkpoints = dict(base="zeroshot", expert="finetuned/{task}", head="heads/{task}")

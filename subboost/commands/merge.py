@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import sys
 from typing import Any
 
 import jax
@@ -60,6 +61,11 @@ def _add_boost_flags(parser: argparse.ArgumentParser, *, required: bool) -> None
     parser.add_argument("--beta", type=float, default=None if not required else 0.01,
                         help="Subspace Boosting cutoff in [0, 1] (paper grid 0.0, 0.01, 0.02)"
                         + ("" if required else "; omit for no boosting"))
+    parser.add_argument("--attn-beta", type=float, default=None,
+                        help="cutoff of the attention q/k/v matrices (default: --beta; the authors use 0.10)")
+    parser.add_argument("--rank-rtol", type=float, default=None,
+                        help="singular values <= RANK_RTOL * s_0 stay zero (defined result on rank-deficient "
+                        "matrices); default: raise them like the authors' code")
     parser.add_argument("--mode", choices=BOOST_MODES, default="cumsum", help="cutoff rule (default cumsum)")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default="per_qkv",
                         help="how attention kernels form matrices (default per_qkv)")
@@ -76,6 +82,13 @@ def _metadata(base_path: str, **provenance: Any) -> dict[str, Any]:
     return info
 
 
+def _warn_rank(report: Any) -> None:
+    """One line on stderr naming rank-deficient matrices whose boost is basis-dependent."""
+    line = report.rank_warning()
+    if line:
+        print(line.replace("set rank_rtol", "pass --rank-rtol"), file=sys.stderr)
+
+
 def run_merge(args: argparse.Namespace) -> int:
     from subboost.checkpoints import load_params, save_params
 
@@ -89,12 +102,15 @@ def run_merge(args: argparse.Namespace) -> int:
     before = sb.stable_rank(tau, attention=args.attention)
     after = None
     if args.beta is not None:
-        tau = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention)
+        tau, report = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention,
+                                        attn_beta=args.attn_beta, rank_rtol=args.rank_rtol, return_info=True)
+        _warn_rank(report)
         after = sb.stable_rank(tau, attention=args.attention)
     save_params(sb.apply_task_vector(base, tau, alpha=args.alpha), args.out, overwrite=args.overwrite,
                 metadata=_metadata(args.base, merged={"experts": list(args.experts), "method": args.method,
                                                       "hyper_parameters": {k: v for k, v in kwargs.items() if k != "key"},
-                                                      "alpha": args.alpha, "beta": args.beta, "mode": args.mode}))
+                                                      "alpha": args.alpha, "beta": args.beta, "mode": args.mode,
+                                                      "attn_beta": args.attn_beta, "rank_rtol": args.rank_rtol}))
     print(stable_rank_table(before, after))
     print(f"wrote {args.out}: base + {args.alpha} * {args.method}"
           + (f" boosted (beta={args.beta}, {args.mode})" if args.beta is not None else ""))
@@ -109,9 +125,12 @@ def run_boost(args: argparse.Namespace) -> int:
     # merged - base = alpha * tau, and boost(alpha * tau) = alpha * boost(tau).
     tau = jax.tree_util.tree_map(lambda x: x[0], sb.task_vectors(base, [merged]))
     before = sb.stable_rank(tau, attention=args.attention)
-    boosted = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention)
+    boosted, report = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention,
+                                        attn_beta=args.attn_beta, rank_rtol=args.rank_rtol, return_info=True)
+    _warn_rank(report)
     save_params(sb.apply_task_vector(base, boosted, alpha=1.0), args.out, overwrite=args.overwrite,
-                metadata=_metadata(args.base, boosted={"merged": args.merged, "beta": args.beta, "mode": args.mode}))
+                metadata=_metadata(args.base, boosted={"merged": args.merged, "beta": args.beta, "mode": args.mode,
+                                                       "attn_beta": args.attn_beta, "rank_rtol": args.rank_rtol}))
     print(stable_rank_table(before, sb.stable_rank(boosted, attention=args.attention)))
     print(f"wrote {args.out}: base + boost(merged - base), beta={args.beta}")
     return 0

@@ -6,6 +6,11 @@ on; the consensus mask keeps entries relied on by at least ``k`` tasks
 (``sum_t m_t >= k``), removing both selfish (one task) and catastrophic (no
 task) weights. Consensus-TA: ``mask * tau_MTL``; Consensus-TIES:
 ``mask * tau_TIES``.
+
+``mask_from="merged"`` builds the task masks against the base merge instead
+of the sum, ``m_t = |tau_t| > lambda_t |tau_base - tau_t|``: TALL's
+Consensus-TIES (masks from the TIES vector, with TIES' disjoint ``sum``;
+`subboost.reference.reference_settings`). For Consensus-TA both are the same.
 """
 
 from __future__ import annotations
@@ -27,21 +32,27 @@ def _lambda_column(lambdas: float | Sequence[float], num_tasks: int, ndim: int, 
     return values.reshape((num_tasks,) + (1,) * (ndim - 1))
 
 
-def tall_masks(tvs: PyTree, *, lambdas: float | Sequence[float] = 0.4) -> PyTree:
-    """Per-task TALL masks ``|tau_t| > lambda_t |tau_MTL - tau_t|`` (bool, leading axis T)."""
+def tall_masks(tvs: PyTree, *, lambdas: float | Sequence[float] = 0.4, merged: PyTree | None = None) -> PyTree:
+    """Per-task TALL masks ``|tau_t| > lambda_t |tau_MTL - tau_t|`` (bool, leading axis T).
 
-    def leaf(x):
+    ``merged`` replaces ``tau_MTL = sum_t tau_t`` (e.g. the TIES vector).
+    """
+
+    def leaf(x, total=None):
         xc = x.astype(compute_dtype(x.dtype))
-        total = jnp.sum(xc, axis=0, keepdims=True)
+        total = jnp.sum(xc, axis=0, keepdims=True) if total is None else total.astype(xc.dtype)[None]
         lam = _lambda_column(lambdas, x.shape[0], x.ndim, xc.dtype)
         return jnp.abs(xc) > lam * jnp.abs(total - xc)
 
-    return jax.tree_util.tree_map(leaf, tvs)
+    if merged is None:
+        return jax.tree_util.tree_map(leaf, tvs)
+    return jax.tree_util.tree_map(leaf, tvs, merged)
 
 
-def consensus_mask(tvs: PyTree, *, lambdas: float | Sequence[float] = 0.4, k: int = 2) -> PyTree:
+def consensus_mask(tvs: PyTree, *, lambdas: float | Sequence[float] = 0.4, k: int = 2,
+                   merged: PyTree | None = None) -> PyTree:
     """``(sum_t m_t) >= k``: entries at least ``k`` tasks rely on."""
-    return jax.tree_util.tree_map(lambda m: jnp.sum(m, axis=0) >= k, tall_masks(tvs, lambdas=lambdas))
+    return jax.tree_util.tree_map(lambda m: jnp.sum(m, axis=0) >= k, tall_masks(tvs, lambdas=lambdas, merged=merged))
 
 
 def consensus(
@@ -50,6 +61,7 @@ def consensus(
     base: str = "task_arithmetic",
     lambdas: float | Sequence[float] = 0.4,
     k: int = 2,
+    mask_from: str = "sum",
     **base_kwargs: Any,
 ) -> PyTree:
     """Consensus-TA (``base="task_arithmetic"``) or Consensus-TIES (``base="ties"``).
@@ -60,6 +72,9 @@ def consensus(
       lambdas: per-task TALL-mask thresholds, one float or a length-T sequence
         (tuned on validation over {0.2, 0.3, 0.4, 0.5, 0.6} in the paper).
       k: minimum number of tasks relying on an entry for it to be kept.
+      mask_from: ``"sum"`` (masks against ``tau_MTL = sum_t tau_t``, the paper's
+        definition) or ``"merged"`` (against the base merge, TALL's
+        Consensus-TIES code).
       **base_kwargs: hyper-parameters of ``base`` (``k`` of TIES as ``ties_k``).
     """
     if base == "task_arithmetic":
@@ -68,5 +83,7 @@ def consensus(
         merged = ties(tvs, k=base_kwargs.pop("ties_k", 0.2), **base_kwargs)
     else:
         raise ValueError(f"consensus: base must be 'task_arithmetic' or 'ties', got {base!r}.")
-    mask = consensus_mask(tvs, lambdas=lambdas, k=k)
+    if mask_from not in ("sum", "merged"):
+        raise ValueError(f"consensus: mask_from must be 'sum' or 'merged', got {mask_from!r}.")
+    mask = consensus_mask(tvs, lambdas=lambdas, k=k, merged=merged if mask_from == "merged" else None)
     return jax.tree_util.tree_map(lambda m, t: jnp.where(m, t, jnp.zeros_like(t)), mask, merged)
