@@ -46,6 +46,7 @@ import numpy as np
 from subboost import linalg, polar_boost
 from subboost.task_vectors import SubboostError, check_finite, check_floating
 from subboost.tree import AttentionMode, PyTree, matrix_plan
+from subboost.validation import check_real, no_matrices_message
 
 BoostMode = Literal["cumsum", "index"]
 BOOST_MODES = ("cumsum", "index")
@@ -82,8 +83,7 @@ def boost_matrices(x: jax.Array, beta: float, mode: BoostMode = "cumsum") -> jax
 
 
 def check_boost_arguments(beta: float, mode: str) -> None:
-    if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise SubboostError(f"subspace_boost: beta must be in [0, 1], got {beta!r}.")
+    check_real("beta", beta, what="subspace_boost", low=0.0, high=1.0)
     if mode not in BOOST_MODES:
         raise SubboostError(f"subspace_boost: mode must be one of {BOOST_MODES}, got {mode!r}.")
 
@@ -380,7 +380,8 @@ def subspace_boost(
         (default ``1e-4`` in float32, ``1e-10`` in float64).
       return_info: also return a `BoostReport` (solver per group; per matrix
         ``k``, fallback and residuals). Costs one host transfer of small arrays.
-      validate: check for non-finite values first (one host sync).
+      validate: check for non-finite values first (one host sync), and that
+        at least one leaf is a matrix (else boosting would change nothing).
       mesh: run over this device mesh: every matrix group is split along its
         group axis over the devices (`subboost.sharding`); result replicated.
 
@@ -421,6 +422,8 @@ def subspace_boost(
     if validate:
         check_floating(tau, what="subspace_boost input")
         check_finite(tau, what="subspace_boost input")
+        if not matrix_plan(tau, is_matrix=is_matrix, attention=attention).members:  # boosting would change nothing
+            raise SubboostError(no_matrices_message(tau, what="subspace_boost", is_matrix=is_matrix))
     out = _boost_tree(
         tau, beta=float(beta), mode=mode, attention=attention, is_matrix=is_matrix, batch_size=batch_size,
         solver=solver, tol=tol, with_info=return_info,

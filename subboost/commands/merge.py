@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+from pathlib import Path
 from typing import Any
 
 import jax
 
 import subboost as sb
 from subboost.boosting import BOOST_MODES
+from subboost.task_vectors import SubboostError
 from subboost.tree import ATTENTION_MODES
 
 
@@ -71,20 +73,41 @@ def _metadata(base_path: str, **provenance: Any) -> dict[str, Any]:
     """The base checkpoint's metadata (architecture) plus how this one was made."""
     from subboost.checkpoints import checkpoint_info
 
-    info = dict(checkpoint_info(base_path) or {})
+    info = dict(checkpoint_info(base_path) or {}) if Path(base_path).is_dir() else {}
+    for key in ("checksums", "content", "merged", "boosted"):  # the new checkpoint's own
+        info.pop(key, None)
     info.update(provenance)
     return info
 
 
-def run_merge(args: argparse.Namespace) -> int:
-    from subboost.checkpoints import load_params, save_params
+def _check_arguments(args: argparse.Namespace, inputs: list[str]) -> dict[str, Any]:
+    """Every argument and the output path, checked before anything is loaded or computed."""
+    from subboost.outputs import check_output
+    from subboost.validation import check_real
 
-    base = load_params(args.base)
-    experts = [load_params(path) for path in args.experts]
-    tvs = sb.task_vectors(base, experts)
-    kwargs = dict(parse_param(p) for p in args.param)
-    if args.method == "dare" and "key" not in kwargs:
-        kwargs["key"] = jax.random.key(args.seed)
+    if getattr(args, "alpha", None) is not None:
+        check_real("--alpha", args.alpha, what=args.command)
+    if args.beta is not None:
+        check_real("--beta", args.beta, what=args.command, low=0.0, high=1.0)
+    check_output(args.out, inputs=inputs, overwrite=args.overwrite, name="--out")
+    kwargs = dict(parse_param(p) for p in getattr(args, "param", []))
+    if args.command == "merge":
+        from subboost.merging import _CHECKS, METHODS
+
+        if args.method not in METHODS:
+            raise SubboostError(f"unknown merge method {args.method!r}; known methods: {', '.join(METHODS)}.")
+        if args.method == "dare" and "key" not in kwargs:
+            kwargs["key"] = jax.random.key(args.seed)
+        if args.method in _CHECKS:
+            _CHECKS[args.method](kwargs, len(args.experts))
+    return kwargs
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from subboost.checkpoints import load_base_and_experts, save_params
+
+    kwargs = _check_arguments(args, [args.base, *args.experts])
+    base, tvs = load_base_and_experts(args.base, args.experts)
     tau = sb.merge(tvs, args.method, **kwargs)
     before = sb.stable_rank(tau, attention=args.attention)
     after = None
@@ -92,6 +115,7 @@ def run_merge(args: argparse.Namespace) -> int:
         tau = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention)
         after = sb.stable_rank(tau, attention=args.attention)
     save_params(sb.apply_task_vector(base, tau, alpha=args.alpha), args.out, overwrite=args.overwrite,
+                inputs=[args.base, *args.experts], content="params",
                 metadata=_metadata(args.base, merged={"experts": list(args.experts), "method": args.method,
                                                       "hyper_parameters": {k: v for k, v in kwargs.items() if k != "key"},
                                                       "alpha": args.alpha, "beta": args.beta, "mode": args.mode}))
@@ -102,15 +126,16 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_boost(args: argparse.Namespace) -> int:
-    from subboost.checkpoints import load_params, save_params
+    from subboost.checkpoints import load_base_and_experts, save_params
 
-    base = load_params(args.base)
-    merged = load_params(args.merged)
+    _check_arguments(args, [args.base, args.merged])
     # merged - base = alpha * tau, and boost(alpha * tau) = alpha * boost(tau).
-    tau = jax.tree_util.tree_map(lambda x: x[0], sb.task_vectors(base, [merged]))
+    base, tvs = load_base_and_experts(args.base, [args.merged], role="the merged checkpoint")
+    tau = jax.tree_util.tree_map(lambda x: x[0], tvs)
     before = sb.stable_rank(tau, attention=args.attention)
     boosted = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention)
     save_params(sb.apply_task_vector(base, boosted, alpha=1.0), args.out, overwrite=args.overwrite,
+                inputs=[args.base, args.merged], content="params",
                 metadata=_metadata(args.base, boosted={"merged": args.merged, "beta": args.beta, "mode": args.mode}))
     print(stable_rank_table(before, sb.stable_rank(boosted, attention=args.attention)))
     print(f"wrote {args.out}: base + boost(merged - base), beta={args.beta}")
