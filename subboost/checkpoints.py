@@ -275,6 +275,13 @@ def require_content(path: str | os.PathLike, expected: str, *, what: str = "chec
     return identity
 
 
+def short_error(err: BaseException, limit: int = 300) -> str:
+    """An exception's first line, without tensorstore's spec dump, at most ``limit`` characters."""
+    text = str(err).split(" [tensorstore_spec=")[0].strip().splitlines()
+    text = text[0] if text else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _restore_orbax(path: Path) -> PyTree:
     import orbax.checkpoint as ocp
 
@@ -287,7 +294,10 @@ def _restore_orbax(path: Path) -> PyTree:
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         return checkpointer.restore(path.absolute(), args=ocp.args.PyTreeRestore(restore_args=restore_args))
     except Exception as err:  # orbax / tensorstore raise many types for a damaged directory
-        raise SubboostError(f"{path}: cannot restore the orbax checkpoint ({type(err).__name__}: {err}).") from err
+        raise SubboostError(
+            f"{path}: cannot restore the orbax checkpoint ({type(err).__name__}: {short_error(err)}); "
+            "the checkpoint is damaged or incomplete."
+        ) from err
     finally:
         if hasattr(checkpointer, "close"):
             checkpointer.close()

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from subboost import linalg
-from subboost.task_vectors import check_finite
+from subboost.task_vectors import SubboostError, check_finite
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 from subboost.validation import no_matrices_message
 
@@ -93,7 +93,8 @@ def spectra(
     """
     if isinstance(x, jax.Array) or (hasattr(x, "__array__") and not isinstance(x, dict)):
         x = jnp.asarray(x)
-        check_finite(x, what="spectra input")  # an SVD of NaN / inf gives garbage, not an error
+        if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+            raise SubboostError("spectra: the matrix contains NaN or infinite values (its SVD would be meaningless).")
         return linalg.singular_values(x)
     check_finite(x, what="spectra input")
     plan = matrix_plan(x, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)

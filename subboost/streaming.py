@@ -346,9 +346,13 @@ class OrbaxReader(CheckpointReader):
         try:
             restored = self._checkpointer.restore(self.path, args=args)
         except Exception as err:
+            from subboost.checkpoints import short_error
+
+            self.close()  # stops orbax's event loop cleanly (else "Event loop is closed" tracebacks at exit)
             raise SubboostError(
                 f"{self.source}: cannot restore parameters {sorted(wanted)[:3]}"
-                f"{' ...' if len(wanted) > 3 else ''} ({type(err).__name__}: {err})."
+                f"{' ...' if len(wanted) > 3 else ''} ({type(err).__name__}: {short_error(err)}); "
+                "the checkpoint is damaged or incomplete."
             ) from err
         out = {p: np.asarray(x) for p, x in leaves_with_paths(restored) if p in wanted}
         missing = wanted.difference(out)
@@ -356,6 +360,10 @@ class OrbaxReader(CheckpointReader):
             raise SubboostError(f"{self.source}: restore did not return parameters {sorted(missing)[:5]}.")
         _verify(self.source, out, self._checksums)
         return out
+
+    def close(self) -> None:
+        if hasattr(self._checkpointer, "close"):
+            self._checkpointer.close()
 
 
 def _verify(source: str, arrays: Mapping[str, np.ndarray], checksums: Mapping[str, str] | None) -> None:

@@ -67,7 +67,8 @@ def check_real(
     ok = ok and (high is None or (value < high if high_open else value <= high))
     ok = ok and math.isfinite(value)  # no hyper-parameter takes an infinite value
     if not ok:
-        raise SubboostError(f"{what}: {name} must be in {interval}, got {value!r}.")
+        wanted = "a finite number" if low is None and high is None else f"in {interval}"
+        raise SubboostError(f"{what}: {name} must be {wanted}, got {value!r}.")
     return value
 
 
@@ -90,7 +91,7 @@ def no_matrices_message(tree: Any, *, what: str, is_matrix: Any = None, lead_ndi
 
     leaves = leaves_with_paths(tree)
     shown = ", ".join(f"{p!r} {tuple(np.shape(x))[lead_ndim:]}" for p, x in leaves[:4])
-    stacked = [p for p, x in leaves if p.split("/")[-1] == "kernel" and np.ndim(x) - lead_ndim > 3]
+    stacked = [p for p, x in leaves if p.split("/")[-1] == "kernel" and np.ndim(x) - lead_ndim >= 3]
     hint = (
         f" {stacked[0]!r} looks scan-stacked: pass is_matrix=subboost.tree.matrix_predicate(layer_axes=1)."
         if stacked else " Pass is_matrix= to say which leaves are matrices."
