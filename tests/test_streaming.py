@@ -309,7 +309,7 @@ def test_existing_output_needs_overwrite(setup, tmp_path):
     (out / "precious.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="overwrite"):
         streaming.merge_from_checkpoints(base_path, paths, out=out, progress=False)
-    with pytest.raises(FileExistsError, match="not a merge output"):  # never replaces a user's folder
+    with pytest.raises(FileExistsError, match="not a checkpoint or other output"):  # never replaces a user's folder
         streaming.merge_from_checkpoints(base_path, paths, out=out, overwrite=True, progress=False)
     assert (out / "precious.txt").read_text() == "user data"
     first = streaming.merge_from_checkpoints(base_path, paths, out=tmp_path / "merged", progress=False)
@@ -400,6 +400,6 @@ def test_bad_hyper_parameters_fail_before_reading(setup, tmp_path, kwargs, match
 
 def test_output_may_not_be_an_input(setup, tmp_path):
     base, base_path, paths, experts = setup
-    with pytest.raises(SubboostError, match="one of the input"):
+    with pytest.raises(SubboostError, match="is the input"):
         streaming.merge_from_checkpoints(base_path, paths, out=paths[0], overwrite=True, progress=False)
     assert paths[0].is_file()
