@@ -162,7 +162,10 @@ def task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], *, validate: b
         check_finite(pretrained, what="pretrained")
         for t, expert in enumerate(finetuned):
             check_finite(expert, what=f"expert {t}")
-    return _stack_differences(pretrained, finetuned)
+    tvs = _stack_differences(pretrained, finetuned)
+    if validate:  # finite inputs can still differ by more than the dtype holds (float16)
+        check_finite(tvs, what="task vectors (theta_t - theta_0 overflows its dtype)")
+    return tvs
 
 
 def apply_task_vector(pretrained: PyTree, tau: PyTree, alpha: float = 1.0) -> PyTree:

@@ -33,7 +33,10 @@ def parse_param(text: str) -> tuple[str, Any]:
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw
+        try:  # "nan", "inf": numbers, so that the method's check refuses them by name
+            value = float(raw)
+        except ValueError:
+            value = raw
     return name.strip(), value
 
 
