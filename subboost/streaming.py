@@ -343,10 +343,12 @@ class OrbaxReader(CheckpointReader):
             item = nest({n: 0 for n in names})
             args = ocp.args.PyTreeRestore(item=item, restore_args=nest({n: as_numpy for n in names}),
                                           partial_restore=True)
+        from subboost.checkpoints import quiet_event_loop_noise, short_error
+
         try:
-            restored = self._checkpointer.restore(self.path, args=args)
+            with quiet_event_loop_noise():
+                restored = self._checkpointer.restore(self.path, args=args)
         except Exception as err:
-            from subboost.checkpoints import short_error
 
             self.close()  # stops orbax's event loop cleanly (else "Event loop is closed" tracebacks at exit)
             raise SubboostError(
