@@ -207,10 +207,15 @@ def test_orbax_experts_in_memory_base_and_chained_output(setup, tmp_path):
                                            chunk_bytes=SMALL_CHUNK, progress=False)
     expected = in_memory(base, experts, "ties", {"k": 0.3})
     assert_trees_equal(expected, streaming.read_params(out))
-    # A finished output directory is itself a readable checkpoint.
-    again = streaming.merge_from_checkpoints(base_path, [out, paths[0]], method="task_arithmetic",
+    # A task vector (no alpha) is not an expert: its subboost identity says so.
+    with pytest.raises(SubboostError, match=r"expert 0 \(.*out\) holds a task vector, not model parameters"):
+        streaming.merge_from_checkpoints(base_path, [out, paths[0]], out=tmp_path / "again", progress=False)
+    # A finished output directory holding parameters is itself a readable checkpoint.
+    merged = streaming.merge_from_checkpoints(base, orbax_paths, method="ties", k=0.3, alpha=1.0,
+                                              out=tmp_path / "merged", chunk_bytes=SMALL_CHUNK, progress=False)
+    again = streaming.merge_from_checkpoints(base_path, [merged, paths[0]], method="task_arithmetic",
                                              out=tmp_path / "again", progress=False)
-    chained = [jax.tree_util.tree_map(np.asarray, expected), experts[0]]
+    chained = [streaming.read_params(merged), experts[0]]
     assert_trees_equal(in_memory(base, chained, "task_arithmetic", {}), streaming.read_params(again))
 
 
