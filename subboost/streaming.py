@@ -814,7 +814,9 @@ def _check_output(out: Path, *, overwrite: bool, inputs: Sequence[Any] = ()) -> 
 @contextlib.contextmanager
 def _staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
     """A hidden sibling directory that becomes ``out`` only if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from subboost.outputs import make_parents, remove_created
+
+    created = make_parents(out)  # removed again if the run fails
     _remove_dead_partials(out)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
@@ -834,6 +836,7 @@ def _staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
         _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_created(created)
         raise
 
 

@@ -51,6 +51,8 @@ def library(tmp_path_factory):
     (root / "notes.txt").write_text("the user's notes\n")
     (root / "eval.json").write_text("{\"mine\": 1}\n")
     (root / "heads").mkdir()
+    (root / "reports").mkdir()
+    (root / "reports" / "results.md").write_text("the user's own report\n")
     (root / "mine").mkdir()
     (root / "mine" / "data.csv").write_text("1,2\n")
     return root
@@ -137,6 +139,9 @@ CASES = [
     ("non-finite", lambda r: _eval(r, "--batch_size", "0"), "--batch_size must be a positive integer"),
     # demo
     ("non-finite", lambda r: ["demo", "--seed", "-1", "--out", r / "o"], "--seed"),
+    ("dangerous out", lambda r: ["demo", "--size", "tiny", "--out", r / "notes.txt", "--overwrite"], "not a directory"),
+    ("dangerous out", lambda r: ["demo", "--size", "tiny", "--out", r / "reports", "--overwrite"],
+     "refusing to replace them even with --overwrite"),
 ]
 
 
