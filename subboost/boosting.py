@@ -398,6 +398,10 @@ def subspace_boost(
     check_boost_arguments(beta, mode)
     check_solver_arguments(solver, tol)
     tol = None if tol is None else float(tol)
+    is_tree = not (isinstance(tau, jax.Array) or hasattr(tau, "__array__") and not isinstance(tau, dict))
+    if validate and is_tree and not matrix_plan(tau, is_matrix=is_matrix, attention=attention).members:
+        # boosting would silently change nothing (e.g. scan-stacked kernels under the default predicate)
+        raise SubboostError(no_matrices_message(tau, what="subspace_boost", is_matrix=is_matrix))
     if mesh is not None:
         from subboost.sharding import boost_on_mesh
 
@@ -422,8 +426,6 @@ def subspace_boost(
     if validate:
         check_floating(tau, what="subspace_boost input")
         check_finite(tau, what="subspace_boost input")
-        if not matrix_plan(tau, is_matrix=is_matrix, attention=attention).members:  # boosting would change nothing
-            raise SubboostError(no_matrices_message(tau, what="subspace_boost", is_matrix=is_matrix))
     out = _boost_tree(
         tau, beta=float(beta), mode=mode, attention=attention, is_matrix=is_matrix, batch_size=batch_size,
         solver=solver, tol=tol, with_info=return_info,

@@ -343,12 +343,12 @@ def _restore_orbax(path: Path) -> PyTree:
 
     checkpointer = ocp.PyTreeCheckpointer()
     try:
-        metadata = checkpointer.metadata(path.absolute())
-        tree = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(tree, "tree", tree)
-        # Restore as host numpy: works on any machine, whatever devices / sharding it was saved from.
-        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         with quiet_event_loop_noise():
+            metadata = checkpointer.metadata(path.absolute())
+            tree = getattr(metadata, "item_metadata", metadata)
+            tree = getattr(tree, "tree", tree)
+            # Restore as host numpy: works on any machine, whatever devices / sharding it was saved from.
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
             return checkpointer.restore(path.absolute(), args=ocp.args.PyTreeRestore(restore_args=restore_args))
     except Exception as err:  # orbax / tensorstore raise many types for a damaged directory
         raise SubboostError(

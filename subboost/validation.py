@@ -30,10 +30,14 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
 
 
 def _as_scalar(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        return value.item()
+    """NumPy scalars and 0-d (NumPy or concrete JAX) arrays as Python numbers; anything else unchanged."""
     if isinstance(value, np.generic):
         return value.item()
+    if hasattr(value, "__array__") and getattr(value, "ndim", None) == 0 and not isinstance(value, (bool, str)):
+        try:
+            return np.asarray(value).item()
+        except Exception:  # a tracer: left as is, and refused as not a number
+            return value
     return value
 
 
@@ -59,8 +63,8 @@ def check_real(
     value = _as_scalar(value)
     interval = _interval(low, high, low_open, high_open)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SubboostError(f"{what}: {name} must be a real number in {interval}, got {value!r} "
-                            f"({type(value).__name__}).")
+        raise SubboostError(f"{what}: {name} must be in {interval}, got {value!r} "
+                            f"(a {type(value).__name__}, not a real number).")
     value = float(value)
     ok = not math.isnan(value)
     ok = ok and (low is None or (value > low if low_open else value >= low))

@@ -73,9 +73,10 @@ def _check_dare(kwargs: dict[str, Any], num_tasks: int) -> None:
 def _check_consensus(kwargs: dict[str, Any], num_tasks: int) -> None:
     check_int("k", kwargs.get("k", 2), what="consensus", low=1, high=num_tasks)
     lambdas = kwargs.get("lambdas", 0.4)
-    if isinstance(lambdas, (Sequence, np.ndarray)) and not isinstance(lambdas, str) and np.ndim(lambdas) == 1:
-        if len(lambdas) != num_tasks:
-            raise SubboostError(f"consensus: got {len(lambdas)} lambdas for {num_tasks} tasks.")
+    if not isinstance(lambdas, str) and np.ndim(lambdas) >= 1:  # one per task
+        if np.ndim(lambdas) != 1 or len(lambdas) != num_tasks:
+            raise SubboostError(f"consensus: got {np.size(lambdas)} lambdas for {num_tasks} tasks "
+                                "(one per task, or one for all).")
         for t, value in enumerate(lambdas):
             check_real(f"lambdas[{t}]", value, what="consensus", low=0.0, low_open=True)
     else:  # TALL masks |tau_t| > lambda |tau_MTL - tau_t|: lambda <= 0 keeps everything, NaN nothing
