@@ -349,7 +349,6 @@ class OrbaxReader(CheckpointReader):
             with quiet_event_loop_noise():
                 restored = self._checkpointer.restore(self.path, args=args)
         except Exception as err:
-
             self.close()  # stops orbax's event loop cleanly (else "Event loop is closed" tracebacks at exit)
             raise SubboostError(
                 f"{self.source}: cannot restore parameters {sorted(wanted)[:3]}"
@@ -900,12 +899,12 @@ def _require_matrices(specs: Mapping[str, jax.ShapeDtypeStruct], method: str, bo
     from subboost.validation import no_matrices_message
 
     tree = nest(dict(specs))
-    for what, options in (("subspace_boost", boost_options), (method, None)):
-        if what == method and method not in _SVD_METHODS or what != method and options is None:
-            continue
-        is_matrix = (options or {}).get("is_matrix")
-        attention = (options or {}).get("attention", "per_qkv")
-        if not matrix_plan(tree, is_matrix=is_matrix, attention=attention).members:
+    users = [("subspace_boost", boost_options)] if boost_options is not None else []
+    if method in _SVD_METHODS:
+        users.append((method, {}))
+    for what, options in users:
+        is_matrix = options.get("is_matrix")
+        if not matrix_plan(tree, is_matrix=is_matrix, attention=options.get("attention", "per_qkv")).members:
             raise SubboostError(no_matrices_message(tree, what=what, is_matrix=is_matrix))
 
 
@@ -1012,8 +1011,8 @@ def merge_from_checkpoints(
     for t, path in enumerate(expert_paths):
         if not isinstance(path, (str, os.PathLike)):
             raise SubboostError(f"expert {t}: expected a checkpoint path, got {type(path).__name__}.")
+        recorded = _identity(path, f"expert {t}")["architecture"]  # its message names the expert and file
         try:
-            recorded = _identity(path, f"expert {t}")["architecture"]
             reader = open_checkpoint(path)
         except SubboostError as err:
             raise SubboostError(f"expert {t}: {err}") from err
