@@ -63,6 +63,7 @@ import numpy as np
 from subboost import linalg, polar_boost
 from subboost.task_vectors import SubboostError, check_finite, check_floating
 from subboost.tree import AttentionMode, PyTree, matrix_plan
+from subboost.validation import check_real, no_matrices_message
 
 BoostMode = Literal["cumsum", "index"]
 BOOST_MODES = ("cumsum", "index")
@@ -99,8 +100,7 @@ def boost_matrices(x: jax.Array, beta: float, mode: BoostMode = "cumsum") -> jax
 
 
 def check_boost_arguments(beta: float, mode: str) -> None:
-    if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise SubboostError(f"subspace_boost: beta must be in [0, 1], got {beta!r}.")
+    check_real("beta", beta, what="subspace_boost", low=0.0, high=1.0)
     if mode not in BOOST_MODES:
         raise SubboostError(f"subspace_boost: mode must be one of {BOOST_MODES}, got {mode!r}.")
 
@@ -468,12 +468,10 @@ def check_solver_arguments(solver: str, tol: float | None) -> None:
 
 
 def check_rank_arguments(attn_beta: float | None, rank_rtol: float | None) -> None:
-    if attn_beta is not None and (isinstance(attn_beta, bool) or not isinstance(attn_beta, (int, float))
-                                  or not 0.0 <= attn_beta <= 1.0):
-        raise SubboostError(f"subspace_boost: attn_beta must be None or in [0, 1], got {attn_beta!r}.")
-    if rank_rtol is not None and (isinstance(rank_rtol, bool) or not isinstance(rank_rtol, (int, float))
-                                  or not 0.0 < rank_rtol < 1.0):
-        raise SubboostError(f"subspace_boost: rank_rtol must be None or in (0, 1), got {rank_rtol!r}.")
+    if attn_beta is not None:
+        check_real("attn_beta", attn_beta, what="subspace_boost", low=0.0, high=1.0)
+    if rank_rtol is not None:
+        check_real("rank_rtol", rank_rtol, what="subspace_boost", low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def subspace_boost(
@@ -520,7 +518,8 @@ def subspace_boost(
         (default ``1e-4`` in float32, ``1e-10`` in float64).
       return_info: also return a `BoostReport` (solver per group; per matrix
         ``k``, fallback and residuals). Costs one host transfer of small arrays.
-      validate: check for non-finite values first (one host sync).
+      validate: check for non-finite values first (one host sync), and that
+        at least one leaf is a matrix (else boosting would change nothing).
       mesh: run over this device mesh: every matrix group is split along its
         group axis over the devices (`subboost.sharding`); result replicated.
 
@@ -540,6 +539,10 @@ def subspace_boost(
     tol = None if tol is None else float(tol)
     attn_beta = None if attn_beta is None or float(attn_beta) == float(beta) else float(attn_beta)
     rank_rtol = None if rank_rtol is None else float(rank_rtol)
+    is_tree = not (isinstance(tau, jax.Array) or hasattr(tau, "__array__") and not isinstance(tau, dict))
+    if validate and is_tree and not matrix_plan(tau, is_matrix=is_matrix, attention=attention).members:
+        # boosting would silently change nothing (e.g. scan-stacked kernels under the default predicate)
+        raise SubboostError(no_matrices_message(tau, what="subspace_boost", is_matrix=is_matrix))
     if mesh is not None:
         from subboost.sharding import boost_on_mesh
 

@@ -2,7 +2,8 @@
 
 Each feature module exposes ``register(subparsers)`` that adds its subcommand
 and sets ``func`` on the parser; `main` turns a user error (`SubboostError`,
-`ValueError`, `FileNotFoundError`, ...) into a one-line message and exit code 2.
+`ValueError`, any `OSError`, ...) into a one-line message and exit code 2, and
+Ctrl-C into one line and exit code 130 (writers leave nothing behind).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "subboost.commands.eval",
 )
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, PermissionError)
+# OSError covers FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ...
+USER_ERRORS = (ValueError, OSError, KeyError, TypeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        message = " ".join(str(message).split("\n"))  # one line, always
         print(f"subboost {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        print(f"subboost {args.command}: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

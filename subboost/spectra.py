@@ -9,31 +9,51 @@ A pytree input gives ``{module path: value}`` for every matrix leaf (e.g.
 ``"transformer/resblocks_3/attn/query"``), computed with one batched SVD per
 group of same-shaped matrices. A bare array is read as a matrix (or a stack of
 matrices on its trailing two axes). Zero matrices have stable rank 0 and energy
-rank 0, never NaN.
+rank 0, never NaN; a matrix holding NaN or inf is an error (its SVD is
+meaningless), and a tree without a single matrix leaf gives a warning.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from subboost import linalg
+from subboost.task_vectors import SubboostError, check_finite
 from subboost.tree import AttentionMode, PyTree, matrix_plan
+from subboost.validation import no_matrices_message
+
+
+def warn_no_matrices(tree: PyTree, *, what: str, is_matrix: Callable | None, lead_ndim: int = 0) -> None:
+    """A scan-stacked tree under the default predicate has no matrix leaf: say so, not ``{}``."""
+    message = no_matrices_message(tree, what=what, is_matrix=is_matrix, lead_ndim=lead_ndim)
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _relative(s: jax.Array) -> jax.Array:
+    """``s / s_0`` (zeros for a zero matrix): the ratios the ranks need, free of overflow."""
+    s0 = s[..., :1]
+    return jnp.where(s0 > 0, s / jnp.where(s0 > 0, s0, 1), 0.0)
 
 
 def stable_rank_from_singular_values(s: jax.Array) -> jax.Array:
-    """``sum s^2 / s_0^2`` (0 for a zero matrix)."""
-    s0 = s[..., 0]
-    energy = jnp.sum(s * s, axis=-1)
-    return jnp.where(s0 > 0, energy / jnp.where(s0 > 0, s0 * s0, 1), 0.0)
+    """``sum s^2 / s_0^2 = sum (s / s_0)^2`` (0 for a zero matrix).
+
+    Computed on ``s / s_0`` so that entries around 1e25, whose squares overflow
+    float32, still give the right value.
+    """
+    r = _relative(s)
+    return jnp.sum(r * r, axis=-1)
 
 
 def energy_rank_from_singular_values(s: jax.Array, fraction: float = 0.95) -> jax.Array:
-    """Smallest ``k`` with ``sum_{i<k} s_i^2 >= fraction * sum s_i^2``."""
-    energy = s * s
+    """Smallest ``k`` with ``sum_{i<k} s_i^2 >= fraction * sum s_i^2`` (on ``s / s_0``: no overflow)."""
+    r = _relative(s)
+    energy = r * r
     total = jnp.sum(energy, axis=-1, keepdims=True)
     cumulative = jnp.cumsum(energy, axis=-1)
     # Entries still below the target are exactly the ones before index k-1.
@@ -72,7 +92,14 @@ def spectra(
       leading axis over them.
     """
     if isinstance(x, jax.Array) or (hasattr(x, "__array__") and not isinstance(x, dict)):
-        return linalg.singular_values(jnp.asarray(x))
+        x = jnp.asarray(x)
+        if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+            raise SubboostError("spectra: the matrix contains NaN or infinite values (its SVD would be meaningless).")
+        return linalg.singular_values(x)
+    check_finite(x, what="spectra input")
+    plan = matrix_plan(x, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
+    if not plan.members:
+        warn_no_matrices(x, what="spectra", is_matrix=is_matrix, lead_ndim=lead_ndim)
     return _tree_spectra(x, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
 
 

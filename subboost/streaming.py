@@ -76,6 +76,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from subboost.checkpoints import array_checksum
 from subboost.task_vectors import SubboostError
 from subboost.tree import ATTENTION_IN_NAMES, PyTree, leaves_with_paths
 
@@ -143,6 +144,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], in
             begin, end = (int(v) for v in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
             raise SubboostError(f"{path}: parameter {name!r} has a malformed header entry {entry!r}.") from err
+        if any(d < 0 for d in shape):
+            raise SubboostError(f"{path}: parameter {name!r} has a negative dimension in its shape {list(shape)}.")
         if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
             raise SubboostError(f"{path}: parameter {name!r}: byte range {begin}..{end} does not fit shape {shape}.")
         if end > data_size:
@@ -263,9 +266,10 @@ class CheckpointReader:
 class SafetensorsReader(CheckpointReader):
     """Positioned reads of single tensors from a safetensors file (no memory map)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, checksums: Mapping[str, str] | None = None):
         self.path = Path(path)
         self.source = str(self.path)
+        self._checksums = checksums  # recorded by a streaming merge (merge_info.json); verified on read
         header, self._data_start = read_safetensors_header(self.path)
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
         self.metadata = header.get("__metadata__", {})
@@ -286,6 +290,7 @@ class SafetensorsReader(CheckpointReader):
                 if f.readinto(buffer) != buffer.size:
                     raise SubboostError(f"{self.source}: parameter {name!r}: unexpected end of file.")
                 out[name] = array
+        _verify(self.source, out, self._checksums)
         return out
 
 
@@ -316,6 +321,10 @@ class OrbaxReader(CheckpointReader):
                 raise SubboostError(f"{self.source}: parameter {name!r} is not an array ({type(leaf).__name__}).")
             self.specs[name] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
         self._metadata_tree = tree
+        from subboost.checkpoints import checkpoint_info
+
+        info = checkpoint_info(self.path)
+        self._checksums = None if info is None else info.get("checksums")
 
     def read(self, names: Sequence[str]) -> dict[str, np.ndarray]:
         ocp = self._ocp
@@ -334,18 +343,34 @@ class OrbaxReader(CheckpointReader):
             item = nest({n: 0 for n in names})
             args = ocp.args.PyTreeRestore(item=item, restore_args=nest({n: as_numpy for n in names}),
                                           partial_restore=True)
+        from subboost.checkpoints import quiet_event_loop_noise, short_error
+
         try:
-            restored = self._checkpointer.restore(self.path, args=args)
+            with quiet_event_loop_noise():
+                restored = self._checkpointer.restore(self.path, args=args)
         except Exception as err:
+            self.close()  # stops orbax's event loop cleanly (else "Event loop is closed" tracebacks at exit)
             raise SubboostError(
                 f"{self.source}: cannot restore parameters {sorted(wanted)[:3]}"
-                f"{' ...' if len(wanted) > 3 else ''} ({type(err).__name__}: {err})."
+                f"{' ...' if len(wanted) > 3 else ''} ({type(err).__name__}: {short_error(err)}); "
+                "the checkpoint is damaged or incomplete."
             ) from err
         out = {p: np.asarray(x) for p, x in leaves_with_paths(restored) if p in wanted}
         missing = wanted.difference(out)
         if missing:
             raise SubboostError(f"{self.source}: restore did not return parameters {sorted(missing)[:5]}.")
+        _verify(self.source, out, self._checksums)
         return out
+
+    def close(self) -> None:
+        if hasattr(self._checkpointer, "close"):
+            self._checkpointer.close()
+
+
+def _verify(source: str, arrays: Mapping[str, np.ndarray], checksums: Mapping[str, str] | None) -> None:
+    from subboost.checkpoints import verify_checksums
+
+    verify_checksums(source, arrays, checksums, complete=False)
 
 
 def _path(key_path) -> str:
@@ -380,15 +405,24 @@ def open_checkpoint(source: str | os.PathLike | PyTree) -> CheckpointReader:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
     if path.is_file():
         return SafetensorsReader(path)
+    if not path.is_dir():
+        raise SubboostError(f"{path}: not a checkpoint (neither a .safetensors file nor a directory).")
     if (path / PARAMS_FILE).exists() or (path / INFO_FILE).exists():
         if not (path / COMPLETE_MARKER).exists():
             raise SubboostError(
                 f"{path}: merge output without a {COMPLETE_MARKER} marker (an interrupted run?); re-run the merge."
             )
-        return SafetensorsReader(path / PARAMS_FILE)
+        try:
+            checksums = json.loads((path / INFO_FILE).read_text()).get("checksums")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+            raise SubboostError(f"{path / INFO_FILE}: unreadable merge metadata ({err}).") from err
+        return SafetensorsReader(path / PARAMS_FILE, checksums=checksums)
     if _is_orbax_dir(path):
         return OrbaxReader(path)
-    candidates = [p for p in sorted(path.iterdir()) if p.is_dir() and _is_orbax_dir(p)]
+    try:
+        candidates = [p for p in sorted(path.iterdir()) if p.is_dir() and _is_orbax_dir(p)]
+    except OSError as err:
+        raise SubboostError(f"{path}: cannot read the directory ({err}).") from err
     if len(candidates) == 1:  # e.g. a checkpoint saved as one named item
         return OrbaxReader(candidates[0])
     raise SubboostError(
@@ -768,27 +802,20 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _check_output(out: Path, *, overwrite: bool) -> None:
-    """``out`` must be free, or (with ``overwrite``) a merge output or checkpoint we may replace."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it.")
-    replaceable = out.is_dir() and not out.is_symlink() and (
-        not any(out.iterdir()) or (out / INFO_FILE).exists() or (out / COMPLETE_MARKER).exists() or _is_orbax_dir(out)
-    )
-    if not replaceable:
-        # overwrite replaces a merge output or a checkpoint, never an arbitrary file or folder.
-        raise FileExistsError(
-            f"{out} exists and is not a merge output or checkpoint directory; refusing to replace it "
-            "even with overwrite=True. Remove it yourself or choose another path."
-        )
+def _check_output(out: Path, *, overwrite: bool, inputs: Sequence[Any] = ()) -> None:
+    """``out`` must be free, or (with ``overwrite``) an output subboost wrote (`subboost.outputs`)."""
+    from subboost.outputs import check_output
+
+    check_output(out, inputs=[p for p in inputs if isinstance(p, (str, os.PathLike))], overwrite=overwrite,
+                 name="out")
 
 
 @contextlib.contextmanager
 def _staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
     """A hidden sibling directory that becomes ``out`` only if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from subboost.outputs import make_parents, remove_created
+
+    created = make_parents(out)  # removed again if the run fails
     _remove_dead_partials(out)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
@@ -808,6 +835,7 @@ def _staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
         _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_created(created)
         raise
 
 
@@ -853,13 +881,32 @@ def _boost_options(boost: float | Mapping[str, Any] | None) -> dict[str, Any] | 
     return options
 
 
-def _recorded_architecture(reader: CheckpointReader) -> Any:
-    """The architecture a converter recorded next to an orbax checkpoint (``subboost.json``), if any."""
-    if not isinstance(reader, OrbaxReader):
-        return None
-    from subboost.checkpoints import _architecture, checkpoint_info
+def _identity(source: Any, what: str) -> dict[str, Any]:
+    """What a path input holds (`subboost.checkpoints.checkpoint_identity`): model parameters only."""
+    if not isinstance(source, (str, os.PathLike)):
+        return {"content": "params", "architecture": None}
+    from subboost.checkpoints import require_content
 
-    return _architecture(checkpoint_info(reader.path))
+    if not Path(source).exists():
+        raise FileNotFoundError(f"{what}: checkpoint {str(source)!r} does not exist.")
+    return require_content(source, "params", what=what)
+
+
+_SVD_METHODS = frozenset({"tsv", "iso_c", "iso_cts"})
+
+
+def _require_matrices(specs: Mapping[str, jax.ShapeDtypeStruct], method: str, boost_options: Any) -> None:
+    from subboost.tree import matrix_plan
+    from subboost.validation import no_matrices_message
+
+    tree = nest(dict(specs))
+    users = [("subspace_boost", boost_options)] if boost_options is not None else []
+    if method in _SVD_METHODS:
+        users.append((method, {}))
+    for what, options in users:
+        is_matrix = options.get("is_matrix")
+        if not matrix_plan(tree, is_matrix=is_matrix, attention=options.get("attention", "per_qkv")).members:
+            raise SubboostError(no_matrices_message(tree, what=what, is_matrix=is_matrix))
 
 
 def _check_method(method: str, kwargs: dict[str, Any], num_experts: int) -> StreamingScheme:
@@ -945,15 +992,13 @@ def merge_from_checkpoints(
         raise SubboostError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}.")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)):
         raise SubboostError(f"alpha must be None or a finite number, got {alpha!r}.")
-    inputs_on_disk = [Path(p).absolute() for p in [*expert_paths, base] if isinstance(p, (str, os.PathLike))]
-    if any(out.absolute() == p or out.absolute() in p.parents for p in inputs_on_disk):
-        raise SubboostError(f"out ({out}) is one of the input checkpoints; choose another directory.")
-    _check_output(out, overwrite=overwrite)
+    _check_output(out, overwrite=overwrite, inputs=[*expert_paths, base])
     method_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in method_kwargs.items()}
     scheme = _check_method(method, method_kwargs, len(expert_paths))
     boost_options = _boost_options(boost)
 
     # Every input is opened and compared with the base before anything is written.
+    base_identity = _identity(base, "the base")
     base_reader = open_checkpoint(base)
     for path, spec in base_reader.specs.items():
         if not jnp.issubdtype(spec.dtype, jnp.floating):
@@ -967,18 +1012,20 @@ def merge_from_checkpoints(
     for t, path in enumerate(expert_paths):
         if not isinstance(path, (str, os.PathLike)):
             raise SubboostError(f"expert {t}: expected a checkpoint path, got {type(path).__name__}.")
+        recorded = _identity(path, f"expert {t}")["architecture"]  # its message names the expert and file
         try:
             reader = open_checkpoint(path)
         except SubboostError as err:
             raise SubboostError(f"expert {t}: {err}") from err
         check_same_parameters(base_reader, reader, what=f"expert {t}")
-        recorded = _recorded_architecture(reader)
-        if recorded is not None and _recorded_architecture(base_reader) not in (None, recorded):
+        if recorded is not None and base_identity["architecture"] not in (None, recorded):
             raise SubboostError(
                 f"expert {t} ({reader.source}) records architecture {recorded}, but the base "
-                f"({base_reader.source}) records {_recorded_architecture(base_reader)}."
+                f"({base_reader.source}) records {base_identity['architecture']}."
             )
         experts.append(reader)
+    if boost_options is not None or method in _SVD_METHODS:  # whole-model check: a chunk may hold no matrix
+        _require_matrices(base_reader.specs, method, boost_options)
 
     specs = base_reader.specs
     names = list(specs)
@@ -1002,6 +1049,8 @@ def merge_from_checkpoints(
             "boost": _jsonable(boost_options),
             "alpha": alpha,
             "base": base_reader.source,
+            "architecture": None if base_identity["architecture"] is None else dict(
+                zip(("kind", "architecture"), base_identity["architecture"])),
             "experts": [r.source for r in experts],
             "num_parameters": len(names),
             "chunks": len(inputs.chunks),
@@ -1011,6 +1060,7 @@ def merge_from_checkpoints(
         writer = SafetensorsWriter(
             staging / PARAMS_FILE, out_specs, metadata={"format": info["format"], "content": info["content"]}
         )
+        checksums: dict[str, str] = {}
         try:
             label = f"pass {passes + 1}/{passes + 1}: merge" + (" + boost" if boost_options else "") + " + write"
             for chunk_names, tvs, base_arrays in inputs.stream(label, check_finite=passes == 0):
@@ -1018,12 +1068,20 @@ def merge_from_checkpoints(
                                       boost_options, alpha)
                 del tvs
                 for name in chunk_names:
-                    writer.write(name, np.asarray(result[name]))
+                    array = np.asarray(result[name])
+                    if not np.isfinite(array.astype(np.float32) if array.dtype.itemsize < 4 else array).all():
+                        raise SubboostError(
+                            f"the merged result: parameter {name!r} is NaN or infinite (overflow in "
+                            f"{array.dtype.name}?); nothing was written to {out}."
+                        )
+                    checksums[name] = array_checksum(array)
+                    writer.write(name, array)
                 del result
         except BaseException:
             writer.abort()
             raise
         writer.close()
+        info["checksums"] = {name: checksums[name] for name in names}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         (staging / COMPLETE_MARKER).write_text(info["created"] + "\n")
     return out
@@ -1072,7 +1130,7 @@ def _merge_chunk(names, tvs, base_arrays, inputs, scheme, thresholds, majority, 
         masks = inputs.masks(names, tvs)
         merged = dict(zip(names, _merge_elementwise(tvs, masks, thresholds, majority, scheme=scheme)))
     if boost_options is not None:  # per matrix: exact chunk by chunk
-        merged = dict(leaves_with_paths(subspace_boost(nest(merged), **boost_options)))
+        merged = dict(leaves_with_paths(subspace_boost(nest(merged), **boost_options, validate=False)))
     if alpha is not None:
         params = apply_task_vector(nest({n: base_arrays[n] for n in names}), nest(merged), alpha)
         merged = dict(leaves_with_paths(params))

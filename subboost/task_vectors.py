@@ -162,7 +162,10 @@ def task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], *, validate: b
         check_finite(pretrained, what="pretrained")
         for t, expert in enumerate(finetuned):
             check_finite(expert, what=f"expert {t}")
-    return _stack_differences(pretrained, finetuned)
+    tvs = _stack_differences(pretrained, finetuned)
+    if validate:  # finite inputs can still differ by more than the dtype holds (float16)
+        check_finite(tvs, what="task vectors (theta_t - theta_0 overflows its dtype)")
+    return tvs
 
 
 def apply_task_vector(pretrained: PyTree, tau: PyTree, alpha: float = 1.0) -> PyTree:
@@ -171,11 +174,24 @@ def apply_task_vector(pretrained: PyTree, tau: PyTree, alpha: float = 1.0) -> Py
     Args:
       pretrained: ``theta_0``.
       tau: a merged task vector with the structure and shapes of ``pretrained``.
-      alpha: the scaling coefficient (``alpha = 0`` returns ``pretrained``).
+      alpha: the scaling coefficient (``alpha = 0`` returns ``pretrained``); a
+        finite real number.
+
+    Raises:
+      SubboostError: ``alpha`` is not a finite number, the structures differ, or
+        a result leaf is NaN / inf (a non-finite task vector, or overflow in the
+        dtype of ``theta_0``), naming the parameter. The finiteness check is
+        skipped under a caller's `jax.jit`, where values are unknown.
     """
+    if not isinstance(alpha, jax.core.Tracer):
+        from subboost.validation import check_real
+
+        alpha = check_real("alpha", alpha, what="apply_task_vector")
     check_same_structure(pretrained, tau, what="task vector", check_dtype=False)
-    return jax.tree_util.tree_map(
+    result = jax.tree_util.tree_map(
         lambda p, t: (p + jnp.asarray(alpha, p.dtype) * t.astype(p.dtype)).astype(p.dtype),
         pretrained,
         tau,
     )
+    check_finite(result, what="apply_task_vector: base + alpha * tau (a non-finite task vector, or overflow?)")
+    return result

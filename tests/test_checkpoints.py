@@ -40,7 +40,9 @@ def test_round_trip_is_bit_identical(tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(host)):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
-    assert sb.checkpoint_info(tmp_path / "ckpt") == {"kind": "test", "n": 1}
+    info = sb.checkpoint_info(tmp_path / "ckpt")
+    assert {k: info[k] for k in ("kind", "n", "content")} == {"kind": "test", "n": 1, "content": "params"}
+    assert sorted(info["checksums"]) == sorted(p for p, _ in sb.tree.leaves_with_paths(tree))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
@@ -48,7 +50,8 @@ def test_jax_arrays_save_too(tmp_path):
     tree = jax.tree_util.tree_map(jnp.asarray, {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
     sb.save_params(tree, tmp_path / "ckpt")
     chex.assert_trees_all_equal(sb.load_params(tmp_path / "ckpt", as_numpy=True), jax.device_get(tree))
-    assert sb.checkpoint_info(tmp_path / "ckpt") is None
+    info = sb.checkpoint_info(tmp_path / "ckpt")  # every save records content and checksums
+    assert info["content"] == "params" and list(info["checksums"]) == ["w"] and "kind" not in info
 
 
 def test_existing_destination(tmp_path):
@@ -61,7 +64,7 @@ def test_existing_destination(tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not a checkpoint; refusing"):
+    with pytest.raises(FileExistsError, match="not a checkpoint or other output written by subboost"):
         sb.save_params({"a": np.ones(2, np.float32)}, folder, overwrite=True)
     assert (folder / "keep.txt").exists()
     (tmp_path / "file").write_text("x")
@@ -166,12 +169,17 @@ def test_load_experts_refuses_non_finite(tmp_path, experts):
     base, finetuned = experts
     bad = jax.tree_util.tree_map(lambda x: x, finetuned[0])
     bad["proj"] = bad["proj"].at[0, 0].set(jnp.nan)
-    paths = _save_experts(tmp_path, base, [bad])
-    with pytest.raises(SubboostError, match="parameter 'proj' contains NaN"):
-        sb.load_experts(tmp_path / "base", paths)
+    with pytest.raises(SubboostError, match="save_params: parameter 'proj' contains NaN"):  # never written by us
+        _save_experts(tmp_path, base, [bad])
+    import orbax.checkpoint as ocp  # ... but another program may have written it
+
+    sb.save_params(base, tmp_path / "base", overwrite=True)
+    ocp.PyTreeCheckpointer().save((tmp_path / "nan_expert").absolute(), jax.device_get(bad))
+    with pytest.raises(SubboostError, match=r"expert 0 \(.*nan_expert\): parameter 'proj' contains NaN"):
+        sb.load_experts(tmp_path / "base", [tmp_path / "nan_expert"])
 
 
 def test_metadata_is_json(tmp_path):
     sb.save_params({"a": np.ones(1, np.float32)}, tmp_path / "c", metadata={"path": tmp_path})
     text = (tmp_path / "c" / checkpoints.METADATA_FILE).read_text()
-    assert json.loads(text) == {"path": str(tmp_path)}
+    assert json.loads(text)["path"] == str(tmp_path)

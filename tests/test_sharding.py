@@ -129,8 +129,10 @@ def test_sharded_boost_equals_single_device(mesh, tvs, attention):
 def test_sharded_boost_of_bare_array_and_batches(mesh):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5, 6, 4)), jnp.float32)  # G = 15 -> 16
     assert_same(sb.subspace_boost(x, 0.2, mode="index"), sb.subspace_boost(x, 0.2, mode="index", mesh=mesh))
-    tau = {"dense": {"kernel": x[0]}}
-    assert_same(sb.subspace_boost(tau, 0.2), sb.subspace_boost(tau, 0.2, batch_size=2, mesh=mesh))
+    tau = {"dense": {"kernel": x[0]}}  # 5 scan-stacked 6 x 4 matrices: say so (the default predicate sees none)
+    scan = sb.matrix_predicate(layer_axes=1)
+    assert_same(sb.subspace_boost(tau, 0.2, is_matrix=scan),
+                sb.subspace_boost(tau, 0.2, batch_size=2, mesh=mesh, is_matrix=scan))
 
 
 @inner

@@ -207,10 +207,15 @@ def test_orbax_experts_in_memory_base_and_chained_output(setup, tmp_path):
                                            chunk_bytes=SMALL_CHUNK, progress=False)
     expected = in_memory(base, experts, "ties", {"k": 0.3})
     assert_trees_equal(expected, streaming.read_params(out))
-    # A finished output directory is itself a readable checkpoint.
-    again = streaming.merge_from_checkpoints(base_path, [out, paths[0]], method="task_arithmetic",
+    # A task vector (no alpha) is not an expert: its subboost identity says so.
+    with pytest.raises(SubboostError, match=r"expert 0 \(.*out\) holds a task vector, not model parameters"):
+        streaming.merge_from_checkpoints(base_path, [out, paths[0]], out=tmp_path / "again", progress=False)
+    # A finished output directory holding parameters is itself a readable checkpoint.
+    merged = streaming.merge_from_checkpoints(base, orbax_paths, method="ties", k=0.3, alpha=1.0,
+                                              out=tmp_path / "merged", chunk_bytes=SMALL_CHUNK, progress=False)
+    again = streaming.merge_from_checkpoints(base_path, [merged, paths[0]], method="task_arithmetic",
                                              out=tmp_path / "again", progress=False)
-    chained = [jax.tree_util.tree_map(np.asarray, expected), experts[0]]
+    chained = [streaming.read_params(merged), experts[0]]
     assert_trees_equal(in_memory(base, chained, "task_arithmetic", {}), streaming.read_params(again))
 
 
@@ -309,7 +314,7 @@ def test_existing_output_needs_overwrite(setup, tmp_path):
     (out / "precious.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="overwrite"):
         streaming.merge_from_checkpoints(base_path, paths, out=out, progress=False)
-    with pytest.raises(FileExistsError, match="not a merge output"):  # never replaces a user's folder
+    with pytest.raises(FileExistsError, match="not a checkpoint or other output"):  # never replaces a user's folder
         streaming.merge_from_checkpoints(base_path, paths, out=out, overwrite=True, progress=False)
     assert (out / "precious.txt").read_text() == "user data"
     first = streaming.merge_from_checkpoints(base_path, paths, out=tmp_path / "merged", progress=False)
@@ -400,6 +405,6 @@ def test_bad_hyper_parameters_fail_before_reading(setup, tmp_path, kwargs, match
 
 def test_output_may_not_be_an_input(setup, tmp_path):
     base, base_path, paths, experts = setup
-    with pytest.raises(SubboostError, match="one of the input"):
+    with pytest.raises(SubboostError, match="is the input"):
         streaming.merge_from_checkpoints(base_path, paths, out=paths[0], overwrite=True, progress=False)
     assert paths[0].is_file()

@@ -56,8 +56,14 @@ OUT_MARKER = ".subboost-demo"
 def prepare_out_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Creates ``out_dir``; refuses a non-empty directory not written by the demo unless ``overwrite``."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FileExistsError(f"--out {out} exists and is not a directory.")
+    clashing = [name for name in RESULT_FILES if (out / name).exists()] if out.is_dir() else []
+    if clashing and not (out / OUT_MARKER).exists():  # --overwrite replaces only what the demo wrote
+        raise FileExistsError(
+            f"--out {out} holds {', '.join(clashing)}, which `subboost demo` did not write (no {OUT_MARKER}); "
+            "refusing to replace them even with --overwrite. Choose another --out."
+        )
     if out.exists() and any(out.iterdir()) and not (out / OUT_MARKER).exists() and not overwrite:
         raise FileExistsError(
             f"--out {out} is a non-empty directory that `subboost demo` did not create; "

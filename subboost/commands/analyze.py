@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -56,10 +58,23 @@ def load_task_vectors_npz(path: str | os.PathLike) -> tuple[dict, list[str] | No
         raise FileNotFoundError(f"task-vector file {str(path)!r} does not exist.")
     tree: dict = {}
     names = None
-    with np.load(path, allow_pickle=False) as data:
+    import zipfile
+    import zlib
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise SubboostError(f"{path}: not a readable .npz of task vectors ({type(err).__name__}: {err}).") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise SubboostError(f"{path}: holds a single array, not an .npz archive of named task vectors.")
+    with data:
         for key in data.files:
+            try:
+                value = data[key]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                raise SubboostError(f"{path}: entry {key!r} is corrupt ({type(err).__name__}: {err}).") from err
             if key == NAMES_KEY:
-                names = [str(n) for n in data[key]]
+                names = [str(n) for n in value]
                 continue
             node = tree
             *parents, leaf = key.split("/")
@@ -67,21 +82,39 @@ def load_task_vectors_npz(path: str | os.PathLike) -> tuple[dict, list[str] | No
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     raise SubboostError(f"{path}: key {key!r} nests under a parameter.")
-            node[leaf] = np.asarray(data[key])
+            node[leaf] = np.asarray(value)
     if not tree:
         raise SubboostError(f"{path}: holds no task vectors.")
     return tree, names
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
+def _check_output(out: Path, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+    """``--out`` is a directory (new, or existing); files of an earlier analysis are replaced only
+    with ``overwrite``, and only where that analysis's ``summary.json`` shows subboost wrote them."""
+    from subboost.outputs import check_not_an_input
+
+    check_not_an_input(out, inputs, name="--out")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FileExistsError(f"--out {str(out)!r} exists and is not a directory.")
     if out.is_dir():
-        clashing = [name for name in OUTPUT_FILES if (out / name).exists()]
+        clashing = [name for name in OUTPUT_FILES if (out / name).exists() or (out / name).is_symlink()]
         if clashing and not overwrite:
             raise FileExistsError(
                 f"--out {str(out)!r} already holds {', '.join(clashing)}; pass --overwrite to replace them."
             )
+        if clashing and not _earlier_analysis(out):
+            raise FileExistsError(
+                f"--out {str(out)!r} holds {', '.join(clashing)} but no summary.json of an earlier analysis; "
+                "refusing to replace files subboost did not write, even with --overwrite."
+            )
+
+
+def _earlier_analysis(out: Path) -> bool:
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(summary, dict) and "figures" in summary and "experts" in summary
 
 
 def _load(args: argparse.Namespace) -> tuple[PyTree, list[str]]:
@@ -133,7 +166,12 @@ def analyze(
     from subboost.alignment import generalized_singular_values, mean_alignment, select_experts
     from subboost.analysis import rank_collapse
 
+    from subboost.validation import check_real
+
     out = Path(out)
+    check_real("fraction", fraction, what="analyze", low=0.0, high=1.0, low_open=True)  # before any file
+    if beta is not None:
+        check_real("beta", beta, what="analyze", low=0.0, high=1.0)
     merge_kwargs = dict(merge_kwargs or {})
     names = list(names)
     merged = sb.merge(tvs, method, **merge_kwargs)
@@ -175,23 +213,61 @@ def analyze(
     return written
 
 
-def run_analyze(args: argparse.Namespace) -> int:
+def _check_arguments(args: argparse.Namespace) -> dict:
+    """Every argument checked before anything is loaded, computed or written."""
     from subboost.commands.merge import parse_param
+    from subboost.merging import METHODS
+    from subboost.validation import check_real
 
-    out = Path(args.out)
-    _check_output(out, args.overwrite)  # before the (slow) loading; created only once the inputs are valid
-    tvs, names = _load(args)
-    out.mkdir(parents=True, exist_ok=True)
+    check_real("--fraction", args.fraction, what="analyze", low=0.0, high=1.0, low_open=True)
+    if not args.no_boost:
+        check_real("--beta", args.beta, what="analyze", low=0.0, high=1.0)
+    if args.pi is not None:
+        check_real("--pi", args.pi, what="analyze", low=0.0, low_open=True)
+    if args.method not in METHODS:
+        raise SubboostError(f"unknown merge method {args.method!r}; known methods: {', '.join(METHODS)}.")
     merge_kwargs = dict(parse_param(p) for p in args.param)
     if args.method == "dare" and "key" not in merge_kwargs:
         merge_kwargs["key"] = jax.random.key(args.seed)
-    written = analyze(
-        tvs, names, out, method=args.method, merge_kwargs=merge_kwargs,
-        beta=None if args.no_boost else args.beta, hogsvd_method=args.hogsvd_method, pi=args.pi,
-        attention=args.attention, fraction=args.fraction,
-    )
-    for figure, path in written.items():
-        print(f"wrote {path} (+ {Path(path).with_suffix('.json').name})")
+    return merge_kwargs
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from subboost.checkpoints import write_atomically
+    from subboost.merging import _CHECKS
+
+    out = Path(args.out)
+    merge_kwargs = _check_arguments(args)
+    inputs = [*args.experts] + ([args.base] if args.base else [])
+    _check_output(out, args.overwrite, inputs)  # before the (slow) loading; nothing is created before the end
+    tvs, names = _load(args)
+    if args.method in _CHECKS:
+        _CHECKS[args.method](merge_kwargs, len(names))
+    # Built in a hidden staging folder: a failure part-way leaves --out as it was.
+    staging_out: dict = {}
+
+    def build(staging: Path) -> None:
+        staging.mkdir()
+        staging_out["written"] = analyze(
+            tvs, names, staging, method=args.method, merge_kwargs=merge_kwargs,
+            beta=None if args.no_boost else args.beta, hogsvd_method=args.hogsvd_method, pi=args.pi,
+            attention=args.attention, fraction=args.fraction,
+        )
+
+    if out.is_dir():  # an existing folder: add (or, with --overwrite, replace) our files only
+        staging_dir = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            build(staging_dir)
+            _check_output(out, args.overwrite, inputs)
+            for name in sorted(os.listdir(staging_dir)):
+                os.replace(staging_dir / name, out / name)
+        finally:
+            shutil.rmtree(staging_dir, ignore_errors=True)
+    else:
+        write_atomically(out, build, inputs=inputs)
+    for figure, path in staging_out["written"].items():
+        path = out / Path(path).name
+        print(f"wrote {path} (+ {path.with_suffix('.json').name})")
     print(f"wrote {out / 'summary.json'}")
     return 0
 

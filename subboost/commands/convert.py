@@ -20,9 +20,11 @@ import argparse
 def run_convert(args: argparse.Namespace) -> int:
     from subboost.convert import convert
 
+    # Only the architecture fields the user gave: a head takes none, and None means "not given".
+    overrides = {name: value for name, value in (("heads", args.heads), ("act", args.act)) if value is not None}
     converted = convert(
         args.src, args.dst, format=args.format, overwrite=args.overwrite, config=args.config,
-        dtype=args.dtype, heads=args.heads, act=args.act,
+        dtype=args.dtype, **overrides,
     )
     meta = converted.metadata
     if converted.kind == "clip_vision":

@@ -48,6 +48,24 @@ def accuracy_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_out(out: Path, args: argparse.Namespace) -> None:
+    """``--out`` is not an input; it replaces (with ``--overwrite``) only a result file ``subboost eval`` wrote."""
+    from subboost.outputs import check_not_an_input
+
+    check_not_an_input(out, [p for p in (args.checkpoint, args.heads, args.experts, args.data_dir) if p], name="--out")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not args.overwrite:
+        raise FileExistsError(f"--out {str(out)!r} exists; pass --overwrite to replace it.")
+    try:
+        record = json.loads(out.read_text()) if out.is_file() and not out.is_symlink() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        record = None
+    if not (isinstance(record, dict) and {"checkpoint", "tasks", "code_version"} <= set(record)):
+        raise FileExistsError(f"--out {str(out)!r} is not a result file of subboost eval; refusing to replace it "
+                              "even with --overwrite. Remove it yourself or choose another path.")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import jax
 
@@ -57,11 +75,17 @@ def run_eval(args: argparse.Namespace) -> int:
     from subboost.models import param_shapes
     from subboost.task_vectors import check_same_structure
 
+    from subboost.checkpoints import require_content
+
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise FileExistsError(f"--out {str(out)!r} exists; pass --overwrite to replace it.")
+    if out is not None:
+        _check_out(out, args)
+    for name in ("batch_size", "max_examples", "image_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     tasks = [t.name for t in sbdata.suite_tasks(args.tasks)]
     checkpoint = find_checkpoint(Path(args.checkpoint).parent, Path(args.checkpoint).name)
+    require_content(checkpoint, "params", what="the checkpoint")
     config = encoder_config(args.backbone, checkpoint)
     image_size = args.image_size or config.image_size
     if image_size != config.image_size:

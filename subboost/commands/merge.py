@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from pathlib import Path
 from typing import Any
 
 import jax
 
 import subboost as sb
 from subboost.boosting import BOOST_MODES
+from subboost.task_vectors import SubboostError
 from subboost.tree import ATTENTION_MODES
 
 
@@ -32,7 +34,10 @@ def parse_param(text: str) -> tuple[str, Any]:
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw
+        try:  # "nan", "inf": numbers, so that the method's check refuses them by name
+            value = float(raw)
+        except ValueError:
+            value = raw
     return name.strip(), value
 
 
@@ -77,7 +82,9 @@ def _metadata(base_path: str, **provenance: Any) -> dict[str, Any]:
     """The base checkpoint's metadata (architecture) plus how this one was made."""
     from subboost.checkpoints import checkpoint_info
 
-    info = dict(checkpoint_info(base_path) or {})
+    info = dict(checkpoint_info(base_path) or {}) if Path(base_path).is_dir() else {}
+    for key in ("checksums", "content", "merged", "boosted"):  # the new checkpoint's own
+        info.pop(key, None)
     info.update(provenance)
     return info
 
@@ -89,15 +96,39 @@ def _warn_rank(report: Any) -> None:
         print(line.replace("set rank_rtol", "pass --rank-rtol"), file=sys.stderr)
 
 
-def run_merge(args: argparse.Namespace) -> int:
-    from subboost.checkpoints import load_params, save_params
+def _check_arguments(args: argparse.Namespace, inputs: list[str]) -> dict[str, Any]:
+    """Every argument and the output path, checked before anything is loaded or computed."""
+    from subboost.outputs import check_output
+    from subboost.validation import check_real
 
-    base = load_params(args.base)
-    experts = [load_params(path) for path in args.experts]
-    tvs = sb.task_vectors(base, experts)
-    kwargs = dict(parse_param(p) for p in args.param)
-    if args.method == "dare" and "key" not in kwargs:
-        kwargs["key"] = jax.random.key(args.seed)
+    if getattr(args, "alpha", None) is not None:
+        check_real("--alpha", args.alpha, what=args.command)
+    if args.beta is not None:
+        check_real("--beta", args.beta, what=args.command, low=0.0, high=1.0)
+    if args.attn_beta is not None:
+        check_real("--attn-beta", args.attn_beta, what=args.command, low=0.0, high=1.0)
+    if args.rank_rtol is not None:
+        check_real("--rank-rtol", args.rank_rtol, what=args.command, low=0.0, high=1.0, low_open=True,
+                   high_open=True)
+    check_output(args.out, inputs=inputs, overwrite=args.overwrite, name="--out")
+    kwargs = dict(parse_param(p) for p in getattr(args, "param", []))
+    if args.command == "merge":
+        from subboost.merging import _CHECKS, METHODS
+
+        if args.method not in METHODS:
+            raise SubboostError(f"unknown merge method {args.method!r}; known methods: {', '.join(METHODS)}.")
+        if args.method == "dare" and "key" not in kwargs:
+            kwargs["key"] = jax.random.key(args.seed)
+        if args.method in _CHECKS:
+            _CHECKS[args.method](kwargs, len(args.experts))
+    return kwargs
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from subboost.checkpoints import load_base_and_experts, save_params
+
+    kwargs = _check_arguments(args, [args.base, *args.experts])
+    base, tvs = load_base_and_experts(args.base, args.experts)
     tau = sb.merge(tvs, args.method, **kwargs)
     before = sb.stable_rank(tau, attention=args.attention)
     after = None
@@ -107,6 +138,7 @@ def run_merge(args: argparse.Namespace) -> int:
         _warn_rank(report)
         after = sb.stable_rank(tau, attention=args.attention)
     save_params(sb.apply_task_vector(base, tau, alpha=args.alpha), args.out, overwrite=args.overwrite,
+                inputs=[args.base, *args.experts], content="params",
                 metadata=_metadata(args.base, merged={"experts": list(args.experts), "method": args.method,
                                                       "hyper_parameters": {k: v for k, v in kwargs.items() if k != "key"},
                                                       "alpha": args.alpha, "beta": args.beta, "mode": args.mode,
@@ -118,17 +150,18 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_boost(args: argparse.Namespace) -> int:
-    from subboost.checkpoints import load_params, save_params
+    from subboost.checkpoints import load_base_and_experts, save_params
 
-    base = load_params(args.base)
-    merged = load_params(args.merged)
+    _check_arguments(args, [args.base, args.merged])
     # merged - base = alpha * tau, and boost(alpha * tau) = alpha * boost(tau).
-    tau = jax.tree_util.tree_map(lambda x: x[0], sb.task_vectors(base, [merged]))
+    base, tvs = load_base_and_experts(args.base, [args.merged], role="the merged checkpoint")
+    tau = jax.tree_util.tree_map(lambda x: x[0], tvs)
     before = sb.stable_rank(tau, attention=args.attention)
     boosted, report = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention,
                                         attn_beta=args.attn_beta, rank_rtol=args.rank_rtol, return_info=True)
     _warn_rank(report)
     save_params(sb.apply_task_vector(base, boosted, alpha=1.0), args.out, overwrite=args.overwrite,
+                inputs=[args.base, args.merged], content="params",
                 metadata=_metadata(args.base, boosted={"merged": args.merged, "beta": args.beta, "mode": args.mode,
                                                        "attn_beta": args.attn_beta, "rank_rtol": args.rank_rtol}))
     print(stable_rank_table(before, sb.stable_rank(boosted, attention=args.attention)))

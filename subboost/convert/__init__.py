@@ -73,10 +73,13 @@ def convert_checkpoint(
 
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}.")
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # None: "not given" (the CLI's defaults)
     path = Path(src)
     source = str(path)
     if not path.exists():
         raise FileNotFoundError(f"source {source!r} does not exist.")
+    if not path.is_dir() and not path.is_file():
+        raise ConversionError(f"{source}: not a regular file or directory (a FIFO, socket or device?).")
     if path.is_dir():
         if format not in ("auto", "hf"):
             raise ValueError(f"{source} is a directory; only --format hf (or auto) reads directories.")
@@ -173,14 +176,14 @@ def convert(
     checkpoint is built in a hidden staging directory and renamed into place: on any error
     nothing is left at ``dst``. Restore with `subboost.load_params`.
     """
-    from subboost.checkpoints import _check_destination, save_params
+    from subboost.checkpoints import save_params
+    from subboost.outputs import check_output
 
-    src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
-    if dst_path == src_path or src_path in dst_path.parents or dst_path in src_path.parents:
-        raise ValueError(f"destination {str(dst)!r} overlaps the source {str(src)!r}; choose another path.")
-    _check_destination(dst_path, overwrite)  # fail fast, before the (slow) conversion
+    # dst never is, contains or lies inside the source; an existing dst is replaced only if subboost wrote it.
+    dst_path = check_output(dst, inputs=[src], overwrite=overwrite)  # fail fast, before the (slow) conversion
     converted = convert_checkpoint(src, format=format, config=config, dtype=dtype, **overrides)
-    save_params(converted.params, dst_path, overwrite=overwrite, metadata=converted.metadata)
+    save_params(converted.params, dst_path, overwrite=overwrite, metadata=converted.metadata, inputs=[src],
+                content="head" if converted.kind == "classification_head" else "params")
     return converted
 
 

@@ -156,8 +156,8 @@ def separate_attention(src: TensorSource, key: str, names: Mapping[str, str], co
     return out
 
 
-def count_blocks(names: Iterable[str], prefix: str) -> int:
-    """Number of consecutive indices ``i`` with keys ``{prefix}{i}.*`` (0 if none)."""
+def count_blocks(names: Iterable[str], prefix: str, *, source: str = "checkpoint") -> int:
+    """Number of consecutive indices ``i`` with keys ``{prefix}{i}.*`` (0 if none); ``source`` names the file."""
     indices = set()
     for name in names:
         if name.startswith(prefix):
@@ -166,7 +166,7 @@ def count_blocks(names: Iterable[str], prefix: str) -> int:
                 indices.add(int(head))
     if indices and indices != set(range(max(indices) + 1)):
         gaps = sorted(set(range(max(indices) + 1)) - indices)
-        raise ConversionError(f"blocks {prefix}{{i}} are not numbered 0..{max(indices)}: missing {gaps}.")
+        raise ConversionError(f"{source}: blocks {prefix}{{i}} are not numbered 0..{max(indices)}: missing {gaps}.")
     return len(indices)
 
 

@@ -141,7 +141,7 @@ def convert_state_dict(
     fc = tensors.get(prefix + "encoder.layers.0.mlp.fc1.weight")
     inferred = {
         "image_size": grid * conv[2], "patch_size": conv[2], "width": conv[0], "in_channels": conv[1],
-        "layers": count_blocks(names, prefix + "encoder.layers."),
+        "layers": count_blocks(names, prefix + "encoder.layers.", source=source),
         "embed_dim": projection.shape[0] if projection is not None else conv[0],
         "mlp_dim": fc.shape[0] if fc is not None else 4 * conv[0],
     }

@@ -68,7 +68,7 @@ def infer_architecture(tensors: Mapping[str, np.ndarray], prefix: str, source: s
         raise ConversionError(
             f"{source}: {prefix + 'positional_embedding'!r} has shape {pos}; expected (grid**2 + 1, width)."
         )
-    layers = count_blocks(tensors, prefix + "transformer.resblocks.")
+    layers = count_blocks(tensors, prefix + "transformer.resblocks.", source=source)
     if layers == 0:
         raise ConversionError(f"{source}: no '{prefix}transformer.resblocks.{{i}}.*' keys: no transformer blocks.")
     fc = src.shape("transformer.resblocks.0.mlp.c_fc.weight")

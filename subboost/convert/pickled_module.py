@@ -19,17 +19,17 @@ from subboost.convert.torch_pickle import StandIn, find_modules, module_attribut
 def architecture_hints(module: StandIn, *, source: str) -> dict[str, Any]:
     """``{"heads": ..., "act": ...}`` as far as the pickled module shows them."""
     hints: dict[str, Any] = {}
-    heads = {module_attribute(m, "num_heads") for m in find_modules(module, "MultiheadAttention")}
+    heads = {_head_count(m, source) for m in find_modules(module, "MultiheadAttention")}
     heads.discard(None)
     if len(heads) == 1:
-        hints["heads"] = int(heads.pop())
+        hints["heads"] = heads.pop()
     elif len(heads) > 1:
         # the text tower may use another head count; take the visual tower's
         visual = [m for m in find_modules(module, "VisionTransformer")]
-        visual_heads = {module_attribute(m, "num_heads") for v in visual for m in find_modules(v, "MultiheadAttention")}
+        visual_heads = {_head_count(m, source) for v in visual for m in find_modules(v, "MultiheadAttention")}
         visual_heads.discard(None)
         if len(visual_heads) == 1:
-            hints["heads"] = int(visual_heads.pop())
+            hints["heads"] = visual_heads.pop()
     root = (find_modules(module, "VisionTransformer") or [module])[0]
     if find_modules(root, "QuickGELU"):
         hints["act"] = "quick_gelu"
@@ -41,6 +41,19 @@ def architecture_hints(module: StandIn, *, source: str) -> dict[str, Any]:
         elif approximations:
             raise ConversionError(f"{source}: GELU with approximate={sorted(approximations)} is not supported.")
     return hints
+
+
+def _head_count(attention: StandIn, source: str) -> int | None:
+    """``num_heads`` of a pickled ``nn.MultiheadAttention``: a positive int, or an error naming the file."""
+    value = module_attribute(attention, "num_heads")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConversionError(
+            f"{source}: a pickled MultiheadAttention has num_heads={value!r}, not a positive integer; "
+            "the file is damaged or not a CLIP model."
+        )
+    return value
 
 
 def head_normalize(module: StandIn) -> bool | None:

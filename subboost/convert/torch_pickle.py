@@ -288,8 +288,10 @@ def load_torch_file(path: str | os.PathLike) -> Any:
       SubboostError: the file is not a readable PyTorch checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist.")
+    if not path.is_file():
+        raise SubboostError(f"{path}: not a regular file (a directory, FIFO, socket or device?).")
     try:
         import torch
     except ImportError as err:  # pragma: no cover - depends on the install
@@ -320,7 +322,10 @@ def _module_like(obj: Any) -> bool:
     return isinstance(obj, StandIn) and isinstance(obj._subboost_state.get("_modules"), dict)
 
 
-def _module_tensors(obj: StandIn, prefix: str) -> Iterator[tuple[str, Any]]:
+def _module_tensors(obj: StandIn, prefix: str, parents: tuple[int, ...] = ()) -> Iterator[tuple[str, Any]]:
+    if id(obj) in parents:
+        raise SubboostError(f"submodule {prefix.rstrip('.')!r} contains itself (a cyclic module graph).")
+    parents = (*parents, id(obj))
     state = obj._subboost_state
     non_persistent = state.get("_non_persistent_buffers_set") or set()
     for name, value in (state.get("_parameters") or {}).items():
@@ -334,7 +339,7 @@ def _module_tensors(obj: StandIn, prefix: str) -> Iterator[tuple[str, Any]]:
             continue
         if not _module_like(child):
             raise SubboostError(f"submodule {prefix + name!r} is a {type(child).__name__}, not a module.")
-        yield from _module_tensors(child, prefix + name + ".")
+        yield from _module_tensors(child, prefix + name + ".", parents)
 
 
 def _container_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
@@ -356,10 +361,18 @@ def state_dict(obj: Any, *, source: str = "checkpoint") -> tuple[dict[str, Any],
     """
     if _module_like(obj):
         what = f"pickled module {obj.class_name}"
-        tensors = list(_module_tensors(obj, ""))
+        try:
+            tensors = list(_module_tensors(obj, ""))
+        except SubboostError as err:
+            raise SubboostError(f"{source}: {err}") from err
+        except RecursionError as err:
+            raise SubboostError(f"{source}: the {what} nests too deeply (or contains itself).") from err
     elif isinstance(obj, dict):
         what = "state_dict"
-        tensors = list(_container_tensors(obj, ""))
+        try:
+            tensors = list(_container_tensors(obj, ""))
+        except RecursionError as err:
+            raise SubboostError(f"{source}: the state_dict nests too deeply (or contains itself).") from err
     else:
         kind = obj.class_name if isinstance(obj, StandIn) else type(obj).__name__
         raise SubboostError(f"{source}: holds a {kind}, neither a state_dict nor a pickled torch.nn.Module.")
@@ -375,14 +388,16 @@ def state_dict(obj: Any, *, source: str = "checkpoint") -> tuple[dict[str, Any],
     return out, what
 
 
-def find_modules(obj: Any, class_suffix: str) -> list[StandIn]:
-    """Stand-in modules under ``obj`` whose class name ends with ``class_suffix`` (depth first)."""
+def find_modules(obj: Any, class_suffix: str, _seen: set[int] | None = None) -> list[StandIn]:
+    """Stand-in modules under ``obj`` whose class name ends with ``class_suffix`` (depth first, each once)."""
+    seen = set() if _seen is None else _seen
     found = []
-    if _module_like(obj):
+    if _module_like(obj) and id(obj) not in seen:
+        seen.add(id(obj))
         if obj.class_name.rsplit(".", 1)[-1] == class_suffix:
             found.append(obj)
         for child in obj._subboost_state["_modules"].values():
-            found.extend(find_modules(child, class_suffix))
+            found.extend(find_modules(child, class_suffix, seen))
     return found
 
 

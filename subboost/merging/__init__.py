@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from subboost.merging.averaging import task_arithmetic, weight_averaging
 from subboost.merging.consensus import consensus
@@ -23,6 +24,7 @@ from subboost.merging.ties import ties
 from subboost.merging.tsv import check_batch_size, tsv
 from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
 from subboost.tree import PyTree
+from subboost.validation import check_int, check_real
 
 # Arguments that are arrays (traced); every other keyword is a static hyper-parameter.
 DYNAMIC_ARGUMENTS = frozenset({"key"})
@@ -53,13 +55,7 @@ def available_methods() -> tuple[str, ...]:
 
 
 def _check_fraction(name: str, value: Any, *, low_open: bool, high_open: bool, what: str) -> None:
-    ok = isinstance(value, (int, float)) and (value > 0 if low_open else value >= 0) and (
-        value < 1 if high_open else value <= 1
-    )
-    if not ok:
-        lo = "(0" if low_open else "[0"
-        hi = "1)" if high_open else "1]"
-        raise SubboostError(f"{what}: {name} must be in {lo}, {hi}, got {value!r}.")
+    check_real(name, value, what=what, low=0.0, high=1.0, low_open=low_open, high_open=high_open)
 
 
 def _check_ties(kwargs: dict[str, Any], num_tasks: int, what: str = "ties") -> None:
@@ -75,12 +71,16 @@ def _check_dare(kwargs: dict[str, Any], num_tasks: int) -> None:
 
 
 def _check_consensus(kwargs: dict[str, Any], num_tasks: int) -> None:
-    k = kwargs.get("k", 2)
-    if not isinstance(k, int) or not 1 <= k <= num_tasks:
-        raise SubboostError(f"consensus: k must be an integer in [1, {num_tasks}] (number of tasks), got {k!r}.")
+    check_int("k", kwargs.get("k", 2), what="consensus", low=1, high=num_tasks)
     lambdas = kwargs.get("lambdas", 0.4)
-    if isinstance(lambdas, Sequence) and len(lambdas) != num_tasks:
-        raise SubboostError(f"consensus: got {len(lambdas)} lambdas for {num_tasks} tasks.")
+    if not isinstance(lambdas, str) and np.ndim(lambdas) >= 1:  # one per task
+        if np.ndim(lambdas) != 1 or len(lambdas) != num_tasks:
+            raise SubboostError(f"consensus: got {np.size(lambdas)} lambdas for {num_tasks} tasks "
+                                "(one per task, or one for all).")
+        for t, value in enumerate(lambdas):
+            check_real(f"lambdas[{t}]", value, what="consensus", low=0.0, low_open=True)
+    else:  # TALL masks |tau_t| > lambda |tau_MTL - tau_t|: lambda <= 0 keeps everything, NaN nothing
+        check_real("lambdas", lambdas, what="consensus", low=0.0, low_open=True)
     if kwargs.get("base", "task_arithmetic") == "ties":
         _check_fraction("ties_k", kwargs.get("ties_k", 0.2), low_open=True, high_open=False, what="consensus")
 
@@ -135,13 +135,32 @@ def merge(
         check_finite(tvs, what="task vectors")
     if method in _CHECKS:
         _CHECKS[method](kwargs, num_tasks)
+    if validate and method in SVD_METHODS:
+        _require_matrices(tvs, method, kwargs)
     kwargs = {k: _hashable(v) for k, v in kwargs.items()}
     static_names = tuple(sorted(k for k in kwargs if k not in DYNAMIC_ARGUMENTS))
     if mesh is not None:
         from subboost.sharding import merge_on_mesh
 
         return merge_on_mesh(tvs, method, mesh=mesh, **kwargs)
-    return _jitted(method, static_names)(tvs, **kwargs)
+    merged = _jitted(method, static_names)(tvs, **kwargs)
+    if validate:  # e.g. a float16 sum of large task vectors overflows to inf
+        check_finite(merged, what=f"{method}: the merged task vector (overflow in its dtype?)")
+    return merged
+
+
+# Methods that act on matrices only: a tree without one would silently be averaged.
+SVD_METHODS = frozenset({"tsv", "iso_c", "iso_cts"})
+
+
+def _require_matrices(tvs: PyTree, method: str, kwargs: dict[str, Any]) -> None:
+    from subboost.tree import matrix_plan
+    from subboost.validation import no_matrices_message
+
+    is_matrix = kwargs.get("is_matrix")
+    plan = matrix_plan(tvs, lead_ndim=1, is_matrix=is_matrix, attention=kwargs.get("attention", "per_qkv"))
+    if not plan.members:
+        raise SubboostError(no_matrices_message(tvs, what=method, is_matrix=is_matrix, lead_ndim=1))
 
 
 def _check_svd_merge(kwargs: dict[str, Any], num_tasks: int, what: str) -> None:

@@ -45,6 +45,7 @@ from subboost.merging.tsv import (
 )
 from subboost.task_vectors import SubboostError
 from subboost.tree import AttentionMode, PyTree, matrix_plan
+from subboost.validation import check_real
 
 
 def _flat_spectrum_product(u: jax.Array, s: jax.Array, vh: jax.Array) -> jax.Array:
@@ -59,8 +60,7 @@ def iso_c_matrices(x: jax.Array) -> jax.Array:
 
 
 def check_common_space_fraction(fraction: float, what: str = "iso_cts") -> None:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-        raise SubboostError(f"{what}: common_space_fraction must be in (0, 1], got {fraction!r}.")
+    check_real("common_space_fraction", fraction, what=what, low=0.0, high=1.0, low_open=True)
 
 
 def iso_cts_sizes(m: int, n: int, num_tasks: int, common_space_fraction: float) -> tuple[int, int]:
