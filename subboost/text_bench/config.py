@@ -4,9 +4,9 @@
 expert per task fine-tuned for `finetune_steps` AdamW steps on the transformer blocks
 (embeddings frozen), merged at 4 / 8 / 12 tasks.
 
-``tiny``: the first 2 blocks of the same pretrained weights, the first 6 tasks merged at
-2 / 4 / 6, fewer sentences and steps, a shorter alpha grid: every stage of the pipeline in
-well under two minutes.
+``tiny``: the first block of the same pretrained weights, the first 4 tasks merged at 2 / 4,
+fewer sentences and steps, a shorter alpha grid and four methods (Task Arithmetic, TIES,
+TSV-M, Iso-C: element-wise and SVD-based): every stage of the pipeline, for CI.
 """
 
 from __future__ import annotations
@@ -115,13 +115,14 @@ CONFIGS: dict[str, TextBenchConfig] = {
     "default": TextBenchConfig(
         name="default", layers=None, num_tasks=12, task_counts=(4, 8, 12),
         train_per_task=1024, val_per_task=24, test_per_task=96, head_shots=8,
-        finetune_steps=60, finetune_batch=32, finetune_lr=1e-4, finetune_warmup=6, steps_per_call=20,
+        finetune_steps=30, finetune_batch=32, finetune_lr=1e-4, finetune_warmup=3, steps_per_call=15,
     ),
     "tiny": TextBenchConfig(
-        name="tiny", layers=2, num_tasks=6, task_counts=(2, 4, 6),
-        train_per_task=256, val_per_task=16, test_per_task=32, head_shots=4,
-        finetune_steps=25, finetune_batch=16, finetune_lr=2e-4, finetune_warmup=5,
-        eval_batch=128, alphas=(0.25, 0.5, 1.0, 2.0), betas=(0.0, 0.02),
+        name="tiny", layers=1, num_tasks=4, task_counts=(2, 4),
+        train_per_task=128, val_per_task=16, test_per_task=32, head_shots=4,
+        finetune_steps=20, finetune_batch=16, finetune_lr=2e-4, finetune_warmup=4, steps_per_call=10,
+        eval_batch=128, alphas=(0.5, 1.0, 2.0), betas=(0.0, 0.02),
+        methods=("task_arithmetic", "ties", "tsv", "iso_c"),
     ),
 }
 

@@ -20,6 +20,7 @@ Nothing is tuned for any method: all share the grids, data, heads and experts.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -75,7 +76,8 @@ def methods_to_run(config: TextBenchConfig) -> tuple[str, ...]:
     return tuple(config.methods)
 
 
-def boost_all(tau, betas):
+@functools.partial(jax.jit, static_argnames="betas")
+def boost_all(tau, betas: tuple[float, ...]):
     """``sb.subspace_boost(tau, beta)`` for every beta from one SVD per matrix; leaves get a leading beta axis.
 
     Boosting keeps the singular vectors and raises ``s_i`` to ``max(s_i, s_k(beta))``
@@ -110,7 +112,7 @@ def boost_candidates(tau, betas, spectra):
             continue
         distinct.append(beta)
         equivalent[beta] = [beta]
-    boosted = boost_all(tau, distinct)
+    boosted = boost_all(tau, tuple(distinct))
     candidates = {b: jax.tree_util.tree_map(lambda x, i=i: x[i], boosted) for i, b in enumerate(distinct)}
     return candidates, equivalent, ks
 
