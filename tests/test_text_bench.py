@@ -161,3 +161,14 @@ def test_tiny_text_suite_end_to_end(tmp_path):
                                progress=False, log=lambda _: None)
     assert again["cache_hit"] and not results["cache_hit"]
     assert again["settings"][0]["methods"]["task_arithmetic"] == results["settings"][0]["methods"]["task_arithmetic"]
+
+
+def test_demo_cli_dispatches_text_suite(tmp_path, capsys):
+    from subboost.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--suite", "text", "--size", "tiny", "--out", str(tmp_path)]) == 2
+    assert "did not create" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="unknown text-suite size"):
+        get_config("huge")
