@@ -136,7 +136,7 @@ def test_tiny_text_suite_end_to_end(tmp_path):
     experts = np.array(results["expert_test_accuracy"])
     assert pretrained.shape == experts.shape == (config.num_tasks,)
     assert experts.mean() >= pretrained.mean() + 0.15  # fine-tuning helps clearly
-    assert (experts >= pretrained - 1e-6).all()
+    assert (experts >= pretrained - 1 / config.test_per_task).all()  # no task worse by more than one sentence
     regime = results["regime"]
     assert 0 < regime["relative_norm_mean"] < 0.2 and -1 <= regime["cosine_mean"] <= regime["cosine_max"] <= 1
     assert list(regime["sum"]) == [str(k) for k in config.task_counts]

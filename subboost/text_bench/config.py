@@ -120,7 +120,7 @@ CONFIGS: dict[str, TextBenchConfig] = {
     "tiny": TextBenchConfig(
         name="tiny", layers=1, num_tasks=4, task_counts=(2, 4),
         train_per_task=128, val_per_task=16, test_per_task=32, head_shots=4,
-        finetune_steps=20, finetune_batch=16, finetune_lr=2e-4, finetune_warmup=4, steps_per_call=10,
+        finetune_steps=30, finetune_batch=16, finetune_lr=3e-4, finetune_warmup=4, steps_per_call=10,
         eval_batch=128, alphas=(0.5, 1.0, 2.0), betas=(0.0, 0.02),
         methods=("task_arithmetic", "ties", "tsv", "iso_c"),
     ),
