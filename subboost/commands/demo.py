@@ -10,6 +10,8 @@ Examples::
 
   subboost demo                          # default size, ~15 min on 2 CPU cores (training included)
   subboost demo --size tiny --out /tmp/demo   # the same pipeline in about 2 min
+  subboost demo --suite text --out results_text   # experts fine-tuned from all-MiniLM-L6-v2
+                                                  # (needs the `text` extra)
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {args.seed}.")
+    if args.suite == "text":
+        return run_text_demo(args)
     config = get_config(args.size)
     results = run_benchmark(
         config,
@@ -39,11 +43,27 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_text_demo(args: argparse.Namespace) -> int:
+    from subboost.text_bench.config import get_config
+    from subboost.text_bench.pipeline import RESULT_FILES, run_text_benchmark
+    from subboost.text_bench.report import markdown_report
+
+    results = run_text_benchmark(get_config(args.size), seed=args.seed, out_dir=args.out, cache_dir=args.cache_dir,
+                                 overwrite=args.overwrite, progress=not args.no_progress)
+    print()
+    print(markdown_report(results))
+    print(f"wrote {args.out}/" + ", ".join(RESULT_FILES))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="run the offline mini-benchmark (generated tasks, trained experts, all merges)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--suite", choices=("vision", "text"), default="vision",
+                        help="vision: generated images, a ViT pretrained here (default); "
+                             "text: generated sentences, experts fine-tuned from all-MiniLM-L6-v2")
     parser.add_argument("--size", choices=("tiny", "default"), default="default",
                         help="benchmark size (default: default; tiny is for CI)")
     parser.add_argument("--out", default="results", help="output directory (default: results)")

@@ -9,7 +9,10 @@ Formats (``format=`` / ``--format``; ``"auto"`` detects them):
 * ``hf``: a Hugging Face ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` / ``CLIPModel``
   directory (``config.json`` + ``model.safetensors``);
 * ``head``: a classification head ``head_{Task}.pt`` (``weight`` / ``bias``, state dict or
-  pickled module).
+  pickled module);
+* ``bert``: a Hugging Face BERT encoder (``config.json`` with ``"model_type": "bert"`` and
+  ``model.safetensors`` / ``pytorch_model.bin``), as a directory or a ``.zip`` of one
+  (`subboost.convert.bert`; detected from config.json, and every ``.zip`` is read this way).
 
 `convert_checkpoint` converts in memory; `convert` also writes the orbax checkpoint (with
 ``subboost.json``: architecture, source format, source file sha256) atomically.
@@ -26,6 +29,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+from subboost.convert import bert as _bert
 from subboost.convert import heads as _heads
 from subboost.convert import hf as _hf
 from subboost.convert import open_clip as _open_clip
@@ -33,7 +37,7 @@ from subboost.convert.common import ConversionError, Converted, config_name, fil
 from subboost.convert.torch_pickle import UnsafePickleError
 from subboost.models.clip_vit import CLIPVisionConfig
 
-FORMATS: tuple[str, ...] = ("auto", "open_clip", "pickled_module", "hf", "head")
+FORMATS: tuple[str, ...] = ("auto", "open_clip", "pickled_module", "hf", "head", "bert")
 FORMAT_VERSION = 1
 
 
@@ -80,6 +84,8 @@ def convert_checkpoint(
         raise FileNotFoundError(f"source {source!r} does not exist.")
     if not path.is_dir() and not path.is_file():
         raise ConversionError(f"{source}: not a regular file or directory (a FIFO, socket or device?).")
+    if format == "bert" or (format == "auto" and _is_bert_source(path)):
+        return _convert_bert(path, config=config, dtype=dtype, overrides=overrides)
     if path.is_dir():
         if format not in ("auto", "hf"):
             raise ValueError(f"{source} is a directory; only --format hf (or auto) reads directories.")
@@ -144,6 +150,29 @@ def convert_checkpoint(
     if name:
         metadata["config_name"] = name
     return Converted(params=params, kind="clip_vision", config=cfg, metadata=metadata)
+
+
+def _is_bert_source(path: Path) -> bool:
+    """A ``.zip`` (only BERT folders are read from archives) or a directory whose config.json says BERT."""
+    if path.is_file():
+        return path.suffix.lower() == ".zip"
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        return _bert.is_bert_config(_bert.read_json(config))
+    except ConversionError:
+        return False  # the CLIP reader reports the unreadable file
+
+
+def _convert_bert(path: Path, *, config, dtype, overrides) -> Converted:
+    if config is not None or any(v is not None for v in overrides.values()):
+        raise ValueError(f"{path}: a BERT encoder's architecture comes from its config.json; "
+                         "config= / heads= / act= do not apply.")
+    params, cfg, info, files, what = _bert.convert_source(path)
+    params = finalize(params, source=str(path), dtype=dtype)
+    metadata = _metadata("bert", cfg.to_dict(), "bert", what, files, info=info)
+    return Converted(params=params, kind="bert", config=cfg, metadata=metadata)
 
 
 def _metadata(kind, architecture, detected, what, files, *, info) -> dict[str, Any]:

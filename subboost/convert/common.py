@@ -298,12 +298,12 @@ class Converted:
 
     Attributes:
       params: the Flax parameter tree (numpy arrays).
-      kind: ``"clip_vision"`` or ``"classification_head"``.
-      config: the `CLIPVisionConfig` of a vision tower (None for a head).
+      kind: ``"clip_vision"``, ``"bert"`` or ``"classification_head"``.
+      config: the `CLIPVisionConfig` of a vision tower, the `BertConfig` of a BERT (None for a head).
       metadata: what goes to ``subboost.json`` (architecture, source files and hashes, notes).
     """
 
     params: Any
     kind: str
-    config: CLIPVisionConfig | None
+    config: Any
     metadata: dict[str, Any]

@@ -1,4 +1,4 @@
-"""Flax models: the CLIP image tower and per-task classification heads."""
+"""Flax models: the CLIP image tower, a BERT text encoder and per-task classification heads."""
 
 from subboost.models.clip_vit import (
     CLIPVisionConfig,
@@ -9,9 +9,12 @@ from subboost.models.clip_vit import (
     param_shapes,
     quick_gelu,
 )
+from subboost.models.bert import BertConfig, BertEncoder, mean_pool
 from subboost.models.heads import ClassificationHead, head_from_linear, heads_from_class_embeddings, l2_normalize
 
 __all__ = [
+    "BertConfig",
+    "BertEncoder",
     "CLIPVisionConfig",
     "CLIPVisionTransformer",
     "ClassificationHead",
@@ -21,6 +24,7 @@ __all__ = [
     "heads_from_class_embeddings",
     "init_params",
     "l2_normalize",
+    "mean_pool",
     "param_shapes",
     "quick_gelu",
 ]

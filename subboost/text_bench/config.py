@@ -1,0 +1,134 @@
+"""Text-suite configurations: ``tiny`` (CI, < 2 min) and ``default`` (the README's run).
+
+``default``: all-MiniLM-L6-v2 (6 blocks, width 384), 12 generated sentence tasks, one
+expert per task fine-tuned for `finetune_steps` AdamW steps on the transformer blocks
+(embeddings frozen), merged at 4 / 8 / 12 tasks.
+
+``tiny``: the first block of the same pretrained weights, the first 4 tasks merged at 2 / 4,
+fewer sentences and steps, a shorter alpha grid and four methods (Task Arithmetic, TIES,
+TSV-M, Iso-C: element-wise and SVD-based): every stage of the pipeline, for CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from typing import Any
+
+# Log-spaced alpha grid 0.125 .. 2 (refined by 2^(+-1/2) around the best; edges flagged).
+DEFAULT_ALPHAS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
+DEFAULT_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)  # the paper's grid
+SVD_BATCH_SIZE = 1  # one matrix per LAPACK call (see subboost.bench.config: avoids a 2-thread deadlock)
+DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {
+    "ties": {"k": 0.2},
+    "dare": {"p": 0.9},
+    "consensus": {"k": 2, "lambdas": 0.4},
+    "tsv": {"batch_size": SVD_BATCH_SIZE},
+    "iso_c": {"batch_size": SVD_BATCH_SIZE},
+    "iso_cts": {"batch_size": SVD_BATCH_SIZE},
+}
+DEFAULT_FIXED_ALPHAS: dict[str, float] = {"weight_averaging": 1.0}
+# Temperature of the frozen cosine-prototype heads: fixed, not tuned (20 is the scale
+# sentence-transformers uses for cosine-similarity losses).
+LOGIT_SCALE = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBenchConfig:
+    """One text-suite size.
+
+    Attributes:
+      name: ``"tiny"`` or ``"default"``.
+      layers: transformer blocks of the pretrained encoder kept (None: all).
+      num_tasks: tasks used (the first ones of `tasks.TASKS`).
+      task_counts: numbers of experts merged (prefixes of the task order).
+      train_per_task, val_per_task, test_per_task: sentences per task and split.
+      head_shots: sentences per class whose pretrained embeddings make the frozen prototype head.
+      max_length: most tokens per sentence ([CLS] and [SEP] included).
+      logit_scale: temperature of the prototype heads.
+      finetune_steps, finetune_batch, finetune_lr, finetune_warmup: per-expert AdamW
+        fine-tuning of the transformer blocks (no weight decay; warm-up then cosine decay;
+        global-norm clip 1); embeddings and heads frozen.
+      steps_per_call: optimisation steps fused into one jit-compiled `lax.scan`.
+      eval_batch: sentences per forward pass in evaluation.
+      methods, method_kwargs, fixed_alphas, alphas, betas: as in `subboost.bench.config.BenchConfig`.
+    """
+
+    name: str
+    layers: int | None
+    num_tasks: int
+    task_counts: tuple[int, ...]
+    train_per_task: int
+    val_per_task: int
+    test_per_task: int
+    head_shots: int
+    finetune_steps: int
+    finetune_batch: int
+    finetune_lr: float
+    finetune_warmup: int
+    max_length: int = 16
+    logit_scale: float = LOGIT_SCALE
+    steps_per_call: int = 25
+    eval_batch: int = 256
+    methods: tuple[str, ...] | None = None
+    method_kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_METHOD_KWARGS))
+    fixed_alphas: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_FIXED_ALPHAS))
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    betas: tuple[float, ...] = DEFAULT_BETAS
+
+    def __post_init__(self):
+        from subboost.text_bench.tasks import TASKS
+
+        if not 1 <= self.num_tasks <= len(TASKS):
+            raise ValueError(f"TextBenchConfig.num_tasks must be in [1, {len(TASKS)}], got {self.num_tasks}.")
+        if not self.task_counts or any(not 1 <= k <= self.num_tasks for k in self.task_counts):
+            raise ValueError(f"TextBenchConfig.task_counts must lie in [1, num_tasks={self.num_tasks}], got {self.task_counts}.")
+        if list(self.task_counts) != sorted(set(self.task_counts)):
+            raise ValueError(f"TextBenchConfig.task_counts must be strictly increasing, got {self.task_counts}.")
+        if any(a <= 0 for a in self.alphas) or list(self.alphas) != sorted(set(self.alphas)):
+            raise ValueError(f"TextBenchConfig.alphas must be positive and strictly increasing, got {self.alphas}.")
+        if any(not 0.0 <= b <= 1.0 for b in self.betas):
+            raise ValueError(f"TextBenchConfig.betas must lie in [0, 1], got {self.betas}.")
+        if self.head_shots * 4 > self.train_per_task:
+            raise ValueError(f"TextBenchConfig.head_shots={self.head_shots} is too many for train_per_task={self.train_per_task}.")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"TextBenchConfig.layers must be positive or None, got {self.layers}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def training_key(self, seed: int, weights_sha256: str) -> str:
+        """Hash of everything that decides the heads and experts (incl. the generators' and trainers' source)."""
+        from subboost.text_bench import data, finetune, heads, model, tasks, tokenize
+
+        fields = {k: v for k, v in self.to_dict().items()
+                  if k.startswith(("layers", "num_tasks", "train_", "finetune_", "head_", "max_length", "logit_",
+                                   "steps_per_call"))}
+        sources = "".join(inspect.getsource(m) for m in (tasks, data, model, finetune, heads, tokenize))
+        blob = json.dumps({"seed": seed, "weights": weights_sha256, "config": fields}, sort_keys=True) + sources
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+CONFIGS: dict[str, TextBenchConfig] = {
+    "default": TextBenchConfig(
+        name="default", layers=None, num_tasks=12, task_counts=(4, 8, 12),
+        train_per_task=1024, val_per_task=24, test_per_task=96, head_shots=8,
+        finetune_steps=30, finetune_batch=32, finetune_lr=1e-4, finetune_warmup=3, steps_per_call=15,
+    ),
+    "tiny": TextBenchConfig(
+        name="tiny", layers=1, num_tasks=4, task_counts=(2, 4),
+        train_per_task=128, val_per_task=16, test_per_task=32, head_shots=4,
+        finetune_steps=30, finetune_batch=16, finetune_lr=3e-4, finetune_warmup=4, steps_per_call=10,
+        eval_batch=128, alphas=(0.5, 1.0, 2.0), betas=(0.0, 0.02),
+        methods=("task_arithmetic", "ties", "tsv", "iso_c"),
+    ),
+}
+
+
+def get_config(size: str = "default", **overrides: Any) -> TextBenchConfig:
+    """The named size (``"tiny"`` or ``"default"``), with fields replaced by ``overrides``."""
+    if size not in CONFIGS:
+        raise ValueError(f"unknown text-suite size {size!r}; choose one of {', '.join(CONFIGS)}.")
+    return dataclasses.replace(CONFIGS[size], **overrides)

@@ -1,0 +1,73 @@
+"""Batched accuracy of sentence encoders with the frozen prototype heads.
+
+All splits are stacked ``(T, n, L)``. `accuracies` evaluates one encoder on every task,
+`accuracies_at` evaluates ``theta_0 + alpha * tau`` (``tau`` covers the transformer blocks;
+alpha is traced, so an alpha sweep reuses one compiled program), `expert_accuracies`
+evaluates expert ``t`` on task ``t``. Sentences go through the encoder ``batch`` at a time
+(`jax.lax.map`), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from subboost.models.bert import BertConfig
+from subboost.text_bench.heads import task_logits
+from subboost.text_bench.model import make_embedder, with_encoder
+
+_STATIC = ("model", "batch")
+
+
+def features(params: dict, ids: jax.Array, mask: jax.Array, *, model: BertConfig, batch: int) -> jax.Array:
+    """``(N, L)`` -> ``(N, width)`` mean-pooled embeddings, ``batch`` sentences per forward pass."""
+    embed = make_embedder(model)
+    n = ids.shape[0]
+    batch = min(batch, n)
+    num_batches = math.ceil(n / batch)
+    pad = ((0, num_batches * batch - n), (0, 0))
+    ids = jnp.pad(ids, pad).reshape(num_batches, batch, -1)
+    mask = jnp.pad(mask, pad).reshape(num_batches, batch, -1)
+    out = jax.lax.map(lambda xs: embed(params, xs[0], xs[1]), (ids, mask))
+    return out.reshape(num_batches * batch, -1)[:n]
+
+
+def _accuracies(params, ids, mask, labels, heads, *, model, batch):
+    num_tasks, n, length = ids.shape
+    feats = features(params, ids.reshape(-1, length), mask.reshape(-1, length), model=model, batch=batch)
+    logits = task_logits(feats.reshape(num_tasks, n, -1), heads)
+    return jnp.mean(jnp.argmax(logits, axis=-1) == labels, axis=1)
+
+
+accuracies = jax.jit(_accuracies, static_argnames=_STATIC)
+accuracies.__doc__ = "Accuracy of one encoder on each task: ``(T,)``."
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def accuracies_at(base, tau, alpha, ids, mask, labels, heads, *, model, batch):
+    """Accuracy of ``theta_0 + alpha * tau`` (``tau``: the ``encoder`` subtree) on each task: ``(T,)``."""
+    encoder = jax.tree_util.tree_map(lambda p, t: p + alpha.astype(p.dtype) * t.astype(p.dtype), base["encoder"], tau)
+    return _accuracies(with_encoder(base, encoder), ids, mask, labels, heads, model=model, batch=batch)
+
+
+def expert_accuracies(base, experts, ids, mask, labels, heads, *, model, batch) -> np.ndarray:
+    """Expert ``t`` (index ``t`` of the stacked ``experts`` encoders) on task ``t`` only: ``(T,)``."""
+    out = []
+    for t in range(labels.shape[0]):
+        encoder = jax.tree_util.tree_map(lambda x, t=t: x[t], experts)
+        head = jax.tree_util.tree_map(lambda x, t=t: x[t:t + 1], heads)
+        out.append(accuracies(with_encoder(base, encoder), ids[t:t + 1], mask[t:t + 1], labels[t:t + 1], head,
+                              model=model, batch=batch)[0])
+    return np.asarray(jnp.stack(out))
+
+
+def alpha_sweep(base, tau, alphas: Sequence[float], ids, mask, labels, heads, *, model, batch) -> np.ndarray:
+    """``(A, T)`` accuracies of ``theta_0 + alpha * tau`` for every alpha (one host sync)."""
+    rows = [accuracies_at(base, tau, jnp.float32(a), ids, mask, labels, heads, model=model, batch=batch)
+            for a in alphas]
+    return np.asarray(jnp.stack(rows))

@@ -1,0 +1,169 @@
+"""Markdown tables of a text-suite result (the ``results.json`` dictionary).
+
+Cells read ``absolute (normalized)`` in percent: absolute = mean test accuracy over the
+merged tasks; normalized = mean over those tasks of merged / expert test accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+METHOD_NAMES = {
+    "weight_averaging": "Weight averaging", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
+    "dare": "DARE (TA)", "consensus": "Consensus TA", "tsv": "TSV-M", "iso_c": "Iso-C", "iso_cts": "Iso-CTS",
+}
+
+
+def method_label(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def method_names(results: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for setting in results["settings"]:
+        names += [m for m in setting["methods"] if m not in names]
+    return names
+
+
+def _header(results, suffix: str = "", align: str = "---:") -> list[str]:
+    settings = results["settings"]
+    return ["| method | " + " | ".join(f"{s['num_tasks']} tasks{suffix}" for s in settings) + " |",
+            "|---|" + f"{align}|" * len(settings)]
+
+
+def _ok(setting, method):
+    entry = setting["methods"].get(method)
+    return entry if entry is not None and entry["status"] == "ok" else None
+
+
+def accuracy_table(results: dict[str, Any], field: str | None = None) -> str:
+    """``field=None``: ``abs (norm)`` cells; ``"absolute"`` / ``"normalized"``: one number per cell."""
+    def cell(entry):
+        if field is None:
+            return f"{percent(entry['absolute'])} ({percent(entry['normalized'])})"
+        return percent(entry[field])
+
+    settings = results["settings"]
+    lines = _header(results)
+    lines.append("| Pretrained + heads | " + " | ".join(cell(s["pretrained"]) for s in settings) + " |")
+    lines.append("| Fine-tuned experts | " + " | ".join(cell(s["experts"]) for s in settings) + " |")
+    for method in method_names(results):
+        for variant, label in (("plain", method_label(method)), ("boosted", f"{method_label(method)} + boost")):
+            cells = []
+            for s in settings:
+                entry = _ok(s, method)
+                cells.append("n/a" if entry is None else cell(entry[variant]) + ("*" if entry[variant]["alpha_on_edge"] else ""))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def choices_table(results: dict[str, Any]) -> str:
+    lines = _header(results, ": alpha ; boosted alpha / beta (k)", "---")
+    for method in method_names(results):
+        cells = []
+        for s in results["settings"]:
+            entry = _ok(s, method)
+            if entry is None:
+                cells.append("n/a")
+                continue
+            p, b = entry["plain"], entry["boosted"]
+            twins = [x for x in b.get("equivalent_betas", []) if x != b["beta"]]
+            beta = f"{b['beta']:g}" + ("=" + "=".join(f"{x:g}" for x in twins) if twins else "")
+            cells.append(f"{p['alpha']:.3g}{'*' if p['alpha_on_edge'] else ''} ; "
+                         f"{b['alpha']:.3g}{'*' if b['alpha_on_edge'] else ''} / {beta} (k {b['mean_cutoff_index']:.1f})")
+        lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stable_rank_table(results: dict[str, Any]) -> str:
+    lines = _header(results)
+    for method in method_names(results):
+        cells = []
+        for s in results["settings"]:
+            entry = _ok(s, method)
+            cells.append("n/a" if entry is None else
+                         f"{entry['plain']['stable_rank']:.1f} -> {entry['boosted']['stable_rank']:.1f}")
+        lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def regime_table(results: dict[str, Any]) -> str:
+    r = results["regime"]
+    norms = r["relative_norms"]
+    lines = [
+        f"- task-vector norm / pretrained norm (transformer blocks): mean {100 * r['relative_norm_mean']:.2f}% "
+        f"(min {100 * min(norms):.2f}%, max {100 * max(norms):.2f}%)",
+        f"- pairwise cosine between task vectors: mean {r['cosine_mean']:.3f}, max {r['cosine_max']:.3f}",
+        f"- mean stable rank of one expert's task-vector matrices: {r['expert_stable_rank_mean']:.2f} "
+        f"(matrices have rank up to {r['max_rank']})",
+        "",
+        "| task-arithmetic sum of the first T task vectors | " + " | ".join(f"T = {c}" for c in r["sum"]) + " |",
+        "|---|" + "---:|" * len(r["sum"]),
+        "| mean stable rank | " + " | ".join(f"{v['stable_rank']:.2f}" for v in r["sum"].values()) + " |",
+    ]
+    betas = list(next(iter(r["sum"].values()))["cutoff_mean"])
+    for b in betas:
+        lines.append(f"| boosting cutoff k at beta {b}: mean (share of matrices with k > 0) | " + " | ".join(
+            f"{v['cutoff_mean'][b]:.2f} ({100 * v['cutoff_nonzero'][b]:.0f}%)" for v in r["sum"].values()) + " |")
+    return "\n".join(lines)
+
+
+def per_task_table(results: dict[str, Any]) -> str:
+    lines = ["| task | classes | example | pretrained + heads | expert |", "|---|---:|---|---:|---:|"]
+    for task, zs, ex in zip(results["tasks"], results["pretrained_test_accuracy"], results["expert_test_accuracy"]):
+        lines.append(f"| {task['name']} | {task['num_classes']} | {task['example']} | {percent(zs)} | {percent(ex)} |")
+    return "\n".join(lines)
+
+
+def markdown_tables(results: dict[str, Any]) -> str:
+    """Every table (deterministic given the seed: no timings)."""
+    config, model = results["config"], results["model"]
+    parts = [
+        f"## Text suite: size `{results['size']}`, seed {results['seed']}",
+        "",
+        f"all-MiniLM-L6-v2 ({model['layers']} blocks, width {model['width']}), mean-pooled, frozen cosine-prototype "
+        f"heads ({config['head_shots']} sentences per class); {config['num_tasks']} generated tasks, experts "
+        f"fine-tuned {config['finetune_steps']} steps (transformer blocks only, embeddings frozen); merged at "
+        f"{', '.join(str(k) for k in config['task_counts'])} tasks.",
+        "",
+        "Test accuracy, mean over the merged tasks: absolute % (normalized % = merged / expert accuracy per task, "
+        "averaged). alpha (and beta for `+ boost`) chosen on validation; `*` = alpha at the edge of the grid.",
+        "",
+        accuracy_table(results),
+        "",
+        "Normalized accuracy alone (%):",
+        "",
+        accuracy_table(results, "normalized"),
+        "",
+        "Chosen alpha (plain ; boosted) / beta, with the mean boosting cutoff index k over matrices "
+        "(`0=0.01` = those betas give the same cutoffs):",
+        "",
+        choices_table(results),
+        "",
+        "Mean stable rank of the merged task vector's matrices, plain -> boosted:",
+        "",
+        stable_rank_table(results),
+        "",
+        "Regime of the experts:",
+        "",
+        regime_table(results),
+        "",
+        "Per task (test accuracy %):",
+        "",
+        per_task_table(results),
+    ]
+    notes = [f"- {method_label(m)} at {s['num_tasks']} tasks: n/a ({e['reason']})"
+             for s in results["settings"] for m, e in s["methods"].items() if e["status"] != "ok"]
+    if notes:
+        parts += ["", "Not run:", *notes]
+    return "\n".join(parts) + "\n"
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    timings = results["timings"]
+    cache = "reused cached experts" if results["cache_hit"] else "fine-tuned the experts"
+    return markdown_tables(results) + f"\nWall time {timings.get('total_s', float('nan')):.0f} s ({cache}).\n"
