@@ -66,6 +66,8 @@ class BenchConfig:
       train_per_task, val_per_task, test_per_task: images per task and split.
       pretrain_per_task: images per task in the pretraining mixture.
       head_shots: training images per class averaged into a frozen zero-shot-like head.
+      pretrain_labels: captions of the pretraining mixture, one per class (``"fine"``) or per pair of
+        neighbouring classes (``"coarse"``).
       pretrain_steps, pretrain_batch, pretrain_lr, pretrain_warmup, pretrain_weight_decay:
         CLIP-style pretraining (AdamW, linear warm-up then cosine decay, global-norm clip 1).
       finetune_steps, finetune_batch, finetune_lr, finetune_warmup: per-expert fine-tuning
@@ -97,6 +99,7 @@ class BenchConfig:
     finetune_batch: int
     finetune_lr: float
     finetune_warmup: int
+    pretrain_labels: str = "fine"
     steps_per_call: int = 50
     eval_batch: int = 512
     methods: tuple[str, ...] | None = None
@@ -147,7 +150,7 @@ class BenchConfig:
 
 
 _MODELS = {
-    "default": CLIPVisionConfig(image_size=16, patch_size=4, width=64, layers=3, heads=4, embed_dim=32),
+    "default": CLIPVisionConfig(image_size=16, patch_size=4, width=64, layers=3, heads=4, embed_dim=64),
     "tiny": CLIPVisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=16),
 }
 
@@ -160,12 +163,12 @@ CONFIGS: dict[str, BenchConfig] = {
         train_per_task=2048,
         val_per_task=128,
         test_per_task=512,
-        pretrain_per_task=4096,
+        pretrain_per_task=8192,
         head_shots=5,
-        pretrain_steps=2000,
-        pretrain_batch=256,
-        pretrain_lr=1e-3,
-        pretrain_warmup=100,
+        pretrain_steps=8000,
+        pretrain_batch=128,
+        pretrain_lr=2e-3,
+        pretrain_warmup=300,
         pretrain_weight_decay=0.05,
         finetune_steps=1200,
         finetune_batch=32,

@@ -128,7 +128,8 @@ def train_models(config: BenchConfig, data: SuiteData, *, seed: int, progress: b
     """Pretrains the base, builds the heads and fine-tunes the experts (timed)."""
     timings = {}
     start = time.perf_counter()
-    mixture = build_pretraining_mixture(data.tasks, per_task=config.pretrain_per_task, seed=seed, progress=progress)
+    mixture = build_pretraining_mixture(data.tasks, per_task=config.pretrain_per_task, seed=seed,
+                                        labels=config.pretrain_labels, progress=progress)
     timings["pretraining_data_s"] = time.perf_counter() - start
     start = time.perf_counter()
     pretrained = pretrain(config, mixture, seed=seed, progress=progress)
