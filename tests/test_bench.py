@@ -337,6 +337,53 @@ def test_tiny_tables_are_consistent_with_the_json(tiny_run):
     assert row and len(row.group(1).split("|")) == len(results["settings"])
 
 
+def test_tiny_reproduces_the_merging_facts(tiny_run):
+    """Facts 1-3 of the calibration (issue 19) on the tiny size, in the same direction as at the default size:
+    experts clearly beat the pretrained model, Task Arithmetic beats the pretrained model at the smallest
+    task count, and Task Arithmetic's normalized accuracy falls as more experts are merged."""
+    _, _, results, _ = tiny_run
+    first, last = results["settings"][0], results["settings"][-1]
+    gain = np.mean(results["expert_test_accuracy"]) - np.mean(results["pretrained_test_accuracy"])
+    assert gain >= 0.15, gain
+    ta_first, ta_last = (s["methods"]["task_arithmetic"]["plain"] for s in (first, last))
+    assert ta_first["normalized"] >= first["pretrained"]["normalized"] + 0.02, (ta_first, first["pretrained"])
+    assert ta_last["normalized"] <= ta_first["normalized"] - 0.01, (ta_first["normalized"], ta_last["normalized"])
+
+
+def test_tiny_boost_sweep_and_regime_figures(tiny_run):
+    config, out, results, _ = tiny_run
+    sweep = results["boost_sweep"]
+    largest = results["settings"][-1]
+    assert sweep["num_tasks"] == config.task_counts[-1] and sweep["betas"] == list(bench_config.SWEEP_BETAS)
+    assert set(sweep["methods"]) == {"task_arithmetic", "ties"}
+    for method, rows in sweep["methods"].items():
+        assert [r["beta"] for r in rows] == sweep["betas"]
+        cutoffs = [r["mean_cutoff_index"] for r in rows]
+        assert cutoffs[0] == 0.0 and cutoffs == sorted(cutoffs) and cutoffs[-1] > cutoffs[0]
+        ranks = [r["stable_rank"] for r in rows]
+        assert ranks[0] > ranks[-1]  # beta = 0 flattens the spectrum, beta = 1 leaves it
+        plain = largest["methods"][method]["plain"]
+        assert ranks[-1] == pytest.approx(plain["stable_rank"], rel=1e-3)
+        # beta = 1 is no boost: same choice of alpha, same accuracy as the plain merge (up to SVD round-off)
+        assert rows[-1]["absolute"] == pytest.approx(plain["absolute"], abs=0.02)
+        for r in rows:
+            assert 0.0 <= r["absolute"] <= 1.0 and r["alpha"] > 0
+    assert sweep["reference"]["iso_c"]["absolute"] == largest["methods"]["iso_c"]["plain"]["absolute"]
+    regime = results["regime"]
+    probe = np.asarray(regime["linear_probe_accuracy"])
+    chance = np.asarray([1 / t["num_classes"] for t in results["tasks"]])
+    assert probe.shape == (config.num_tasks,) and np.all(probe > chance)
+    assert regime["probe_over_expert"] == pytest.approx(probe.mean() / np.mean(results["expert_test_accuracy"]))
+    norms = np.asarray(regime["relative_norm"])
+    assert norms.shape == (config.num_tasks,) and np.all((norms > 0) & (norms < 0.5))
+    cos = np.asarray(regime["cosine_matrix"])
+    np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-6)
+    assert regime["mean_cosine"] == pytest.approx(cos[np.triu_indices(config.num_tasks, 1)].mean())
+    table = (out / "results.md").read_text()
+    assert "Boosting strength" in table and "linear probe" in table
+    assert (out / "boost_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_same_seed_same_tables(tiny_run):
     _, _, first, second = tiny_run
     assert not first["cache_hit"] and second["cache_hit"]

@@ -31,6 +31,9 @@ from subboost.models.clip_vit import CLIPVisionConfig
 # best point by 2^(+-1/2) and flags choices on the grid's edges.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.01 * 2**k, 6) for k in range(10))
 DEFAULT_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)
+# Boosting-strength sweep at the largest task count (beta = 1: no boost).
+SWEEP_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+SWEEP_METHODS: tuple[str, ...] = ("task_arithmetic", "ties")
 
 # Hyper-parameters of the merge methods (REFERENCE.md defaults; Consensus's
 # per-task lambda is fixed at 0.4 instead of tuned per task).
@@ -68,6 +71,9 @@ class BenchConfig:
       head_shots: training images per class averaged into a frozen zero-shot-like head.
       pretrain_labels: captions of the pretraining mixture, one per class (``"fine"``) or per pair of
         neighbouring classes (``"coarse"``).
+      base: name of a shipped pretrained base (`subboost.bench.base.SHIPPED_BASES`) to load instead of
+        pretraining in the run; the pretraining fields then describe how that base was made
+        (``subboost demo --pretrain-base`` remakes it).
       pretrain_steps, pretrain_batch, pretrain_lr, pretrain_warmup, pretrain_weight_decay:
         CLIP-style pretraining (AdamW, linear warm-up then cosine decay, global-norm clip 1).
       finetune_steps, finetune_batch, finetune_lr, finetune_warmup: per-expert fine-tuning
@@ -79,6 +85,8 @@ class BenchConfig:
       fixed_alphas: methods evaluated at one alpha instead of a tuned one.
       alphas: coarse alpha grid (refined around the best value).
       betas: Subspace Boosting cutoffs tried (chosen on validation with alpha).
+      sweep_betas, sweep_methods: the boosting-strength sweep at the largest task count
+        (`subboost.bench.pipeline.boost_sweep`).
     """
 
     name: str
@@ -99,7 +107,9 @@ class BenchConfig:
     finetune_batch: int
     finetune_lr: float
     finetune_warmup: int
+    finetune_optimizer: str = "adam"
     pretrain_labels: str = "fine"
+    base: str | None = None
     steps_per_call: int = 50
     eval_batch: int = 512
     methods: tuple[str, ...] | None = None
@@ -107,6 +117,8 @@ class BenchConfig:
     fixed_alphas: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_FIXED_ALPHAS))
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     betas: tuple[float, ...] = DEFAULT_BETAS
+    sweep_betas: tuple[float, ...] = SWEEP_BETAS
+    sweep_methods: tuple[str, ...] = SWEEP_METHODS
 
     def __post_init__(self):
         from subboost.bench.tasks import TASKS
@@ -119,8 +131,9 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.task_counts must be strictly increasing, got {self.task_counts}.")
         if any(a <= 0 for a in self.alphas) or list(self.alphas) != sorted(set(self.alphas)):
             raise ValueError(f"BenchConfig.alphas must be positive and strictly increasing, got {self.alphas}.")
-        if any(not 0.0 <= b <= 1.0 for b in self.betas):
-            raise ValueError(f"BenchConfig.betas must lie in [0, 1], got {self.betas}.")
+        for name in ("betas", "sweep_betas"):
+            if any(not 0.0 <= b <= 1.0 for b in getattr(self, name)):
+                raise ValueError(f"BenchConfig.{name} must lie in [0, 1], got {getattr(self, name)}.")
         if self.model.image_size != 16 or self.model.in_channels != 3:
             raise ValueError("BenchConfig.model must take 16x16 RGB images (the tasks' input space).")
         if self.head_shots > self.train_per_task // 10:
@@ -142,16 +155,20 @@ class BenchConfig:
         fields = {
             k: v
             for k, v in self.to_dict().items()
-            if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_", "steps_per_call"))
+            if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_", "steps_per_call", "base"))
         }
         sources = "".join(inspect.getsource(m) for m in (tasks, data, model, pretrain, finetune, heads))
+        if self.base is not None:  # a shipped base is identified by its checksum
+            from subboost.bench.base import SHIPPED_BASES
+
+            fields["base_sha256"] = SHIPPED_BASES.get(self.base)
         blob = json.dumps({"seed": seed, "config": fields}, sort_keys=True) + sources
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 _MODELS = {
     "default": CLIPVisionConfig(image_size=16, patch_size=4, width=64, layers=3, heads=4, embed_dim=64),
-    "tiny": CLIPVisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=16),
+    "tiny": CLIPVisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=32),
 }
 
 CONFIGS: dict[str, BenchConfig] = {
@@ -164,16 +181,17 @@ CONFIGS: dict[str, BenchConfig] = {
         val_per_task=128,
         test_per_task=512,
         pretrain_per_task=8192,
-        head_shots=5,
+        head_shots=1,
         pretrain_steps=8000,
         pretrain_batch=128,
         pretrain_lr=2e-3,
         pretrain_warmup=300,
         pretrain_weight_decay=0.05,
-        finetune_steps=1200,
+        finetune_steps=400,
         finetune_batch=32,
-        finetune_lr=3e-3,
-        finetune_warmup=100,
+        finetune_lr=5e-4,
+        finetune_warmup=40,
+        base="default_seed0",
     ),
     "tiny": BenchConfig(
         name="tiny",
@@ -184,16 +202,16 @@ CONFIGS: dict[str, BenchConfig] = {
         val_per_task=48,
         test_per_task=128,
         pretrain_per_task=1024,
-        head_shots=5,
+        head_shots=1,
         pretrain_steps=600,
         pretrain_batch=128,
         pretrain_lr=2e-3,
         pretrain_warmup=50,
         pretrain_weight_decay=0.05,
-        finetune_steps=600,
+        finetune_steps=300,
         finetune_batch=64,
-        finetune_lr=3e-3,
-        finetune_warmup=40,
+        finetune_lr=1e-3,
+        finetune_warmup=30,
         eval_batch=256,
     ),
 }
