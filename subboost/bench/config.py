@@ -168,7 +168,7 @@ class BenchConfig:
 
 _MODELS = {
     "default": CLIPVisionConfig(image_size=16, patch_size=4, width=64, layers=3, heads=4, embed_dim=64),
-    "tiny": CLIPVisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=32),
+    "tiny": CLIPVisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=16),
 }
 
 CONFIGS: dict[str, BenchConfig] = {
@@ -202,16 +202,17 @@ CONFIGS: dict[str, BenchConfig] = {
         val_per_task=48,
         test_per_task=128,
         pretrain_per_task=1024,
-        head_shots=1,
+        head_shots=5,
         pretrain_steps=600,
         pretrain_batch=128,
         pretrain_lr=2e-3,
         pretrain_warmup=50,
         pretrain_weight_decay=0.05,
-        finetune_steps=300,
+        finetune_steps=600,
         finetune_batch=64,
-        finetune_lr=1e-3,
-        finetune_warmup=30,
+        finetune_lr=3e-3,
+        finetune_warmup=40,
+        pretrain_labels="coarse",
         eval_batch=256,
     ),
 }
