@@ -376,9 +376,6 @@ def test_tiny_experts_beat_the_pretrained_model_by_a_wide_margin(tiny_run):
     assert gain >= 0.15, gain
 
 
-@pytest.mark.xfail(strict=True, reason="issue 19 facts 2-3 not reproduced yet: on this benchmark Task Arithmetic "
-                   "stays within a few points of the pretrained model (see README, Offline mini-benchmark); "
-                   "strict, so this fails loudly once the facts hold and the marker must go")
 def test_tiny_task_arithmetic_beats_pretrained_and_falls_with_more_experts(tiny_run):
     """Facts 2-3 in the same direction as CLIP: Task Arithmetic beats the pretrained model at the smallest
     task count, and its normalized accuracy falls as more experts are merged."""

@@ -37,7 +37,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print()
     print(markdown_report(results))
-    print(f"wrote {args.out}/results.json, results.md, accuracy_vs_tasks.png, stable_rank_vs_tasks.png")
+    print(f"wrote {args.out}/results.json, results.md, accuracy_vs_tasks.png, stable_rank_vs_tasks.png, boost_sweep.png")
     return 0
 
 
