@@ -312,6 +312,7 @@ def boost_sweep(
 ) -> dict[str, Any]:
     """Accuracy against boosting strength: each method of ``config.sweep_methods`` boosted at every beta
     of ``config.sweep_betas`` (beta = 1 leaves the spectrum as it is), alpha tuned on validation per beta.
+    Betas with the same cutoff index on every matrix give the same boosted task vector and share one row.
 
     Returns ``{method: [{"beta", "alpha", "alpha_on_edge", "val_accuracy", "absolute", "normalized",
     "mean_cutoff_index", "stable_rank"}, ...]}`` (one entry per beta, in grid order).
@@ -335,6 +336,11 @@ def boost_sweep(
             cutoffs = cutoff_indices(tau, config.sweep_betas)
             rows = []
             for beta in config.sweep_betas:
+                twin = next((r for r in rows if np.array_equal(cutoffs[r["beta"]], cutoffs[beta])), None)
+                if twin is not None:  # same cutoff on every matrix: the same boosted task vector
+                    rows.append({**twin, "beta": beta})
+                    bar.update(1)
+                    continue
                 boosted = sb.subspace_boost(tau, beta=beta, batch_size=SVD_BATCH_SIZE)
                 choice = select(evaluate, {beta: boosted}, alphas=config.alphas)
                 test = bench_eval.alpha_sweep(base, boosted, [choice.alpha], test_images, test_labels, heads_t, **static)[0]
