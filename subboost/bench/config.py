@@ -7,14 +7,17 @@ cache: changing an evaluation setting reuses the trained base and experts,
 changing a training setting retrains them.
 
 ``default``: a 3-block ViT (16x16 RGB, patch 4, width 64, 4 heads, projection
-to 32 dims; ~150k parameters), pretrained CLIP-style on the coarse-caption
-mixture of all 20 tasks, 20 experts, merged at 8 / 14 / 20 tasks.
+to 64 dims; ~160k parameters), loaded from the shipped base (`subboost.bench.base`:
+pretrained once, CLIP-style, on fine captions of all 20 tasks, 8000 steps of 128);
+frozen 1-shot prototype heads; 20 experts fine-tuned gently (Adam lr 5e-4, 400
+steps of 32); merged at 8 / 14 / 20 tasks. Calibrated against published CLIP
+facts (issue 19; the README lists which targets it meets).
 
 ``tiny``: the same pipeline, scaled down in every direction: a 2-block width-32
-ViT, fewer images and steps, and the first 10 tasks merged at 4 / 7 / 10 tasks
-(the 8 / 14 / 20 structure halved), so CI sees every stage in under two minutes
-(93 s on 2 idle cores, training included). Measured on 2 cores: default 6 min
-53 s from scratch.
+ViT pretrained in the run on coarse captions, fewer images and steps, and the
+first 10 tasks merged at 4 / 7 / 10 tasks (the 8 / 14 / 20 structure halved), so
+CI sees every stage in about two minutes (93 s on 2 idle cores before the
+boosting sweep and regime figures were added).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CLIP-style pretraining of the encoder on the coarse-caption mixture.
+"""CLIP-style pretraining of the encoder on the captioned mixture of every task.
 
 As in CLIP, images and captions meet in one embedding space, compared by
 cosine similarity under a learned temperature:
@@ -6,8 +6,8 @@ cosine similarity under a learned temperature:
     logits_ij = exp(s) * < normalise(f(x_i)), normalise(w_j) >,   exp(s) <= 100
     loss      = mean_i  cross_entropy(logits_i, caption_i)
 
-The captions form a small fixed vocabulary (one caption per pair of
-neighbouring classes of each task, see `subboost.bench.tasks.coarse_labels`), so the text tower is an embedding
+The captions form a small fixed vocabulary (one caption per class of each task,
+or per pair of neighbouring classes, see `subboost.bench.data.build_pretraining_mixture`), so the text tower is an embedding
 table ``w`` and every caption is a negative for every image (CLIP's
 image-to-text loss with the whole vocabulary in the batch; the text-to-image
 half adds nothing when captions repeat within a batch).
