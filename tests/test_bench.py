@@ -246,6 +246,38 @@ def test_config_validation_and_training_key():
     assert tiny.training_key(0) != dataclasses.replace(tiny, finetune_lr=1e-4).training_key(0)
 
 
+def test_base_file_round_trip_checksum_and_refusals(tmp_path):
+    from subboost.bench import base as bench_base
+    from subboost.bench.model import init_encoder
+
+    encoder = init_encoder(MICRO.model, jax.random.key(1))
+    path = tmp_path / "b.npz"
+    digest = bench_base.save_base(path, encoder, 12.5)
+    loaded, scale = bench_base.load_base(path, sha256=digest)
+    chex.assert_trees_all_equal(loaded, jax.device_get(encoder))
+    assert scale == 12.5
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        bench_base.save_base(path, encoder, 1.0)
+    with pytest.raises(ValueError, match="SHA-256"):
+        bench_base.load_base(path, sha256="0" * 64)
+    with pytest.raises(FileNotFoundError, match="--pretrain-base"):
+        bench_base.load_base(tmp_path / "missing.npz")
+
+
+def test_shipped_default_base_matches_its_checksum_and_the_default_model():
+    from subboost.bench import base as bench_base
+    from subboost.bench.model import init_encoder
+
+    config = bench_config.get_config("default")
+    assert config.base in bench_base.SHIPPED_BASES
+    assert bench_base.base_path(config.base).stat().st_size <= 20 * 2**20
+    encoder, scale = bench_base.load_shipped_base(config.base)
+    expected = init_encoder(config.model, jax.random.key(0))
+    chex.assert_trees_all_equal_shapes(encoder, jax.device_get(expected))
+    assert 1.0 < scale <= 100.0
+    assert config.training_key(0) != dataclasses.replace(config, base=None).training_key(0)
+
+
 def test_prepare_out_dir_refuses_foreign_directories(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -335,6 +367,57 @@ def test_tiny_tables_are_consistent_with_the_json(tiny_run):
         assert ran >= 4
     row = re.search(r"^\| Task Arithmetic \|(.+)\|$", table, re.M)
     assert row and len(row.group(1).split("|")) == len(results["settings"])
+
+
+def test_tiny_experts_beat_the_pretrained_model_by_a_wide_margin(tiny_run):
+    """Fact 1 of the calibration (issue 19): experts beat the pretrained model with heads clearly on average."""
+    _, _, results, _ = tiny_run
+    gain = np.mean(results["expert_test_accuracy"]) - np.mean(results["pretrained_test_accuracy"])
+    assert gain >= 0.15, gain
+
+
+def test_tiny_task_arithmetic_beats_pretrained_and_falls_with_more_experts(tiny_run):
+    """Facts 2-3 in the same direction as CLIP: Task Arithmetic beats the pretrained model at the smallest
+    task count, and its normalized accuracy falls as more experts are merged."""
+    _, _, results, _ = tiny_run
+    first, last = results["settings"][0], results["settings"][-1]
+    ta_first, ta_last = (s["methods"]["task_arithmetic"]["plain"] for s in (first, last))
+    assert ta_first["normalized"] >= first["pretrained"]["normalized"] + 0.02, (ta_first, first["pretrained"])
+    assert ta_last["normalized"] <= ta_first["normalized"] - 0.01, (ta_first["normalized"], ta_last["normalized"])
+
+
+def test_tiny_boost_sweep_and_regime_figures(tiny_run):
+    config, out, results, _ = tiny_run
+    sweep = results["boost_sweep"]
+    largest = results["settings"][-1]
+    assert sweep["num_tasks"] == config.task_counts[-1] and sweep["betas"] == list(bench_config.SWEEP_BETAS)
+    assert set(sweep["methods"]) == {"task_arithmetic", "ties"}
+    for method, rows in sweep["methods"].items():
+        assert [r["beta"] for r in rows] == sweep["betas"]
+        cutoffs = [r["mean_cutoff_index"] for r in rows]
+        assert cutoffs[0] == 0.0 and cutoffs == sorted(cutoffs) and cutoffs[-1] > cutoffs[0]
+        ranks = [r["stable_rank"] for r in rows]
+        assert ranks[0] > ranks[-1]  # beta = 0 flattens the spectrum, beta = 1 leaves it
+        plain = largest["methods"][method]["plain"]
+        assert ranks[-1] == pytest.approx(plain["stable_rank"], rel=1e-3)
+        # beta = 1 is no boost: same choice of alpha, same accuracy as the plain merge (up to SVD round-off)
+        assert rows[-1]["absolute"] == pytest.approx(plain["absolute"], abs=0.02)
+        for r in rows:
+            assert 0.0 <= r["absolute"] <= 1.0 and r["alpha"] > 0
+    assert sweep["reference"]["iso_c"]["absolute"] == largest["methods"]["iso_c"]["plain"]["absolute"]
+    regime = results["regime"]
+    probe = np.asarray(regime["linear_probe_accuracy"])
+    chance = np.asarray([1 / t["num_classes"] for t in results["tasks"]])
+    assert probe.shape == (config.num_tasks,) and np.all(probe > chance)
+    assert regime["probe_over_expert"] == pytest.approx(probe.mean() / np.mean(results["expert_test_accuracy"]))
+    norms = np.asarray(regime["relative_norm"])
+    assert norms.shape == (config.num_tasks,) and np.all((norms > 0) & (norms < 0.5))
+    cos = np.asarray(regime["cosine_matrix"])
+    np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-6)
+    assert regime["mean_cosine"] == pytest.approx(cos[np.triu_indices(config.num_tasks, 1)].mean())
+    table = (out / "results.md").read_text()
+    assert "Boosting strength" in table and "linear probe" in table
+    assert (out / "boost_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_same_seed_same_tables(tiny_run):

@@ -75,7 +75,7 @@ def build_suite(tasks: Sequence[Task], *, train: int, val: int, test: int, seed:
 class PretrainData:
     """The pretraining mixture: clean images, caption ids and per-image noise levels.
 
-    Each task has its own captions, one per coarse label (see `tasks.coarse_labels`).
+    Each task has its own captions: one per class, or one per coarse label (see `tasks.coarse_labels`).
     """
 
     images: np.ndarray
@@ -84,16 +84,24 @@ class PretrainData:
     num_captions: int
 
 
-def build_pretraining_mixture(tasks: Sequence[Task], *, per_task: int, seed: int, progress: bool = True) -> PretrainData:
-    """Images from every task's ``pretrain`` stream, labelled by coarse captions only."""
+PRETRAIN_LABELS = ("fine", "coarse")
+
+
+def build_pretraining_mixture(
+    tasks: Sequence[Task], *, per_task: int, seed: int, labels: str = "coarse", progress: bool = True
+) -> PretrainData:
+    """Images from every task's ``pretrain`` stream with one caption per class (``labels="fine"``) or per
+    pair of neighbouring classes (``"coarse"``, `tasks.coarse_labels`)."""
+    if labels not in PRETRAIN_LABELS:
+        raise ValueError(f"pretraining labels must be one of {PRETRAIN_LABELS}, got {labels!r}.")
     images, captions, noise = [], [], []
     offset = 0
     for task in tqdm(tasks, desc="generating pretraining mixture", disable=not progress, leave=False):
         x, y = generate(task, "pretrain", per_task, seed=seed, noisy=False)
         images.append(x)
-        captions.append(offset + coarse_labels(task, y))
+        captions.append(offset + (y if labels == "fine" else coarse_labels(task, y)))
         noise.append(np.full((per_task,), task.noise, np.float32))
-        offset += num_coarse_labels(task)
+        offset += task.num_classes if labels == "fine" else num_coarse_labels(task)
     return PretrainData(np.concatenate(images), np.concatenate(captions).astype(np.int32), np.concatenate(noise), offset)
 
 

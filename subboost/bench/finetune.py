@@ -26,6 +26,8 @@ from subboost.bench.heads import task_logits
 from subboost.bench.model import add_pixel_noise, make_encoder
 from subboost.bench.pretrain import chunk_sizes
 
+FINETUNE_MOMENTUM = 0.9
+
 
 def stack_trees(tree, copies: int):
     """``copies`` copies of ``tree`` on a new leading axis."""
@@ -48,7 +50,14 @@ def finetune_experts(
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.finetune_lr, max(config.finetune_warmup, 1), max(config.finetune_steps, config.finetune_warmup + 1)
     )
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    if config.finetune_optimizer == "sgd":
+        # Plain gradient steps: each linear layer's update stays in the span of the task's own activations.
+        optimizer = optax.sgd(schedule, momentum=FINETUNE_MOMENTUM)
+    elif config.finetune_optimizer == "adam":
+        optimizer = optax.adam(schedule)
+    else:
+        raise ValueError(f"BenchConfig.finetune_optimizer must be 'sgd' or 'adam', got {config.finetune_optimizer!r}.")
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optimizer)
     params = stack_trees(base, num_tasks)
     opt_state = jax.vmap(tx.init)(params)
 

@@ -12,7 +12,9 @@
    accuracy reported on test, absolute and normalized (merged / expert
    accuracy per task, averaged over the ``T`` tasks); the mean stable rank of
    the merged task vector's matrices, plain and boosted.
-4. Write ``results.json``, ``results.md`` and two PNG plots to the output directory.
+4. At the largest task count, the boosting-strength sweep (`boost_sweep`); the
+   regime figures (`.regime`: linear probe of the pretrained features, task-vector norms and cosines).
+5. Write ``results.json``, ``results.md`` and three PNG plots to the output directory.
 
 Nothing here is tuned for any merge method: all methods share the grids, the
 data and the experts, and a method that cannot run on these shapes (e.g.
@@ -43,13 +45,15 @@ from subboost.bench import evaluate as bench_eval
 from subboost.bench.finetune import finetune_experts
 from subboost.bench.heads import build_heads, take_tasks
 from subboost.bench.model import make_encoder
-from subboost.bench.pretrain import pretrain
+from subboost.bench.base import load_shipped_base
+from subboost.bench.pretrain import PretrainResult, pretrain
+from subboost.bench.regime import linear_probe_accuracy, task_vector_geometry
 from subboost.bench.sweep import select
 from subboost.bench.tasks import TASKS
 from subboost.boosting import cutoff_index
 from subboost.task_vectors import SubboostError
 
-RESULT_FILES = ("results.json", "results.md", "accuracy_vs_tasks.png", "stable_rank_vs_tasks.png")
+RESULT_FILES = ("results.json", "results.md", "accuracy_vs_tasks.png", "stable_rank_vs_tasks.png", "boost_sweep.png")
 OUT_MARKER = ".subboost-demo"
 
 
@@ -133,14 +137,22 @@ def boost_candidates(tau: dict, betas) -> tuple[dict[float, dict], dict[float, l
 def train_models(config: BenchConfig, data: SuiteData, *, seed: int, progress: bool, log: Callable[[str], None]):
     """Pretrains the base, builds the heads and fine-tunes the experts (timed)."""
     timings = {}
-    start = time.perf_counter()
-    mixture = build_pretraining_mixture(data.tasks, per_task=config.pretrain_per_task, seed=seed, progress=progress)
-    timings["pretraining_data_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    pretrained = pretrain(config, mixture, seed=seed, progress=progress)
-    timings["pretrain_s"] = time.perf_counter() - start
-    log(f"pretrained {config.pretrain_steps} steps in {timings['pretrain_s']:.0f} s "
-        f"(loss {pretrained.losses[0]:.3f} -> {pretrained.losses[-1]:.3f}, logit scale {pretrained.logit_scale:.1f})")
+    if config.base is not None:
+        start = time.perf_counter()
+        encoder, scale = load_shipped_base(config.base)
+        pretrained = PretrainResult(encoder, scale, ())
+        timings["base_load_s"] = time.perf_counter() - start
+        log(f"loaded the shipped pretrained base {config.base!r} (logit scale {scale:.1f})")
+    else:
+        start = time.perf_counter()
+        mixture = build_pretraining_mixture(data.tasks, per_task=config.pretrain_per_task, seed=seed,
+                                            labels=config.pretrain_labels, progress=progress)
+        timings["pretraining_data_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        pretrained = pretrain(config, mixture, seed=seed, progress=progress)
+        timings["pretrain_s"] = time.perf_counter() - start
+        log(f"pretrained {config.pretrain_steps} steps in {timings['pretrain_s']:.0f} s "
+            f"(loss {pretrained.losses[0]:.3f} -> {pretrained.losses[-1]:.3f}, logit scale {pretrained.logit_scale:.1f})")
     start = time.perf_counter()
     heads = build_heads(make_encoder(config.model), pretrained.encoder, data, shots=config.head_shots,
                         logit_scale=pretrained.logit_scale, seed=seed)
@@ -292,6 +304,67 @@ def evaluate_merges(
     return results
 
 
+def boost_sweep(
+    config: BenchConfig,
+    data: SuiteData,
+    *,
+    base: dict,
+    heads: dict,
+    experts: dict,
+    expert_test: np.ndarray,
+    num_tasks: int,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Accuracy against boosting strength: each method of ``config.sweep_methods`` boosted at every beta
+    of ``config.sweep_betas`` (beta = 1 leaves the spectrum as it is), alpha tuned on validation per beta.
+    Betas with the same cutoff index on every matrix give the same boosted task vector and share one row.
+
+    Returns ``{method: [{"beta", "alpha", "alpha_on_edge", "val_accuracy", "absolute", "normalized",
+    "mean_cutoff_index", "stable_rank"}, ...]}`` (one entry per beta, in grid order).
+    """
+    heads_t = jax.tree_util.tree_map(jnp.asarray, take_tasks(heads, num_tasks))
+    val_images, val_labels = jnp.asarray(data.val.images[:num_tasks]), jnp.asarray(data.val.labels[:num_tasks])
+    test_images, test_labels = jnp.asarray(data.test.images[:num_tasks]), jnp.asarray(data.test.labels[:num_tasks])
+    tvs = task_vectors_of(base, experts, num_tasks)
+    reference = expert_test[:num_tasks]
+    static = {"model": config.model, "batch": config.eval_batch}
+
+    def evaluate(tau, alphas):
+        return bench_eval.alpha_sweep(base, tau, alphas, val_images, val_labels, heads_t, **static)
+
+    methods = [m for m in config.sweep_methods if m in methods_to_run(config)]
+    sweep: dict[str, Any] = {}
+    with tqdm(total=len(methods) * len(config.sweep_betas), desc=f"boosting sweep ({num_tasks} tasks)", unit="beta",
+              disable=not progress, leave=False) as bar:
+        for method in methods:
+            tau = sb.merge(tvs, method=method, **method_kwargs(config, method, seed))
+            cutoffs = cutoff_indices(tau, config.sweep_betas)
+            rows = []
+            for beta in config.sweep_betas:
+                twin = next((r for r in rows if np.array_equal(cutoffs[r["beta"]], cutoffs[beta])), None)
+                if twin is not None:  # same cutoff on every matrix: the same boosted task vector
+                    rows.append({**twin, "beta": beta})
+                    bar.update(1)
+                    continue
+                boosted = sb.subspace_boost(tau, beta=beta, batch_size=SVD_BATCH_SIZE)
+                choice = select(evaluate, {beta: boosted}, alphas=config.alphas)
+                test = bench_eval.alpha_sweep(base, boosted, [choice.alpha], test_images, test_labels, heads_t, **static)[0]
+                rows.append({
+                    "beta": beta,
+                    "alpha": choice.alpha,
+                    "alpha_on_edge": choice.alpha_on_edge,
+                    "val_accuracy": choice.val_accuracy,
+                    "absolute": float(test.mean()),
+                    "normalized": float(np.mean(test / reference)),
+                    "mean_cutoff_index": float(cutoffs[beta].mean()),
+                    "stable_rank": mean_stable_rank(boosted),
+                })
+                bar.update(1)
+            sweep[method] = rows
+    return sweep
+
+
 def run_benchmark(
     config: BenchConfig,
     *,
@@ -313,7 +386,7 @@ def run_benchmark(
       progress: show progress bars.
       log: receives one-line progress messages.
     """
-    from subboost.bench.plots import plot_accuracy, plot_stable_rank
+    from subboost.bench.plots import plot_accuracy, plot_boost_sweep, plot_stable_rank
     from subboost.bench.report import markdown_report
 
     total_start = time.perf_counter()
@@ -354,6 +427,20 @@ def run_benchmark(
             })
             timings[f"merge_{num_tasks}_tasks_s"] = settings[-1]["seconds"]
 
+    start = time.perf_counter()
+    largest = config.task_counts[-1]
+    sweep = boost_sweep(config, data, base=base, heads=heads, experts=experts, expert_test=expert_test,
+                        num_tasks=largest, seed=seed, progress=progress)
+    timings["boost_sweep_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    probe = linear_probe_accuracy(base, data, model=config.model, batch=config.eval_batch, seed=seed)
+    regime = {
+        "linear_probe_accuracy": probe.tolist(),
+        "probe_over_expert": float(probe.mean() / expert_test.mean()),
+        **task_vector_geometry(base, experts),
+    }
+    timings["regime_s"] = time.perf_counter() - start
+
     results = {
         "benchmark": "subboost offline mini-benchmark",
         "size": config.name,
@@ -369,11 +456,16 @@ def run_benchmark(
         "expert_test_accuracy": expert_test.tolist(),
         "training": {k: v for k, v in meta.items() if k != "timings"},
         "settings": settings,
+        "regime": regime,
+        "boost_sweep": {"num_tasks": largest, "betas": list(config.sweep_betas), "methods": sweep,
+                        "reference": {m: settings[-1]["methods"][m]["plain"] for m in ("iso_c",)
+                                      if settings[-1]["methods"].get(m, {}).get("status") == "ok"}},
         "timings": timings,
     }
     start = time.perf_counter()
     plot_accuracy(results, out / "accuracy_vs_tasks.png")
     plot_stable_rank(results, out / "stable_rank_vs_tasks.png")
+    plot_boost_sweep(results, out / "boost_sweep.png")
     timings["plots_s"] = time.perf_counter() - start
     timings["total_s"] = time.perf_counter() - total_start
     (out / "results.md").write_text(markdown_report(results))

@@ -1,4 +1,4 @@
-"""CLIP-style pretraining of the encoder on the coarse-caption mixture.
+"""CLIP-style pretraining of the encoder on the captioned mixture of every task.
 
 As in CLIP, images and captions meet in one embedding space, compared by
 cosine similarity under a learned temperature:
@@ -6,8 +6,8 @@ cosine similarity under a learned temperature:
     logits_ij = exp(s) * < normalise(f(x_i)), normalise(w_j) >,   exp(s) <= 100
     loss      = mean_i  cross_entropy(logits_i, caption_i)
 
-The captions form a small fixed vocabulary (one caption per pair of
-neighbouring classes of each task, see `subboost.bench.tasks.coarse_labels`), so the text tower is an embedding
+The captions form a small fixed vocabulary (one caption per class of each task,
+or per pair of neighbouring classes, see `subboost.bench.data.build_pretraining_mixture`), so the text tower is an embedding
 table ``w`` and every caption is a negative for every image (CLIP's
 image-to-text loss with the whole vocabulary in the batch; the text-to-image
 half adds nothing when captions repeat within a batch).
@@ -21,6 +21,7 @@ afresh. ``steps_per_call`` steps run inside one jit-compiled `jax.lax.scan`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,19 @@ def chunk_sizes(steps: int, per_call: int) -> list[int]:
     return sizes + ([steps % per_call] if steps % per_call else [])
 
 
-def pretrain(config: BenchConfig, data: PretrainData, *, seed: int, progress: bool = True) -> PretrainResult:
-    """Pretrains the encoder (deterministic in ``seed``)."""
+def pretrain(
+    config: BenchConfig,
+    data: PretrainData,
+    *,
+    seed: int,
+    progress: bool = True,
+    on_chunk: Callable[[int, dict, float], None] | None = None,
+) -> PretrainResult:
+    """Pretrains the encoder (deterministic in ``seed``).
+
+    ``on_chunk(steps_done, encoder, logit_scale)``, if given, sees the encoder after every jit-compiled chunk
+    (for snapshots of long runs; it does not change the result).
+    """
     encode = make_encoder(config.model)
     key_init, key_captions, key_train = jax.random.split(jax.random.key(seed), 3)
     embed_dim = config.model.embed_dim
@@ -111,5 +123,7 @@ def pretrain(config: BenchConfig, data: PretrainData, *, seed: int, progress: bo
             done += size
             bar.update(size)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if on_chunk is not None:
+                on_chunk(done, params["encoder"], float(np.exp(min(float(params["log_scale"]), np.log(MAX_LOGIT_SCALE)))))
     scale = float(np.exp(min(float(params["log_scale"]), np.log(MAX_LOGIT_SCALE))))
     return PretrainResult(params["encoder"], scale, tuple(losses))

@@ -115,6 +115,46 @@ def per_task_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def regime_table(results: dict[str, Any]) -> str:
+    """Per task: pretrained + heads, linear probe, expert (test %), and the expert's relative task-vector norm."""
+    regime = results["regime"]
+    lines = ["| task | pretrained + heads | linear probe | expert | probe / expert | ||tau|| / ||theta_0|| |",
+             "|---|---:|---:|---:|---:|---:|"]
+    rows = zip(results["tasks"], results["pretrained_test_accuracy"], regime["linear_probe_accuracy"],
+               results["expert_test_accuracy"], regime["relative_norm"])
+    for task, zs, probe, ex, norm in rows:
+        lines.append(f"| {task['name']} | {percent(zs)} | {percent(probe)} | {percent(ex)} | {probe / ex:.2f} | {percent(norm)}% |")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    lines.append(f"| **mean** | {percent(mean(results['pretrained_test_accuracy']))} | "
+                 f"{percent(mean(regime['linear_probe_accuracy']))} | {percent(mean(results['expert_test_accuracy']))} | "
+                 f"{regime['probe_over_expert']:.2f} | {percent(mean(regime['relative_norm']))}% |")
+    return "\n".join(lines)
+
+
+def regime_summary(results: dict[str, Any]) -> str:
+    regime = results["regime"]
+    return (f"Linear probe / expert accuracy (means): {regime['probe_over_expert']:.2f}; task vectors: relative norm "
+            f"{percent(min(regime['relative_norm']))}-{percent(max(regime['relative_norm']))}%, pairwise cosine mean "
+            f"{regime['mean_cosine']:.3f} (max {regime['max_cosine']:.3f}).")
+
+
+def sweep_table(results: dict[str, Any]) -> str:
+    """Boosting strength at the largest task count: one row per beta, ``abs (norm) k`` per method."""
+    sweep = results["boost_sweep"]
+    methods = list(sweep["methods"])
+    lines = ["| beta | " + " | ".join(f"{method_label(m)}: acc (norm) | alpha | mean k" for m in methods) + " |",
+             "|---:|" + "---:|---:|---:|" * len(methods)]
+    for i, beta in enumerate(sweep["betas"]):
+        cells = []
+        for m in methods:
+            row = sweep["methods"][m][i]
+            cells += [cell(row) + ("*" if row["alpha_on_edge"] else ""), f"{row['alpha']:.3g}", f"{row['mean_cutoff_index']:.1f}"]
+        lines.append(f"| {beta:g}{' (no boost)' if beta == 1 else ''} | " + " | ".join(cells) + " |")
+    for m, entry in sweep.get("reference", {}).items():
+        lines.append(f"\n{method_label(m)} at {sweep['num_tasks']} tasks (flat spectrum by construction): {cell(entry)}.")
+    return "\n".join(lines)
+
+
 def unavailable_notes(results: dict[str, Any]) -> list[str]:
     notes = []
     for s in results["settings"]:
@@ -154,6 +194,24 @@ def markdown_tables(results: dict[str, Any]) -> str:
         "",
         per_task_table(results),
     ]
+    if "regime" in results:
+        parts += [
+            "",
+            "Regime (compare with CLIP: linear probes near fine-tuned accuracy, task vectors a few % of the weights, "
+            "nearly orthogonal). Linear probe = logistic regression on the frozen pretrained features:",
+            "",
+            regime_table(results),
+            "",
+            regime_summary(results),
+        ]
+    if "boost_sweep" in results:
+        parts += [
+            "",
+            f"Boosting strength at {results['boost_sweep']['num_tasks']} tasks (alpha tuned on validation per beta; "
+            "mean k = cutoff index averaged over matrices, k = 0 flattens the whole spectrum, beta = 1 leaves it as it is):",
+            "",
+            sweep_table(results),
+        ]
     notes = unavailable_notes(results)
     if notes:
         parts += ["", "Not run:", *notes]

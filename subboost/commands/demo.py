@@ -29,6 +29,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.suite == "text":
         return run_text_demo(args)
     config = get_config(args.size)
+    if args.pretrain_base:
+        return pretrain_base_only(config, args)
     results = run_benchmark(
         config,
         seed=args.seed,
@@ -39,7 +41,21 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print()
     print(markdown_report(results))
-    print(f"wrote {args.out}/results.json, results.md, accuracy_vs_tasks.png, stable_rank_vs_tasks.png")
+    print(f"wrote {args.out}/results.json, results.md, accuracy_vs_tasks.png, stable_rank_vs_tasks.png, boost_sweep.png")
+    return 0
+
+
+def pretrain_base_only(config, args: argparse.Namespace) -> int:
+    """``--pretrain-base``: pretrains the size's base from scratch and writes ``OUT/<size>_seed<seed>.npz``."""
+    from pathlib import Path
+
+    from subboost.bench.base import SHIPPED_BASES, pretrain_base
+
+    path = Path(args.out) / f"{config.name}_seed{args.seed}.npz"
+    digest = pretrain_base(config, seed=args.seed, path=path, progress=not args.no_progress)
+    if config.base is not None and config.base in SHIPPED_BASES:
+        same = "matches" if SHIPPED_BASES[config.base] == digest else "differs from"
+        print(f"sha256 {digest} {same} the shipped base {config.base!r} ({SHIPPED_BASES[config.base]})")
     return 0
 
 
@@ -73,4 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into a non-empty directory not created by the demo")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--pretrain-base", action="store_true",
+                        help="only pretrain the size's base encoder from scratch (the shipped one: --seed 0) "
+                             "and write OUT/<size>_seed<seed>.npz with its sha256")
     parser.set_defaults(func=run_demo)

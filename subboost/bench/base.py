@@ -1,0 +1,113 @@
+"""The shipped pretrained base: trained once with a larger budget, loaded by every run.
+
+Merging users start from released weights; so does the default benchmark. Its
+base encoder is pretrained once (`pretrain_base`, reproduced by
+``subboost demo --pretrain-base``) and committed as a small ``.npz`` under
+``subboost/bench/bases/`` with its SHA-256 in `SHIPPED_BASES`. A run whose
+config names a shipped base (`BenchConfig.base`) loads it, checks the checksum
+and skips pretraining; a config without one pretrains in the run.
+
+File layout: one array per encoder parameter, named by its path joined with
+``/`` (``"transformer/block_0/attn/query/kernel"``), plus ``logit_scale`` (the
+pretrained CLIP temperature, a scalar).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from subboost.bench.config import BenchConfig
+from subboost.bench.data import build_pretraining_mixture
+from subboost.bench.pretrain import pretrain
+from subboost.bench.tasks import TASKS
+
+BASES_DIR = Path(__file__).parent / "bases"
+LOGIT_SCALE_KEY = "logit_scale"
+
+# name -> sha256 of the .npz file. ``default_seed0``: `get_config("default")`'s pretraining, seed 0, made by
+# ``subboost demo --pretrain-base --seed 0 --out DIR`` (34 min 52 s wall, 786 s user+sys CPU, on 2 shared cores).
+SHIPPED_BASES: dict[str, str] = {
+    "default_seed0": "153d1b6737008db6d7d0e3b0ec1dcf7e56bcc4922932cc631ba5fc14809e3a51",
+}
+
+
+def base_path(name: str) -> Path:
+    return BASES_DIR / f"{name}.npz"
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(_flatten(value, name))
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def save_base(path: str | Path, encoder: dict, logit_scale: float) -> str:
+    """Writes ``encoder`` and its temperature to ``path`` (``.npz``; refuses to overwrite); returns the SHA-256."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite a base checkpoint.")
+    flat = _flatten(jax.device_get(encoder))
+    if LOGIT_SCALE_KEY in flat:
+        raise ValueError(f"encoder has a parameter named {LOGIT_SCALE_KEY!r}, which the base file reserves.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, **flat, **{LOGIT_SCALE_KEY: np.float32(logit_scale)})
+    return file_sha256(path)
+
+
+def load_base(path: str | Path, *, sha256: str | None = None) -> tuple[dict, float]:
+    """``(encoder, logit_scale)`` from a base file; with ``sha256``, the file must match it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained base {path} not found; recreate it with `subboost demo --pretrain-base`.")
+    if sha256 is not None and (digest := file_sha256(path)) != sha256:
+        raise ValueError(f"pretrained base {path} has SHA-256 {digest}, expected {sha256}; the file is corrupt or stale.")
+    with np.load(path) as f:
+        flat = {k: f[k] for k in f.files}
+    scale = float(flat.pop(LOGIT_SCALE_KEY))
+    return _unflatten(flat), scale
+
+
+def load_shipped_base(name: str) -> tuple[dict, float]:
+    if name not in SHIPPED_BASES:
+        raise ValueError(f"no shipped pretrained base named {name!r}; known: {', '.join(SHIPPED_BASES) or 'none'}.")
+    return load_base(base_path(name), sha256=SHIPPED_BASES[name])
+
+
+def pretrain_base(config: BenchConfig, *, seed: int, path: str | Path, progress: bool = True, log=print) -> str:
+    """Pretrains ``config``'s encoder from scratch (deterministic in ``seed``) and saves it to ``path``; returns its SHA-256."""
+    start = time.perf_counter()
+    mixture = build_pretraining_mixture(TASKS[: config.num_tasks], per_task=config.pretrain_per_task, seed=seed,
+                                        labels=config.pretrain_labels, progress=progress)
+    result = pretrain(config, mixture, seed=seed, progress=progress)
+    digest = save_base(path, result.encoder, result.logit_scale)
+    log(f"pretrained {config.pretrain_steps} steps in {time.perf_counter() - start:.0f} s "
+        f"(loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, logit scale {result.logit_scale:.1f}); "
+        f"wrote {path} (sha256 {digest})")
+    return digest
