@@ -14,11 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subboost.errors import SubboostError
 from subboost.tree import PyTree, leaves_with_paths, path_str
-
-
-class SubboostError(ValueError):
-    """Bad input to a subboost function (a `ValueError`, so callers may catch either)."""
+from subboost.validation import check_real
 
 
 def _describe(leaf: Any) -> str:
@@ -184,7 +182,6 @@ def apply_task_vector(pretrained: PyTree, tau: PyTree, alpha: float = 1.0) -> Py
         skipped under a caller's `jax.jit`, where values are unknown.
     """
     if not isinstance(alpha, jax.core.Tracer):
-        from subboost.validation import check_real
 
         alpha = check_real("alpha", alpha, what="apply_task_vector")
     check_same_structure(pretrained, tau, what="task vector", check_dtype=False)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 
 
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
