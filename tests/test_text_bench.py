@@ -172,3 +172,15 @@ def test_demo_cli_dispatches_text_suite(tmp_path, capsys):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="unknown text-suite size"):
         get_config("huge")
+
+
+def test_text_demo_never_replaces_a_users_result_files(tmp_path):
+    from subboost.text_bench.pipeline import run_text_benchmark
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "results.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match="results.md"):
+        run_text_benchmark(get_config("tiny"), out_dir=foreign, overwrite=True, progress=False)
+    assert (foreign / "results.md").read_text() == "my notes"
+    assert sorted(p.name for p in foreign.iterdir()) == ["results.md"]

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +57,17 @@ RESULT_FILES = ("results.json", "results.md", "accuracy_vs_tasks.png", "stable_r
 OUT_MARKER = ".subboost-demo"
 
 
-def prepare_out_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Creates ``out_dir``; refuses a non-empty directory not written by the demo unless ``overwrite``."""
+def prepare_out_dir(out_dir: str | Path, *, overwrite: bool = False,
+                    result_files: Sequence[str] = RESULT_FILES) -> Path:
+    """Creates ``out_dir``; refuses a non-empty directory not written by the demo unless ``overwrite``.
+
+    ``result_files`` (the files the caller's suite writes) are never replaced in a folder that the demo
+    did not write, even with ``overwrite``.
+    """
     out = Path(out_dir)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FileExistsError(f"--out {out} exists and is not a directory.")
-    clashing = [name for name in RESULT_FILES if (out / name).exists()] if out.is_dir() else []
+    clashing = [name for name in result_files if (out / name).exists()] if out.is_dir() else []
     if clashing and not (out / OUT_MARKER).exists():  # --overwrite replaces only what the demo wrote
         raise FileExistsError(
             f"--out {out} holds {', '.join(clashing)}, which `subboost demo` did not write (no {OUT_MARKER}); "
@@ -78,13 +83,15 @@ def prepare_out_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
     return out
 
 
-def methods_to_run(config: BenchConfig) -> tuple[str, ...]:
+def methods_to_run(config: Any) -> tuple[str, ...]:
+    """``config.methods`` (any suite config), checked against the registry; ``None``: every method."""
     available = sb.available_methods()
     if config.methods is None:
         return tuple(available)
     unknown = [m for m in config.methods if m not in available]
     if unknown:
-        raise ValueError(f"BenchConfig.methods: unknown merge method(s) {unknown}; available: {', '.join(available)}.")
+        raise ValueError(f"{type(config).__name__}.methods: unknown merge method(s) {unknown}; "
+                         f"available: {', '.join(available)}.")
     return tuple(config.methods)
 
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 import subboost as sb
 from subboost.bench.cache import ModelCache
+from subboost.bench.pipeline import methods_to_run, prepare_out_dir
 from subboost.bench.sweep import select
 from subboost.task_vectors import SubboostError
 from subboost.text_bench import evaluate as text_eval
@@ -48,32 +49,6 @@ from subboost.text_bench.tasks import TASKS
 from subboost.text_bench.weights import load_pretrained, packaged_model_zip
 
 RESULT_FILES = ("results.json", "results.md", "accuracy_vs_tasks.png", "stable_rank_vs_tasks.png")
-OUT_MARKER = ".subboost-demo"
-
-
-def prepare_out_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Creates ``out_dir``; refuses a non-empty directory not written by the demo unless ``overwrite``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a directory.")
-    if out.exists() and any(out.iterdir()) and not (out / OUT_MARKER).exists() and not overwrite:
-        raise FileExistsError(
-            f"--out {out} is a non-empty directory that `subboost demo` did not create; "
-            "choose another --out or pass --overwrite (the demo then replaces only its own result files)."
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / OUT_MARKER).write_text("written by `subboost demo`; its results are overwritten by the next run\n")
-    return out
-
-
-def methods_to_run(config: TextBenchConfig) -> tuple[str, ...]:
-    available = sb.available_methods()
-    if config.methods is None:
-        return tuple(available)
-    unknown = [m for m in config.methods if m not in available]
-    if unknown:
-        raise ValueError(f"TextBenchConfig.methods: unknown merge method(s) {unknown}; available: {', '.join(available)}.")
-    return tuple(config.methods)
 
 
 @functools.partial(jax.jit, static_argnames="betas")
@@ -230,7 +205,7 @@ def run_text_benchmark(
     from subboost.text_bench.report import markdown_report
 
     total_start = time.perf_counter()
-    out = prepare_out_dir(out_dir, overwrite=overwrite)
+    out = prepare_out_dir(out_dir, overwrite=overwrite, result_files=RESULT_FILES)
     loaded = load_or_train(config, seed=seed, cache_dir=cache_dir if cache_dir is not None else out / "cache",
                            progress=progress, log=log)
     model, base, suite, heads, meta = loaded["model"], loaded["base"], loaded["suite"], loaded["heads"], loaded["meta"]
