@@ -35,7 +35,7 @@ def _series(results: dict[str, Any], method: str, variant: str, field: str):
     return xs, ys
 
 
-def plot_accuracy(results: dict[str, Any], path: str | Path) -> Path:
+def plot_accuracy(results: dict[str, Any], path: str | Path, *, suite: str = "Offline mini-benchmark") -> Path:
     """Absolute and normalized test accuracy vs number of experts, one line per method and variant."""
     plt = _pyplot()
     counts = [s["num_tasks"] for s in results["settings"]]
@@ -56,13 +56,14 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=8)  # outside: the lines bunch together
-    fig.suptitle(f"Offline mini-benchmark ({results['size']}, seed {results['seed']}): solid = merge, dashed = + Subspace Boosting")
+    fig.suptitle(f"{suite} ({results['size']}, seed {results['seed']}): solid = merge, dashed = + Subspace Boosting")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
 
 
-def plot_stable_rank(results: dict[str, Any], path: str | Path) -> Path:
+def plot_stable_rank(results: dict[str, Any], path: str | Path, *,
+                     title: str = "Rank collapse and Subspace Boosting") -> Path:
     """Mean stable rank of the merged task vector vs number of experts (plain solid, boosted dashed)."""
     plt = _pyplot()
     counts = [s["num_tasks"] for s in results["settings"]]
@@ -77,7 +78,7 @@ def plot_stable_rank(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_xticks(counts)
     ax.set_xlabel("number of merged experts")
     ax.set_ylabel("mean stable rank of merged matrices (log scale)")
-    ax.set_title("Rank collapse and Subspace Boosting")
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     fig.legend(loc="outside right center", fontsize=8)
     fig.savefig(path, dpi=110)

@@ -8,25 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-METHOD_NAMES = {
-    "weight_averaging": "Weight averaging", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
-    "dare": "DARE (TA)", "consensus": "Consensus TA", "tsv": "TSV-M", "iso_c": "Iso-C", "iso_cts": "Iso-CTS",
-}
-
-
-def method_label(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
-
-
-def percent(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def method_names(results: dict[str, Any]) -> list[str]:
-    names: list[str] = []
-    for setting in results["settings"]:
-        names += [m for m in setting["methods"] if m not in names]
-    return names
+from subboost.bench.report import method_label, method_names, percent
 
 
 def _header(results, suffix: str = "", align: str = "---:") -> list[str]:
