@@ -280,10 +280,8 @@ class SuiteRun:
             which = "consensus_ties" if kwargs.get("base") == "ties" else "consensus"
             kwargs = {**reference_settings(which), **kwargs}
         try:  # TIES "k" is a fraction of the vision weights; match the reference's effective density.
-            if name == "ties" or (name == "dare" and kwargs.get("base") == "ties"):
+            if name == "ties" or (name in ("dare", "consensus") and kwargs.get("base") == "ties"):
                 kwargs["k"] = reference_ties_k(self.config.backbone, kwargs.get("k", 0.2))
-            if name == "consensus" and kwargs.get("base") == "ties":
-                kwargs["ties_k"] = reference_ties_k(self.config.backbone, kwargs.get("ties_k", 0.2))
         except ValueError:
             pass  # not a published CLIP backbone: k as given
         return kwargs
@@ -338,8 +336,8 @@ class SuiteRun:
                 # against the base merge (TIES for Consensus-TIES, mask_from="merged").
                 merged = None
                 if kwargs.get("mask_from") == "merged" and kwargs.get("base", "task_arithmetic") == "ties":
-                    ties_kwargs = {k: v for k, v in kwargs.items() if k in ("merge", "scope")}
-                    merged = sb.merge(tvs, "ties", k=kwargs.get("ties_k", 0.2), **ties_kwargs)
+                    ties_kwargs = {k: v for k, v in kwargs.items() if k in ("k", "merge", "scope")}
+                    merged = sb.merge(tvs, "ties", **ties_kwargs)
                 tall_alpha = 1.0
                 lambdas = tune_tall_lambdas(self.base, tvs, evaluate_task, alpha=tall_alpha,
                                             lambdas=entry["tall_lambdas"], progress=self.progress, merged=merged)

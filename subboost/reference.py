@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from subboost.errors import SubboostError
 from subboost.tree import MatrixLayout, layout_from_name
 
 REFERENCE_BETA = 0.01
@@ -151,7 +152,7 @@ def reference_ties_k(backbone: str, k: float = 0.2) -> float:
     """
     key = backbone.replace("-", "/").replace("ViT/", "ViT-") if backbone.startswith("ViT") else backbone
     if key not in _TEXT_LEFTOVERS:
-        raise ValueError(f"reference_ties_k: no reference checkpoint layout for {backbone!r}; "
+        raise SubboostError(f"reference_ties_k: no reference checkpoint layout for {backbone!r}; "
                          f"known: {sorted(_TEXT_LEFTOVERS)}.")
     from subboost.models import clip_vit
 
@@ -186,12 +187,12 @@ def reference_settings(method: str, family: str = "clip") -> dict[str, Any]:
         ``rank_rtol`` is left at ``None``, the reference's behaviour.
       * ``ties``: ``merge="mean"`` (TALL's "dis-mean"); ``k`` is the caller's
         (see `reference_ties_k`).
-      * ``consensus``: ``k=2`` (Consensus-TA); ``consensus_ties``: adds
+      * ``consensus``: ``min_tasks=2`` (Consensus-TA); ``consensus_ties``: adds
         ``base="ties"``, ``merge="sum"`` and ``mask_from="merged"`` (masks from
         the TIES vector). The lambdas are tuned per task (`subboost.eval`).
     """
     if family not in FAMILIES:
-        raise ValueError(f"reference_settings: family must be one of {FAMILIES}, got {family!r}.")
+        raise SubboostError(f"reference_settings: family must be one of {FAMILIES}, got {family!r}.")
     hf = family == "hf_clip"
     if method in ("tsv", "iso_c", "iso_cts"):
         return {"attention": "per_qkv" if hf else "full", "is_matrix": every_2d_matrix_hf if hf else every_2d_matrix}
@@ -201,7 +202,7 @@ def reference_settings(method: str, family: str = "clip") -> dict[str, Any]:
     if method == "ties":
         return {"merge": "mean"}
     if method == "consensus":
-        return {"k": 2}
+        return {"min_tasks": 2}
     if method == "consensus_ties":
-        return {"k": 2, "base": "ties", "merge": "sum", "mask_from": "merged"}
-    raise ValueError(f"reference_settings: unknown method {method!r}; known: {METHODS}.")
+        return {"min_tasks": 2, "base": "ties", "merge": "sum", "mask_from": "merged"}
+    raise SubboostError(f"reference_settings: unknown method {method!r}; known: {METHODS}.")

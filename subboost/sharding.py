@@ -72,16 +72,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from subboost.tree import AttentionMode, MatrixLayout, PyTree, matrix_plan
 
-# Merge methods that act on every matrix independently (and elementwise on
-# non-matrix leaves): their matrix groups are split along G. Names absent from
-# the registry are ignored; a method listed here must accept ``is_matrix`` and
-# ``attention`` keywords.
-MATRIX_METHODS: set[str] = {"tsv", "iso_c", "iso_cts"}
 
+def matrix_methods() -> tuple[str, ...]:
+    """Registered merge methods with a matrix kernel (`subboost.merging.registry.MergeMethod`):
+    they act on every matrix independently (and elementwise on non-matrix leaves), so
+    their matrix groups are split along G. Such a kernel accepts ``is_matrix`` and ``attention``."""
+    from subboost.merging.registry import METHODS
 
-def register_matrix_method(name: str) -> None:
-    """Declares a registered merge method per-matrix (split along G on a mesh)."""
-    MATRIX_METHODS.add(name)
+    return tuple(name for name, record in METHODS.items() if record.matrix_kernel is not None)
 
 
 def make_mesh(devices: Any = None, *, axis_name: str = "devices") -> Mesh:
@@ -287,9 +285,9 @@ def _merge_matrix_block(fn: Callable[..., PyTree], block: jax.Array, kwargs: dic
 def _matrix_merge_fn(
     method: str, static_items: tuple[tuple[str, Hashable], ...], mesh: Mesh
 ) -> Callable[[PyTree], PyTree]:
-    from subboost.merging import METHODS
+    from subboost.merging.registry import METHODS
 
-    fn = METHODS[method]
+    fn = METHODS[method].matrix_kernel
     kwargs = dict(static_items)
     attention = kwargs.get("attention", "per_qkv")
     is_matrix = kwargs.get("is_matrix")
@@ -319,24 +317,24 @@ def _matrix_merge_fn(
 
 
 def _splits_matrices(method: str, kwargs: dict[str, Any]) -> bool:
-    from subboost.merging import DYNAMIC_ARGUMENTS, METHODS
+    from subboost.merging.registry import DYNAMIC_ARGUMENTS, METHODS
 
-    if method not in MATRIX_METHODS or method not in METHODS:
+    if method not in matrix_methods():
         return False
     if any(k in DYNAMIC_ARGUMENTS for k in kwargs):
         return False
-    accepted = inspect.signature(METHODS[method]).parameters
+    accepted = inspect.signature(METHODS[method].matrix_kernel).parameters
     return "is_matrix" in accepted and "attention" in accepted
 
 
 def merge_on_mesh(tvs: PyTree, method: str, *, mesh: Mesh, **kwargs: Any) -> PyTree:
     """Runs registered merge ``method`` over ``mesh`` (input already validated by `merge`).
 
-    Per-matrix methods (`MATRIX_METHODS`) split their matrix groups along G;
+    Per-matrix methods (`matrix_methods`) split their matrix groups along G;
     every other method runs as one SPMD program on parameter-sharded inputs.
     The merged task vector is replicated over the mesh.
     """
-    from subboost.merging import DYNAMIC_ARGUMENTS, _jitted
+    from subboost.merging.registry import DYNAMIC_ARGUMENTS, jitted
 
     mesh_axes(mesh)
     placed = place_parameters(tvs, mesh, lead_ndim=1)
@@ -346,20 +344,19 @@ def merge_on_mesh(tvs: PyTree, method: str, *, mesh: Mesh, **kwargs: Any) -> PyT
         return _matrix_merge_fn(method, static_items, mesh)(placed)
     dynamic = {k: place(v, replicated) if k in DYNAMIC_ARGUMENTS else v for k, v in kwargs.items()}
     static_names = tuple(sorted(k for k in kwargs if k not in DYNAMIC_ARGUMENTS))
-    merged = _jitted(method, static_names)(placed, **dynamic)
+    merged = jitted(method, static_names)(placed, **dynamic)
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, replicated), merged)
 
 
 __all__ = [
-    "MATRIX_METHODS",
     "boost_on_mesh",
     "make_mesh",
     "map_groups_on_mesh",
+    "matrix_methods",
     "merge_on_mesh",
     "mesh_axes",
     "pad_groups",
     "parameter_spec",
     "place",
     "place_parameters",
-    "register_matrix_method",
 ]

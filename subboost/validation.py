@@ -107,4 +107,11 @@ def no_matrices_message(tree: Any, *, what: str, is_matrix: Any = None, lead_ndi
     )
 
 
-__all__ = ["check_int", "check_real", "no_matrices_message"]
+def check_choice(name: str, value: str, choices: tuple[str, ...], *, what: str) -> str:
+    """``value`` if it is one of ``choices``, else `SubboostError` naming ``name``."""
+    if not isinstance(value, str) or value not in choices:
+        raise SubboostError(f"{what}: {name} must be one of {choices}, got {value!r}.")
+    return value
+
+
+__all__ = ["check_choice", "check_int", "check_real", "no_matrices_message"]

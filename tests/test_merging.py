@@ -52,11 +52,11 @@ def test_ties_keeps_entries_tied_with_the_threshold():
     np.testing.assert_allclose(sb.merge(tvs, "ties", k=0.25)["w"], [1.0, 1.0, 1.0, 0.0])
 
 
-@pytest.mark.parametrize("k, expected", [(2, [2.0, 0.0]), (1, [2.0, -1.9])])
-def test_consensus_known_answer(k, expected):
+@pytest.mark.parametrize("min_tasks, expected", [(2, [2.0, 0.0]), (1, [2.0, -1.9])])
+def test_consensus_known_answer(min_tasks, expected):
     # tau_MTL = [2, -1.9]; lambda = 0.5: task 0 keeps entry 0 only, task 1 both.
     tvs = {"w": jnp.array([[1.0, 0.1], [1.0, -2.0]])}
-    np.testing.assert_allclose(sb.merge(tvs, "consensus", lambdas=0.5, k=k)["w"], expected, rtol=1e-6)
+    np.testing.assert_allclose(sb.merge(tvs, "consensus", lambdas=0.5, min_tasks=min_tasks)["w"], expected, rtol=1e-6)
 
 
 def test_dare_drop_zero_is_task_arithmetic_and_rescales(experts):
@@ -81,11 +81,11 @@ def test_dare_drop_zero_is_task_arithmetic_and_rescales(experts):
         ("weight_averaging", {}, lambda tvs: {k: v / len(tvs) for k, v in ref.ta(tvs).items()}),
         ("ties", {"k": 0.2}, lambda tvs: ref.ties(tvs, 0.2)),
         ("ties", {"k": 0.5, "merge": "sum"}, lambda tvs: ref.ties(tvs, 0.5, "sum")),
-        ("consensus", {"lambdas": 0.3, "k": 2}, lambda tvs: ref.consensus(tvs, 0.3, 2)),
-        ("consensus", {"lambdas": (0.2, 0.4, 0.5, 0.6), "k": 3}, lambda tvs: ref.consensus(tvs, (0.2, 0.4, 0.5, 0.6), 3)),
+        ("consensus", {"lambdas": 0.3, "min_tasks": 2}, lambda tvs: ref.consensus(tvs, 0.3, 2)),
+        ("consensus", {"lambdas": (0.2, 0.4, 0.5, 0.6), "min_tasks": 3}, lambda tvs: ref.consensus(tvs, (0.2, 0.4, 0.5, 0.6), 3)),
         (
             "consensus",
-            {"base": "ties", "lambdas": 0.4, "ties_k": 0.3},
+            {"base": "ties", "lambdas": 0.4, "k": 0.3},
             lambda tvs: ref.consensus(tvs, 0.4, 2, base_merged=ref.ties(tvs, 0.3)),
         ),
     ],
@@ -105,7 +105,7 @@ def test_methods_match_numpy_on_random_experts(experts, method, kwargs, referenc
 def test_second_call_does_not_recompile(experts, method):
     base, finetuned = experts
     tvs = sb.task_vectors(base, finetuned)
-    jitted = merging._jitted(method, ())
+    jitted = merging.jitted(method, ())
     before = jitted._cache_size()
     sb.merge(tvs, method)
     after_first = jitted._cache_size()
@@ -143,7 +143,7 @@ def test_unknown_method_lists_known_ones():
         ("ties", {"top": 3}, "unknown hyper-parameter"),
         ("dare", {}, "explicit PRNG key"),
         ("dare", {"key": jax.random.key(0), "p": 1.0}, r"p must be in \[0, 1\)"),
-        ("consensus", {"k": 5}, r"k must be an integer in \[1, 3\]"),
+        ("consensus", {"min_tasks": 5}, r"min_tasks must be an integer in \[1, 3\]"),
         ("consensus", {"lambdas": (0.1, 0.2)}, "2 lambdas for 3 tasks"),
     ],
 )

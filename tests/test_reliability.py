@@ -218,12 +218,12 @@ def test_consensus_lambdas_must_be_positive_and_finite(ckpts, tmp_path):
     tvs = sb.task_vectors(base, experts)
     for bad in (float("nan"), -1, 0, float("inf"), True, "0.4", (0.4, float("nan"))):
         with pytest.raises(SubboostError, match="consensus: lambdas"):
-            sb.merge(tvs, "consensus", lambdas=bad, k=1)
+            sb.merge(tvs, "consensus", lambdas=bad, min_tasks=1)
         with pytest.raises(SubboostError, match="consensus: lambdas"):
             sb.merge_from_checkpoints(root / "base", [root / "e0", root / "e1"], method="consensus", lambdas=bad,
                                       k=1, out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    merged = sb.merge(tvs, "consensus", lambdas=(0.3, 0.5), k=1)  # valid per-task lambdas still work
+    merged = sb.merge(tvs, "consensus", lambdas=(0.3, 0.5), min_tasks=1)  # valid per-task lambdas still work
     assert np.isfinite(np.asarray(merged["proj"])).all() and np.abs(np.asarray(merged["proj"])).sum() > 0
 
 
@@ -269,8 +269,8 @@ def test_booleans_are_not_numbers(ckpts):
     cases = [
         (lambda: sb.subspace_boost(base, beta=True), "beta must be in .*not a real number"),
         (lambda: sb.merge(tvs, "ties", k=True), "ties: k must be in .*not a real number"),
-        (lambda: sb.merge(tvs, "consensus", k=True), "consensus: k must be an integer"),
-        (lambda: sb.merge(tvs, "consensus", k=1.0), "consensus: k must be an integer"),
+        (lambda: sb.merge(tvs, "consensus", min_tasks=True), "consensus: min_tasks must be an integer"),
+        (lambda: sb.merge(tvs, "consensus", min_tasks=1.0), "consensus: min_tasks must be an integer"),
         (lambda: sb.merge(tvs, "dare", p=False, key=jax.random.key(0)), "dare: p must be in .*not a real number"),
         (lambda: sb.merge(tvs, "iso_cts", common_space_fraction=True), "common_space_fraction must be in .*not a real number"),
         (lambda: sb.apply_task_vector(base, base, alpha=False), "alpha must be in .*not a real number"),

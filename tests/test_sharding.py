@@ -93,7 +93,7 @@ def assert_same(expected, actual):
 METHOD_KWARGS = {  # one case per registered method, plus variants that change how work is split
     "dare": [{"key": jax.random.key(0), "p": 0.5}],
     "ties": [{"k": 0.3}],
-    "consensus": [{"lambdas": 0.5}, {"base": "ties", "ties_k": 0.5, "lambdas": 0.4, "k": 1}],
+    "consensus": [{"lambdas": 0.5}, {"base": "ties", "k": 0.5, "lambdas": 0.4, "min_tasks": 1}],
     "tsv": [{}, {"attention": "per_head"}],
 }
 CASES = [(m, kw) for m in sb.available_methods() for kw in METHOD_KWARGS.get(m, [{}])]

@@ -98,7 +98,7 @@ ELEMENTWISE_CASES = [
     ("ties", {"k": 0.3}),
     ("ties", {"k": 0.5, "merge": "sum", "scope": "per_leaf"}),
     ("consensus", {"lambdas": 0.5}),
-    ("consensus", {"base": "ties", "ties_k": 0.4, "lambdas": [0.3, 0.4, 0.5], "k": 1}),
+    ("consensus", {"base": "ties", "k": 0.4, "lambdas": [0.3, 0.4, 0.5], "min_tasks": 1}),
 ]
 SVD_CASES = [("tsv", {}), ("iso_c", {}), ("iso_cts", {})]
 
@@ -389,7 +389,7 @@ def test_non_finite_values_abort_without_output(setup, tmp_path):
         ({"method": "no_such_method"}, "unknown merge method"),
         ({"method": "ties", "k": 0.0}, "k must be in"),
         ({"method": "ties", "scope": "layer"}, "scope"),
-        ({"method": "consensus", "k": 9}, "consensus: k must be"),
+        ({"method": "consensus", "min_tasks": 9}, "consensus: min_tasks must be"),
         ({"method": "dare", "p": 0.5}, "PRNG key"),
         ({"method": "task_arithmetic", "boost": {"beta": 2.0}}, "beta"),
         ({"method": "task_arithmetic", "boost": {"betta": 0.1}}, "unknown option"),

@@ -331,7 +331,7 @@ def test_one_batched_svd_per_group_whatever_the_depth(method, svds_per_group, ba
         params = vit_like_params(np.random.default_rng(0), **{**SHAPE, "layers": layers})
         tvs = jax.tree_util.tree_map(lambda x: jnp.stack([x, -x, 2 * x]), params)
         kwargs = {"common_space_fraction": 0.5} if method == "iso_cts" else {}
-        fn = merging.METHODS[method]
+        fn = merging.METHODS[method].fn
         return _count_svds(jax.make_jaxpr(lambda t: fn(t, batch_size=batch_size, **kwargs))(tvs).jaxpr)
 
     groups = 3  # (12, 12) attention, (24, 12) c_fc, (12, 24) c_proj
@@ -341,7 +341,7 @@ def test_one_batched_svd_per_group_whatever_the_depth(method, svds_per_group, ba
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
 def test_second_call_does_not_recompile(method):
     tvs = _stack(_random_task_vectors(4, method, {}), jnp.float32)
-    jitted = merging._jitted(method, ())
+    jitted = merging.jitted(method, ())
     sb.merge(tvs, method)
     size = jitted._cache_size()
     sb.merge(jax.tree_util.tree_map(lambda x: 3 * x, tvs), method)

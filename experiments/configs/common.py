@@ -35,7 +35,7 @@ from subboost.eval import BETAS, TALL_LAMBDAS, alpha_grid
 # Base merges the paper boosts, and the SVD-based merges it compares with.
 BOOSTABLE = ("task_arithmetic", "ties", "consensus", "dare")
 ALL_METHODS = ("weight_averaging", "task_arithmetic", "ties", "consensus", "tsv", "iso_c", "iso_cts")
-DEFAULT_KWARGS = {"ties": {"k": 0.2}, "consensus": {"k": 2}, "dare": {"p": 0.9},
+DEFAULT_KWARGS = {"ties": {"k": 0.2}, "consensus": {"min_tasks": 2}, "dare": {"p": 0.9},
                   "iso_cts": {"common_space_fraction": 0.8}}
 TITLES = {"weight_averaging": "Weight averaging", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
           "consensus": "Consensus TA", "dare": "DARE", "tsv": "TSV-M", "iso_c": "Iso-C", "iso_cts": "Iso-CTS"}

@@ -234,15 +234,14 @@ def _check_arguments(args: argparse.Namespace) -> dict:
 
 def run_analyze(args: argparse.Namespace) -> int:
     from subboost.checkpoints import write_atomically
-    from subboost.merging import _CHECKS
+    from subboost.merging import check_arguments
 
     out = Path(args.out)
     merge_kwargs = _check_arguments(args)
     inputs = [*args.experts] + ([args.base] if args.base else [])
     _check_output(out, args.overwrite, inputs)  # before the (slow) loading; nothing is created before the end
     tvs, names = _load(args)
-    if args.method in _CHECKS:
-        _CHECKS[args.method](merge_kwargs, len(names))
+    check_arguments(args.method, merge_kwargs, len(names))
     # Built in a hidden staging folder: a failure part-way leaves --out as it was.
     staging_out: dict = {}
 

@@ -113,14 +113,12 @@ def _check_arguments(args: argparse.Namespace, inputs: list[str]) -> dict[str, A
     check_output(args.out, inputs=inputs, overwrite=args.overwrite, name="--out")
     kwargs = dict(parse_param(p) for p in getattr(args, "param", []))
     if args.command == "merge":
-        from subboost.merging import _CHECKS, METHODS
+        from subboost.merging import check_arguments, method_record
 
-        if args.method not in METHODS:
-            raise SubboostError(f"unknown merge method {args.method!r}; known methods: {', '.join(METHODS)}.")
+        method_record(args.method)
         if args.method == "dare" and "key" not in kwargs:
             kwargs["key"] = jax.random.key(args.seed)
-        if args.method in _CHECKS:
-            _CHECKS[args.method](kwargs, len(args.experts))
+        check_arguments(args.method, kwargs, len(args.experts))
     return kwargs
 
 

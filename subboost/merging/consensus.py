@@ -2,8 +2,8 @@
 
 ``tau_MTL = sum_t tau_t``. Task masks
 ``m_t = |tau_t| > lambda_t * |tau_MTL - tau_t|`` mark the entries task t relies
-on; the consensus mask keeps entries relied on by at least ``k`` tasks
-(``sum_t m_t >= k``), removing both selfish (one task) and catastrophic (no
+on; the consensus mask keeps entries relied on by at least ``min_tasks``
+tasks (``sum_t m_t >= min_tasks``; the paper's ``k``), removing both selfish (one task) and catastrophic (no
 task) weights. Consensus-TA: ``mask * tau_MTL``; Consensus-TIES:
 ``mask * tau_TIES``.
 
@@ -23,8 +23,12 @@ import jax.numpy as jnp
 
 from subboost.linalg import compute_dtype
 from subboost.merging.averaging import task_arithmetic
+from subboost.merging.dare import BASES
 from subboost.merging.ties import ties
 from subboost.tree import PyTree
+from subboost.validation import check_choice
+
+MASK_FROM: tuple[str, ...] = ("sum", "merged")
 
 
 def _lambda_column(lambdas: float | Sequence[float], num_tasks: int, ndim: int, dtype) -> jax.Array:
@@ -49,10 +53,16 @@ def tall_masks(tvs: PyTree, *, lambdas: float | Sequence[float] = 0.4, merged: P
     return jax.tree_util.tree_map(leaf, tvs, merged)
 
 
-def consensus_mask(tvs: PyTree, *, lambdas: float | Sequence[float] = 0.4, k: int = 2,
+def consensus_mask(tvs: PyTree, *, lambdas: float | Sequence[float] = 0.4, min_tasks: int = 2,
                    merged: PyTree | None = None) -> PyTree:
-    """``(sum_t m_t) >= k``: entries at least ``k`` tasks rely on."""
-    return jax.tree_util.tree_map(lambda m: jnp.sum(m, axis=0) >= k, tall_masks(tvs, lambdas=lambdas, merged=merged))
+    """``(sum_t m_t) >= min_tasks``: entries at least ``min_tasks`` tasks rely on."""
+    masks = tall_masks(tvs, lambdas=lambdas, merged=merged)
+    return jax.tree_util.tree_map(lambda m: jnp.sum(m, axis=0) >= min_tasks, masks)
+
+
+def apply_mask(mask: PyTree, merged: PyTree) -> PyTree:
+    """``mask * merged``: zeroes the entries the consensus mask drops."""
+    return jax.tree_util.tree_map(lambda m, t: jnp.where(m, t, jnp.zeros_like(t)), mask, merged)
 
 
 def consensus(
@@ -60,7 +70,7 @@ def consensus(
     *,
     base: str = "task_arithmetic",
     lambdas: float | Sequence[float] = 0.4,
-    k: int = 2,
+    min_tasks: int = 2,
     mask_from: str = "sum",
     **base_kwargs: Any,
 ) -> PyTree:
@@ -71,19 +81,15 @@ def consensus(
       base: the merge the consensus mask is applied to.
       lambdas: per-task TALL-mask thresholds, one float or a length-T sequence
         (tuned on validation over {0.2, 0.3, 0.4, 0.5, 0.6} in the paper).
-      k: minimum number of tasks relying on an entry for it to be kept.
+      min_tasks: minimum number of tasks relying on an entry for it to be kept
+        (the paper's ``k``).
       mask_from: ``"sum"`` (masks against ``tau_MTL = sum_t tau_t``, the paper's
         definition) or ``"merged"`` (against the base merge, TALL's
         Consensus-TIES code).
-      **base_kwargs: hyper-parameters of ``base`` (``k`` of TIES as ``ties_k``).
+      **base_kwargs: hyper-parameters of ``base`` (TIES: ``k``, ``merge``, ``scope``).
     """
-    if base == "task_arithmetic":
-        merged = task_arithmetic(tvs)
-    elif base == "ties":
-        merged = ties(tvs, k=base_kwargs.pop("ties_k", 0.2), **base_kwargs)
-    else:
-        raise ValueError(f"consensus: base must be 'task_arithmetic' or 'ties', got {base!r}.")
-    if mask_from not in ("sum", "merged"):
-        raise ValueError(f"consensus: mask_from must be 'sum' or 'merged', got {mask_from!r}.")
-    mask = consensus_mask(tvs, lambdas=lambdas, k=k, merged=merged if mask_from == "merged" else None)
-    return jax.tree_util.tree_map(lambda m, t: jnp.where(m, t, jnp.zeros_like(t)), mask, merged)
+    check_choice("base", base, BASES, what="consensus")
+    check_choice("mask_from", mask_from, MASK_FROM, what="consensus")
+    merged = ties(tvs, **base_kwargs) if base == "ties" else task_arithmetic(tvs, **base_kwargs)
+    mask = consensus_mask(tvs, lambdas=lambdas, min_tasks=min_tasks, merged=merged if mask_from == "merged" else None)
+    return apply_mask(mask, merged)

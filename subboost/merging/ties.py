@@ -25,8 +25,11 @@ import jax.numpy as jnp
 
 from subboost.linalg import compute_dtype
 from subboost.tree import PyTree
+from subboost.validation import check_choice
 
 TrimScope = Literal["global", "per_leaf"]
+TRIM_SCOPES: tuple[str, ...] = ("global", "per_leaf")
+MERGE_MODES: tuple[str, ...] = ("mean", "sum")
 
 
 def _bits_dtypes(dtype):
@@ -74,45 +77,57 @@ def trim_rank(num_entries: int, k: float) -> int:
     return num_entries - int(num_entries * k)
 
 
+def per_leaf_threshold(x: jax.Array, k: float) -> jax.Array:
+    """Per task, the threshold that keeps the top-``k`` fraction of one leaf (``scope="per_leaf"``)."""
+    kk = trim_rank(x[0].size, k)
+    return kth_smallest_magnitude([x], kk) if kk >= 1 else jnp.zeros(x.shape[:1])
+
+
+def trim_with_threshold(x: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Zeroes the entries of task ``t`` with ``|x| < threshold[t]`` (``x``: ``(T, ...)``, ``threshold``: ``(T,)``)."""
+    threshold = threshold.reshape((-1,) + (1,) * (x.ndim - 1))
+    keep = jnp.abs(x.astype(threshold.dtype)) >= threshold
+    return jnp.where(keep, x, jnp.zeros_like(x))
+
+
 def trim(tvs: PyTree, *, k: float = 0.2, scope: TrimScope = "global") -> PyTree:
     """Keeps each task's top-``k`` fraction of entries by magnitude, zeroes the rest."""
+    check_choice("scope", scope, TRIM_SCOPES, what="ties")
     leaves, treedef = jax.tree_util.tree_flatten(tvs)
-    if scope == "global":
-        num_entries = sum(x[0].size for x in leaves)
-        kk = trim_rank(num_entries, k)
-        if kk < 1:
-            return tvs
-        thresholds = [kth_smallest_magnitude(leaves, kk)] * len(leaves)
-    elif scope == "per_leaf":
-        thresholds = []
-        for x in leaves:
-            kk = trim_rank(x[0].size, k)
-            thresholds.append(kth_smallest_magnitude([x], kk) if kk >= 1 else jnp.zeros(x.shape[:1]))
-    else:
-        raise ValueError(f"scope must be 'global' or 'per_leaf', got {scope!r}.")
-    trimmed = []
-    for x, thr in zip(leaves, thresholds):
-        thr = thr.reshape((-1,) + (1,) * (x.ndim - 1))
-        keep = jnp.abs(x.astype(thr.dtype)) >= thr
-        trimmed.append(jnp.where(keep, x, jnp.zeros_like(x)))
-    return jax.tree_util.tree_unflatten(treedef, trimmed)
+    if scope == "per_leaf":
+        return jax.tree_util.tree_unflatten(treedef, [trim_with_threshold(x, per_leaf_threshold(x, k)) for x in leaves])
+    kk = trim_rank(sum(x[0].size for x in leaves), k)
+    if kk < 1:
+        return tvs
+    threshold = kth_smallest_magnitude(leaves, kk)
+    return jax.tree_util.tree_unflatten(treedef, [trim_with_threshold(x, threshold) for x in leaves])
+
+
+def summed_signs(trimmed: PyTree) -> PyTree:
+    """``sign(sum_t trimmed_t)`` per entry, before ties (zeros) are broken."""
+    return jax.tree_util.tree_map(lambda x: jnp.sign(jnp.sum(x.astype(compute_dtype(x.dtype)), axis=0)), trimmed)
+
+
+def sign_votes(signs: PyTree, dtype=jnp.int32) -> jax.Array:
+    """``sum(signs)`` over all parameters, counted in integers (a float sum of millions of +-1 could round)."""
+    return sum(jnp.sum(s.astype(dtype)) for s in jax.tree_util.tree_leaves(signs))
+
+
+def break_ties(signs: PyTree, majority: jax.Array) -> PyTree:
+    """Entries whose summed sign is zero take ``majority`` (the sign of `sign_votes`)."""
+    return jax.tree_util.tree_map(lambda s: jnp.where(s == 0, majority, s), signs)
 
 
 def elect_signs(trimmed: PyTree) -> PyTree:
     """``sign(sum_t trimmed_t)``; zeros take the sign of the total over all parameters."""
-    signs = jax.tree_util.tree_map(
-        lambda x: jnp.sign(jnp.sum(x.astype(compute_dtype(x.dtype)), axis=0)), trimmed
-    )
-    # Counted in integers: a float32 sum of millions of +-1 could round a near tie.
-    votes = sum(jnp.sum(s.astype(jnp.int32)) for s in jax.tree_util.tree_leaves(signs))
-    majority = jnp.sign(votes).astype(jax.tree_util.tree_leaves(signs)[0].dtype)
-    return jax.tree_util.tree_map(lambda s: jnp.where(s == 0, majority, s), signs)
+    signs = summed_signs(trimmed)
+    majority = jnp.sign(sign_votes(signs)).astype(jax.tree_util.tree_leaves(signs)[0].dtype)
+    return break_ties(signs, majority)
 
 
 def disjoint_merge(trimmed: PyTree, signs: PyTree, *, merge: str = "mean") -> PyTree:
     """Aggregates, per entry, the tasks whose trimmed value agrees with the elected sign."""
-    if merge not in ("mean", "sum"):
-        raise ValueError(f"merge must be 'mean' or 'sum', got {merge!r}.")
+    check_choice("merge", merge, MERGE_MODES, what="ties")
 
     def leaf(x, s):
         xc = x.astype(compute_dtype(x.dtype))

@@ -24,7 +24,7 @@ SVD_BATCH_SIZE = 1  # one matrix per LAPACK call (see subboost.bench.config: avo
 DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {
     "ties": {"k": 0.2},
     "dare": {"p": 0.9},
-    "consensus": {"k": 2, "lambdas": 0.4},
+    "consensus": {"min_tasks": 2, "lambdas": 0.4},
     "tsv": {"batch_size": SVD_BATCH_SIZE},
     "iso_c": {"batch_size": SVD_BATCH_SIZE},
     "iso_cts": {"batch_size": SVD_BATCH_SIZE},
