@@ -10,6 +10,9 @@
   replaced, even with ``overwrite``.
 * Directories created for an output that then fails are removed again
   (`make_parents` / `remove_created`).
+* Outputs are written atomically (`staged_output`, `write_atomically`): built in
+  a hidden sibling directory ``.{name}.partial-*`` and renamed into place only
+  when complete, so a failed or interrupted run leaves nothing at the output.
 
 Writers call `check_output` before computing anything, and again just before
 the final rename (something may have appeared meanwhile).
@@ -17,8 +20,15 @@ the final rename (something may have appeared meanwhile).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Iterable
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from subboost.task_vectors import SubboostError
@@ -128,6 +138,115 @@ def remove_created(created: Iterable[Path]) -> None:
             return
 
 
+# Inside a staging directory: which process builds it (a dead one's is removed by the next run).
+OWNER_FILE = "owner.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Deletes staging directories of earlier runs for ``out`` whose process is gone."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            owner = json.loads((partial / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _wait_for_threads(before: set[threading.Thread], timeout: float = 60.0) -> None:
+    """Joins threads started since ``before`` (orbax's writers), so none writes after cleanup."""
+    deadline = time.monotonic() + timeout
+    for thread in set(threading.enumerate()) - before:
+        if thread is not threading.current_thread() and thread.is_alive():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _remove_tree(path: Path) -> None:
+    """``rm -r`` that retries: a writer finishing late can recreate files while we delete."""
+    for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def staged_output(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    name: str = "destination",
+    create: bool = True,
+) -> Iterator[Path]:
+    """Yields the path to build; it becomes ``out`` only if the block completes.
+
+    The path lies in a hidden sibling directory of ``out`` (same filesystem, so the
+    rename is atomic) recording its owner process; a dead run's is removed by the
+    next. On any error, KeyboardInterrupt included, the threads started meanwhile
+    are waited for, the staging directory and any parent created for ``out`` are
+    removed, and ``out`` is untouched. ``out`` must pass `check_output` against
+    ``inputs``, before and again just before the rename.
+
+    Args:
+      create: create the yielded directory (False: the block creates it, e.g. orbax).
+    """
+    inputs = [p for p in inputs if isinstance(p, (str, os.PathLike))]
+    out = check_output(out, inputs=inputs, overwrite=overwrite, name=name)
+    created = make_parents(out)
+    _remove_dead_partials(out)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    threads = set(threading.enumerate())
+    try:
+        staging.mkdir()
+        (staging / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        built = staging / "out"
+        if create:
+            built.mkdir()
+        yield built
+        _fsync_dir(built)
+        check_output(out, inputs=inputs, overwrite=overwrite, name=name)  # something may have appeared meanwhile
+        if out.exists() or out.is_symlink():
+            os.replace(out, staging / "replaced")
+        os.replace(built, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        try:
+            _wait_for_threads(threads)
+        finally:
+            _remove_tree(staging)
+            remove_created(created)
+        raise
+    _remove_tree(staging)
+
+
+def write_atomically(dst: str | os.PathLike, build: Callable[[Path], None], *, overwrite: bool = False,
+                     inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Calls ``build(path)`` to create ``path`` (`staged_output`), then renames it to ``dst``; returns ``dst``."""
+    with staged_output(dst, overwrite=overwrite, inputs=inputs, create=False) as built:
+        build(built)
+    return Path(dst).expanduser().absolute()
+
+
 __all__ = [
     "MARKER_FILES",
     "OutputOverlapError",
@@ -135,5 +254,7 @@ __all__ = [
     "check_output",
     "make_parents",
     "remove_created",
+    "staged_output",
+    "write_atomically",
     "written_by_subboost",
 ]

@@ -449,3 +449,15 @@ def map_group(fn: Callable[[jax.Array], jax.Array], x: jax.Array, batch_size: in
     if batch_size is None or batch_size >= x.shape[0]:
         return fn(x)
     return jax.lax.map(lambda m: fn(m[None])[0], x, batch_size=batch_size)
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+    """``{"a/b": x}`` -> ``{"a": {"b": x}}``: the nested dict whose `leaves_with_paths` names are the keys."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
