@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 import subboost as sb
+from subboost.tree import nest
 
 
 def vit_shapes(layers: int, width: int, mlp: int, heads: int) -> dict[str, tuple[int, ...]]:
@@ -56,17 +57,6 @@ def vit_shapes(layers: int, width: int, mlp: int, heads: int) -> dict[str, tuple
         shapes[f"{b}/mlp/c_proj/kernel"] = (mlp, width)
         shapes[f"{b}/ln_1/scale"] = (width,)
     return shapes
-
-
-def nest(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def random_task_vectors(shapes: dict, num_tasks: int, seed: int) -> dict[str, np.ndarray]:

@@ -33,23 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.checkpoint_io import (
-    CONTENTS,
-    FORMAT_VERSION,
-    METADATA_FILE,
-    array_checksum,
-    check_same_architecture,
-    check_same_parameters,
-    checkpoint_identity,
-    checkpoint_info,
-    default_content,
-    is_checkpoint_dir,
-    read_params,
-    require_content,
-    restore_orbax,
-    specs_of,
-    verify_checksums,
-)
+from subboost.checkpoint_io import metadata as checkpoint_metadata
+from subboost.checkpoint_io.metadata import METADATA_FILE, checkpoint_identity, checkpoint_info, require_content
+from subboost.checkpoint_io.orbax_io import restore_orbax
+from subboost.checkpoint_io.readers import read_params
 from subboost.outputs import check_output, write_atomically
 from subboost.task_vectors import SubboostError
 from subboost.tree import PyTree, leaves_with_paths
@@ -99,16 +86,16 @@ def save_params(
     """
     import orbax.checkpoint as ocp
 
-    content = content if content is not None else default_content(metadata)
-    if content not in CONTENTS:
-        raise SubboostError(f"save_params: content must be one of {tuple(CONTENTS)}, got {content!r}.")
+    content = content if content is not None else checkpoint_metadata.default_content(metadata)
+    if content not in checkpoint_metadata.CONTENTS:
+        raise SubboostError(f"save_params: content must be one of {tuple(checkpoint_metadata.CONTENTS)}, got {content!r}.")
     if not leaves_with_paths(params):
         raise SubboostError("save_params: the parameter tree is empty.")
     check_output(Path(path).absolute(), inputs=inputs, overwrite=overwrite)  # before the (slow) device-to-host copy
     host = _to_host(params)
     meta = {k: v for k, v in (metadata or {}).items() if k not in ("checksums", "content", "subboost_checkpoint")}
-    meta.update(subboost_checkpoint=FORMAT_VERSION, content=content,
-                checksums={name: array_checksum(x) for name, x in leaves_with_paths(host)})
+    meta.update(subboost_checkpoint=checkpoint_metadata.FORMAT_VERSION, content=content,
+                checksums={name: checkpoint_metadata.array_checksum(x) for name, x in leaves_with_paths(host)})
     meta_text = json.dumps(meta, indent=2, sort_keys=True, default=str)
 
     def build(target: Path) -> None:
@@ -140,10 +127,10 @@ def load_params(path: str | os.PathLike, *, as_numpy: bool = False, content: str
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
     if content is not None:
         require_content(path, content)
-    if is_checkpoint_dir(path):
+    if checkpoint_metadata.is_checkpoint_dir(path):
         tree = restore_orbax(path)
         info = checkpoint_info(path)
-        verify_checksums(path, dict(leaves_with_paths(tree)), None if info is None else info.get("checksums"))
+        checkpoint_metadata.verify_checksums(path, dict(leaves_with_paths(tree)), None if info is None else info.get("checksums"))
     else:
         tree = read_params(path)
     if as_numpy:
@@ -202,6 +189,7 @@ def load_base_and_experts(
         base_name, base_arch, base_params = "base", None, base
     check_floating(base_params, what=base_name)
     check_finite(base_params, what=base_name)
+    base_specs = checkpoint_metadata.specs_of(dict(leaves_with_paths(base_params)))
     loaded = []
     for t, path in enumerate(experts):
         name = f"{role} {t}" if role == "expert" else role
@@ -210,26 +198,22 @@ def load_base_and_experts(
             raise FileNotFoundError(f"{what} does not exist.")
         arch = require_content(path, "params", what=name)["architecture"]
         if check_architecture:
-            check_same_architecture(arch, base_arch, what=what, base_name=base_name)
+            checkpoint_metadata.check_same_architecture(arch, base_arch, what=what, base_name=base_name)
         params = load_params(path)
-        check_same_parameters(specs_of(dict(leaves_with_paths(base_params))), specs_of(dict(leaves_with_paths(params))),
-                              what=what, base_name=base_name)
+        checkpoint_metadata.check_same_parameters(base_specs, checkpoint_metadata.specs_of(dict(leaves_with_paths(params))),
+                                                  what=what, base_name=base_name)
         check_finite(params, what=what)
         loaded.append(params)
     return base_params, task_vectors(base_params, loaded, validate=False)
 
 
 __all__ = [
-    "CONTENTS",
-    "array_checksum",
+    "METADATA_FILE",
     "checkpoint_identity",
     "checkpoint_info",
-    "is_checkpoint_dir",
     "load_base_and_experts",
     "load_experts",
     "load_params",
     "require_content",
     "save_params",
-    "verify_checksums",
-    "write_atomically",
 ]

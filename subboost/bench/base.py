@@ -3,7 +3,7 @@
 Merging users start from released weights; so does the default benchmark. Its
 base encoder is pretrained once (`pretrain_base`, reproduced by
 ``subboost demo --pretrain-base``) and committed as a small ``.npz`` under
-``subboost/bench/bases/`` with its SHA-256 in `SHIPPED_BASES`. A run whose
+``subboost/bench/bases/`` with its SHA-256 in `SHIPPED_BASES` (`subboost.bench.config`). A run whose
 config names a shipped base (`BenchConfig.base`) loads it, checks the checksum
 and skips pretraining; a config without one pretrains in the run.
 
@@ -17,25 +17,18 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
-from subboost.bench.config import BenchConfig
+from subboost.bench.config import SHIPPED_BASES, BenchConfig
 from subboost.bench.data import build_pretraining_mixture
 from subboost.bench.pretrain import pretrain
 from subboost.bench.tasks import TASKS
+from subboost.tree import nest
 
 BASES_DIR = Path(__file__).parent / "bases"
 LOGIT_SCALE_KEY = "logit_scale"
-
-# name -> sha256 of the .npz file. ``default_seed0``: `get_config("default")`'s pretraining, seed 0, made by
-# ``subboost demo --pretrain-base --seed 0 --out DIR`` (34 min 52 s wall, 786 s user+sys CPU, on 2 shared cores).
-SHIPPED_BASES: dict[str, str] = {
-    "default_seed0": "153d1b6737008db6d7d0e3b0ec1dcf7e56bcc4922932cc631ba5fc14809e3a51",
-}
-
 
 def base_path(name: str) -> Path:
     return BASES_DIR / f"{name}.npz"
@@ -54,17 +47,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
         else:
             out[name] = np.asarray(value)
     return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def save_base(path: str | Path, encoder: dict, logit_scale: float) -> str:
@@ -91,7 +73,7 @@ def load_base(path: str | Path, *, sha256: str | None = None) -> tuple[dict, flo
     with np.load(path) as f:
         flat = {k: f[k] for k in f.files}
     scale = float(flat.pop(LOGIT_SCALE_KEY))
-    return _unflatten(flat), scale
+    return nest(flat), scale
 
 
 def load_shipped_base(name: str) -> tuple[dict, float]:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
+from pathlib import Path
 from typing import Any
 
 from subboost.models.clip_vit import CLIPVisionConfig
@@ -36,6 +36,18 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.01 * 2**k, 6) for k in range(1
 DEFAULT_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)
 # Boosting-strength sweep at the largest task count (beta = 1: no boost).
 SWEEP_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+# Shipped pretrained bases (`subboost.bench.base`): name -> sha256 of the .npz file.
+# ``default_seed0``: `get_config("default")`'s pretraining, seed 0, made by
+# ``subboost demo --pretrain-base --seed 0 --out DIR`` (34 min 52 s wall, 786 s user+sys CPU, on 2 shared cores).
+SHIPPED_BASES: dict[str, str] = {
+    "default_seed0": "153d1b6737008db6d7d0e3b0ec1dcf7e56bcc4922932cc631ba5fc14809e3a51",
+}
+
+# The modules whose source decides the trained models (hashed into `BenchConfig.training_key`).
+TRAINING_MODULES: tuple[str, ...] = ("tasks", "data", "model", "pretrain", "finetune", "heads")
+_BENCH_DIR = Path(__file__).parent
+
 SWEEP_METHODS: tuple[str, ...] = ("task_arithmetic", "ties")
 
 # Hyper-parameters of the merge methods (REFERENCE.md defaults; Consensus's
@@ -74,7 +86,7 @@ class BenchConfig:
       head_shots: training images per class averaged into a frozen zero-shot-like head.
       pretrain_labels: captions of the pretraining mixture, one per class (``"fine"``) or per pair of
         neighbouring classes (``"coarse"``).
-      base: name of a shipped pretrained base (`subboost.bench.base.SHIPPED_BASES`) to load instead of
+      base: name of a shipped pretrained base (`SHIPPED_BASES`) to load instead of
         pretraining in the run; the pretraining fields then describe how that base was made
         (``subboost demo --pretrain-base`` remakes it).
       pretrain_steps, pretrain_batch, pretrain_lr, pretrain_warmup, pretrain_weight_decay:
@@ -153,17 +165,14 @@ class BenchConfig:
         Includes the source of the task generators and training code, so editing
         them invalidates cached checkpoints.
         """
-        from subboost.bench import data, finetune, heads, model, pretrain, tasks
-
         fields = {
             k: v
             for k, v in self.to_dict().items()
             if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_", "steps_per_call", "base"))
         }
-        sources = "".join(inspect.getsource(m) for m in (tasks, data, model, pretrain, finetune, heads))
+        # The modules' text, read as files (the training modules import this one, not the reverse).
+        sources = "".join((_BENCH_DIR / f"{name}.py").read_text(encoding="utf-8") for name in TRAINING_MODULES)
         if self.base is not None:  # a shipped base is identified by its checksum
-            from subboost.bench.base import SHIPPED_BASES
-
             fields["base_sha256"] = SHIPPED_BASES.get(self.base)
         blob = json.dumps({"seed": seed, "config": fields}, sort_keys=True) + sources
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -233,7 +233,7 @@ def _check_arguments(args: argparse.Namespace) -> dict:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from subboost.checkpoints import write_atomically
+    from subboost.outputs import write_atomically
     from subboost.merging import check_arguments
 
     out = Path(args.out)

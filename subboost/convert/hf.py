@@ -77,7 +77,7 @@ def vision_hints(hf_config: Mapping[str, Any], source: str) -> tuple[dict[str, A
 
 def load_dir(path: Path) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """``({name: array}, file records)`` of the weights in an HF model directory."""
-    from subboost.checkpoint_io import SafetensorsReader
+    from subboost.checkpoint_io.readers import SafetensorsReader
 
     files: list[Path]
     if (path / "model.safetensors").exists():

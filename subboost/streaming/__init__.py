@@ -65,21 +65,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from subboost.checkpoint_io import (
-    COMPLETE_MARKER,
-    INFO_FILE,
-    PARAMS_FILE,
+from subboost.checkpoint_io.metadata import COMPLETE_MARKER, INFO_FILE, PARAMS_FILE, check_same_parameters
+from subboost.checkpoint_io.readers import (
     CheckpointReader,
     OrbaxReader,
     SafetensorsReader,
-    SafetensorsWriter,
     TreeReader,
-    check_same_parameters,
     open_checkpoint,
     read_params,
-    read_safetensors_header,
-    save_safetensors,
 )
+from subboost.checkpoint_io.safetensors_format import SafetensorsWriter, read_safetensors_header, save_safetensors
 from subboost.errors import SubboostError
 from subboost.merging.registry import METHODS, StreamingScheme, local_scheme, method_record, register
 from subboost.streaming.chunks import DEFAULT_CHUNK_BYTES, plan_chunks

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from subboost.checkpoint_io import CheckpointReader
+from subboost.checkpoint_io.readers import CheckpointReader
 from subboost.errors import SubboostError
 from subboost.merging.dare import keep_mask as dare_keep_mask
 from subboost.tree import ATTENTION_IN_NAMES

@@ -16,18 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost.boosting import check_boost_arguments, check_rank_arguments, subspace_boost
-from subboost.checkpoint_io import (
+from subboost.checkpoint_io.metadata import (
     COMPLETE_MARKER,
     INFO_FILE,
     PARAMS_FILE,
-    SafetensorsWriter,
     array_checksum,
     check_same_architecture,
     check_same_parameters,
-    open_checkpoint,
     require_content,
     specs_of,
 )
+from subboost.checkpoint_io.readers import open_checkpoint
+from subboost.checkpoint_io.safetensors_format import SafetensorsWriter
 from subboost.errors import SubboostError
 from subboost.merging import merge
 from subboost.merging.registry import METHODS, MergeMethod, check_arguments
