@@ -221,7 +221,7 @@ def test_consensus_lambdas_must_be_positive_and_finite(ckpts, tmp_path):
             sb.merge(tvs, "consensus", lambdas=bad, min_tasks=1)
         with pytest.raises(SubboostError, match="consensus: lambdas"):
             sb.merge_from_checkpoints(root / "base", [root / "e0", root / "e1"], method="consensus", lambdas=bad,
-                                      k=1, out=tmp_path / "out", progress=False)
+                                      min_tasks=1, out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     merged = sb.merge(tvs, "consensus", lambdas=(0.3, 0.5), min_tasks=1)  # valid per-task lambdas still work
     assert np.isfinite(np.asarray(merged["proj"])).all() and np.abs(np.asarray(merged["proj"])).sum() > 0

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from subboost.convert.common import ConversionError, TensorSource, count_blocks, dense, layer_norm
+from subboost.convert.common import ConversionError, TensorSource, count_blocks, dense, layer_norm, separate_attention
 from subboost.models.bert import BertConfig
 
 ANCHOR = "embeddings.word_embeddings.weight"
@@ -106,23 +106,14 @@ def convert_state_dict(
         raise ConversionError(f"{source}: {err}") from err
 
     src = TensorSource(tensors, source=source, prefix=prefix, what="Hugging Face BERT model")
-    w, m, h = cfg.width, cfg.mlp_dim, cfg.heads
-    from subboost.convert.common import heads_in, heads_out
-
-    def attention(block: str) -> dict:
-        out = {}
-        for name in ("query", "key", "value"):
-            key = f"{block}attention.self.{name}"
-            out[name] = heads_in(src.get(f"{key}.weight", (w, w)), src.get(f"{key}.bias", (w,)), h)
-        key = f"{block}attention.output.dense"
-        out["out"] = heads_out(src.get(f"{key}.weight", (w, w)), src.get(f"{key}.bias", (w,)), h)
-        return out
+    w, m = cfg.width, cfg.mlp_dim
+    bert_attention = {"query": "self.query", "key": "self.key", "value": "self.value", "out": "output.dense"}
 
     encoder = {}
     for i in range(cfg.layers):
         b = f"encoder.layer.{i}."
         encoder[f"layer_{i}"] = {
-            "attention": attention(b),
+            "attention": separate_attention(src, b + "attention", bert_attention, cfg),
             "attention_norm": layer_norm(src, b + "attention.output.LayerNorm", w),
             "mlp": {"intermediate": dense(src, b + "intermediate.dense", w, m),
                     "output": dense(src, b + "output.dense", m, w)},

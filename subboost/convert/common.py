@@ -144,8 +144,11 @@ def fused_attention(src: TensorSource, key: str, config: CLIPVisionConfig) -> di
     return out
 
 
-def separate_attention(src: TensorSource, key: str, names: Mapping[str, str], config: CLIPVisionConfig) -> dict:
-    """Separate ``q/k/v/out`` Linear layers (``names``: flax name -> torch name) -> query / key / value / out."""
+def separate_attention(src: TensorSource, key: str, names: Mapping[str, str], config: Any) -> dict:
+    """Separate ``q/k/v/out`` Linear layers (``names``: flax name -> torch name) -> query / key / value / out.
+
+    ``config``: any model config with ``width`` and ``heads`` (CLIP vision tower, BERT).
+    """
     w, h = config.width, config.heads
     out = {}
     for flax_name in ("query", "key", "value"):
