@@ -10,6 +10,7 @@ import subboost as sb
 from subboost import merging
 from subboost.merging.iso import iso_cts_matrices, iso_cts_sizes
 from subboost.merging.tsv import tsv_factors
+from subboost.tree import nest
 from tests import numpy_reference as ref
 from tests import numpy_reference_svd as ref_svd
 from tests.conftest import vit_like_params
@@ -21,19 +22,8 @@ SHAPE = {"width": 12, "heads": 2, "mlp": 24, "layers": 1}
 NUM_TASKS = 3
 
 
-def _nest(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def _stack(split: list[dict], dtype) -> dict:
-    return _nest({k: jnp.asarray(np.stack([t[k] for t in split]), dtype) for k in split[0]})
+    return nest({k: jnp.asarray(np.stack([t[k] for t in split]), dtype) for k in split[0]})
 
 
 def _split(tvs) -> list[dict]:
