@@ -144,6 +144,26 @@ def fused_attention(src: TensorSource, key: str, config: CLIPVisionConfig) -> di
     return out
 
 
+def vision_tower(src: TensorSource, config: CLIPVisionConfig, names: Mapping[str, str], *, blocks: dict,
+                 proj: str | np.ndarray) -> dict:
+    """The Flax CLIP vision tower's parameters around its ``blocks`` (already converted).
+
+    ``names`` maps ``conv1``, ``class_embedding``, ``positional_embedding``, ``ln_pre`` and
+    ``ln_post`` to the source's keys; ``proj`` is the projection's key (read as
+    ``(width, embed_dim)``) or the projection itself.
+    """
+    w = config.width
+    return {
+        "conv1": patch_conv(src, names["conv1"], config),
+        "class_embedding": src.get(names["class_embedding"], (w,)),
+        "positional_embedding": src.get(names["positional_embedding"], (config.num_tokens, w)),
+        "ln_pre": layer_norm(src, names["ln_pre"], w),
+        "transformer": blocks,
+        "ln_post": layer_norm(src, names["ln_post"], w),
+        "proj": src.get(proj, (w, config.embed_dim)) if isinstance(proj, str) else proj,
+    }
+
+
 def separate_attention(src: TensorSource, key: str, names: Mapping[str, str], config: Any) -> dict:
     """Separate ``q/k/v/out`` Linear layers (``names``: flax name -> torch name) -> query / key / value / out.
 

@@ -28,9 +28,9 @@ from subboost.convert.common import (
     dense,
     file_record,
     layer_norm,
-    patch_conv,
     resolve_config,
     separate_attention,
+    vision_tower,
 )
 from subboost.models.clip_vit import LN_EPS, CLIPVisionConfig
 
@@ -113,6 +113,12 @@ def load_dir(path: Path) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     return tensors, [file_record(path / "config.json")] + [file_record(f) for f in files]
 
 
+# Where the Flax tower's non-block parameters sit in a Hugging Face CLIPVisionModel.
+HF_NAMES = {"conv1": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
+            "positional_embedding": "embeddings.position_embedding.weight", "ln_pre": "pre_layrnorm",
+            "ln_post": "post_layernorm"}
+
+
 def convert_state_dict(
     tensors: Mapping[str, np.ndarray],
     *,
@@ -168,15 +174,7 @@ def convert_state_dict(
     else:
         proj = np.eye(w, dtype=tensors[anchors[0]].dtype)
         notes.append("no visual_projection (CLIPVisionModel): proj is the identity, features = pooled output")
-    params = {
-        "conv1": patch_conv(src, "embeddings.patch_embedding.weight", cfg),
-        "class_embedding": src.get("embeddings.class_embedding", (w,)),
-        "positional_embedding": src.get("embeddings.position_embedding.weight", (cfg.num_tokens, w)),
-        "ln_pre": layer_norm(src, "pre_layrnorm", w),
-        "transformer": blocks,
-        "ln_post": layer_norm(src, "post_layernorm", w),
-        "proj": proj,
-    }
+    params = vision_tower(src, cfg, HF_NAMES, blocks=blocks, proj=proj)
     src.ignore(lambda k: k == prefix + "embeddings.position_ids")  # a non-learned index buffer
     ignored = src.ignore(
         lambda k: k.startswith(outer) and (k[len(outer):] in TEXT_KEYS or k[len(outer):].startswith(TEXT_PREFIXES))

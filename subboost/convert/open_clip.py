@@ -25,8 +25,8 @@ from subboost.convert.common import (
     dense,
     fused_attention,
     layer_norm,
-    patch_conv,
     resolve_config,
+    vision_tower,
 )
 from subboost.models.clip_vit import CLIPVisionConfig
 
@@ -84,6 +84,11 @@ def infer_architecture(tensors: Mapping[str, np.ndarray], prefix: str, source: s
     }
 
 
+# Where the Flax tower's non-block parameters sit in an open_clip visual tower (the same names).
+OPEN_CLIP_NAMES = {"conv1": "conv1.weight", "class_embedding": "class_embedding",
+                   "positional_embedding": "positional_embedding", "ln_pre": "ln_pre", "ln_post": "ln_post"}
+
+
 def convert_state_dict(
     tensors: Mapping[str, np.ndarray],
     *,
@@ -109,15 +114,7 @@ def convert_state_dict(
             "ln_2": layer_norm(src, b + "ln_2", w),
             "mlp": {"c_fc": dense(src, b + "mlp.c_fc", w, m), "c_proj": dense(src, b + "mlp.c_proj", m, w)},
         }
-    params = {
-        "conv1": patch_conv(src, "conv1.weight", cfg),
-        "class_embedding": src.get("class_embedding", (w,)),
-        "positional_embedding": src.get("positional_embedding", (cfg.num_tokens, w)),
-        "ln_pre": layer_norm(src, "ln_pre", w),
-        "transformer": blocks,
-        "ln_post": layer_norm(src, "ln_post", w),
-        "proj": src.get("proj", (w, cfg.embed_dim)),
-    }
+    params = vision_tower(src, cfg, OPEN_CLIP_NAMES, blocks=blocks, proj="proj")
     ignored: list[str] = []
     if prefix.endswith("visual."):  # a full CLIP model: its text tower is known and left out
         outer = prefix[: -len("visual.")]
