@@ -84,7 +84,8 @@ def main() -> None:
     args = parser.parse_args()
 
     kwargs = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    jitted = merging._jitted(args.method, tuple(sorted(kwargs)))
+    # The program `sb.merge` runs: the method under jit, its hyper-parameters static.
+    jitted = jax.jit(merging.METHODS[args.method], static_argnames=tuple(sorted(kwargs)))
     if args.analyse_only:
         shapes = jax.eval_shape(lambda: mlp_task_vectors(args.layers, args.tasks, args.width, args.mlp, seed=0))
         analysis = jitted.lower(shapes, **kwargs).compile().memory_analysis()

@@ -141,7 +141,7 @@ def _tree(rng, scale=1.0):
 def test_search_picks_the_best_validation_point_and_boosts_once_per_beta(monkeypatch):
     rng = np.random.default_rng(0)
     base, tau = _tree(rng), _tree(rng, 0.3)
-    target = sb.apply_task_vector(base, sb.subspace_boost(tau, 0.0), alpha=0.7)
+    target = sb.apply_task_vector(base, sb.subspace_boost(tau, beta=0.0), alpha=0.7)
 
     def evaluate(params):  # a smooth score peaked at the boosted model with alpha = 0.7
         d = float(sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree_util.tree_leaves(params),
