@@ -113,15 +113,17 @@ def test_second_call_does_not_recompile(rng):
 
 def test_batch_size_bounds_work_without_changing_results(rng):
     tau = vit_like_params(rng, layers=3)
-    np.testing.assert_allclose(
-        jax.tree_util.tree_leaves(sb.subspace_boost(tau, beta=0.02, batch_size=2)),
-        jax.tree_util.tree_leaves(sb.subspace_boost(tau, beta=0.02)),
-        rtol=1e-5, atol=1e-5,
-    ) if False else jax.tree_util.tree_map(
+    jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
         sb.subspace_boost(tau, beta=0.02, batch_size=2),
         sb.subspace_boost(tau, beta=0.02),
     )
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 1.5, True, "2"])
+def test_batch_size_must_be_a_positive_integer(batch_size):
+    with pytest.raises(sb.SubboostError, match=r"subspace_boost: batch_size must be an integer in \[1, inf\]"):
+        sb.subspace_boost(jnp.ones((2, 3, 3)), beta=0.01, batch_size=batch_size)
 
 
 @pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan")])

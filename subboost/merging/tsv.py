@@ -21,8 +21,8 @@ every SVD-based method here.
 All matrices of one shape are merged by one batched, jit-compiled call: the
 per-task SVDs run batched over layers and tasks together (``(G, T, m, n)``).
 With ``batch_size`` no group is gathered into one array (that alone would copy
-all the task vectors): a `jax.lax.map` loads ``batch_size`` layers' matrices at
-a time straight from their leaves, so the temporaries stay at that many layers'
+all the task vectors): `subboost.tree.MatrixPlan.map_groups` loads
+``batch_size`` layers' matrices at a time straight from their leaves, so the temporaries stay at that many layers'
 worth (T matrices each plus SVD workspace) whatever the depth. On T = 20
 ViT-L/14 MLP layers (1024 x 4096), XLA's temporaries are 1.45 GiB for all 24
 blocks with ``batch_size=1`` (15 GiB of task vectors), against 26 GiB when
