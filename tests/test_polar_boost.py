@@ -145,13 +145,13 @@ def ref_cutoff(matrix, beta):
 
 def test_solver_choice_by_backend_shape_and_static_k():
     choose = boosting.choose_solver
-    assert choose("svd", (768, 768), 0.01, "cumsum", "gpu") == "svd"
-    assert choose("polar", (8, 8), 0.01, "cumsum", "cpu") == "polar"
-    assert choose("polar", (768, 768), 0.5, "index", "gpu") == "svd"  # k = 384 past the cap
-    assert choose("auto", (768, 768), 0.01, "cumsum", "cpu") == "svd"  # measured: LAPACK wins on CPU
-    assert choose("auto", (768, 3072), 0.01, "cumsum", "gpu") == "polar"
-    assert choose("auto", (64, 768), 0.01, "cumsum", "gpu") == "svd"  # small side: batched SVD is cheap
-    assert choose("auto", (768, 768), 0.02, "index", "tpu") == "polar"  # k = 15 fits
+    assert choose("svd", (768, 768), beta=0.01, mode="cumsum", backend="gpu") == "svd"
+    assert choose("polar", (8, 8), beta=0.01, mode="cumsum", backend="cpu") == "polar"
+    assert choose("polar", (768, 768), beta=0.5, mode="index", backend="gpu") == "svd"  # k = 384 past the cap
+    assert choose("auto", (768, 768), beta=0.01, mode="cumsum", backend="cpu") == "svd"  # measured: LAPACK wins on CPU
+    assert choose("auto", (768, 3072), beta=0.01, mode="cumsum", backend="gpu") == "polar"
+    assert choose("auto", (64, 768), beta=0.01, mode="cumsum", backend="gpu") == "svd"  # small side: batched SVD is cheap
+    assert choose("auto", (768, 768), beta=0.02, mode="index", backend="tpu") == "polar"  # k = 15 fits
 
 
 def test_auto_on_cpu_is_the_svd_path_and_says_so(rng):
