@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from subboost import linalg
+from subboost.errors import SubboostError
 
 PyTree = Any
 GroupKey = tuple[int, int, str]  # (rows, cols, dtype name)
@@ -363,8 +364,8 @@ class MatrixPlan:
         Args:
           fn: the kernel; may be ``None`` when ``parts`` gives the kernels.
           tree: the tree the plan was built from (same structure and shapes).
-          batch_size: matrices per chunk (a positive int, checked by the
-            public callers), or ``None`` for whole groups.
+          batch_size: matrices per chunk (a positive int), or ``None`` for
+            whole groups.
           mesh: a `jax.sharding.Mesh` to split groups over (inside `jax.jit`).
           parts: ``group -> [(indices, kernel), ...]``: static subsets of a
             group's matrices (together covering it; ``None`` = all of them)
@@ -378,6 +379,9 @@ class MatrixPlan:
         leaves = jax.tree_util.tree_leaves(tree)
         if len(leaves) != len(self.paths):
             raise ValueError("tree does not match the plan it is mapped with.")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            # Public callers check it first (`subboost.validation.check_int`, naming themselves).
+            raise SubboostError(f"map_groups: batch_size must be a positive integer or None, got {batch_size!r}.")
         results: dict[GroupKey, Any] = {}
         previous = None
         for group, size in zip(self.groups, self.group_sizes):

@@ -126,3 +126,10 @@ def test_map_groups_parts_run_their_own_kernel_and_keep_group_order(rng, batch_s
     for g, x in gathered.items():
         factor = np.where(np.arange(len(x)) % 2 == 0, 2.0, 3.0).astype(np.float32)[:, None, None]
         np.testing.assert_array_equal(out[g], factor * np.asarray(x))
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_map_groups_refuses_a_batch_size_that_is_not_a_positive_integer(batch_size):
+    tree = {"dense": {"kernel": jnp.ones((3, 3))}}
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        sbtree.map_matrices(lambda x: x, tree, batch_size=batch_size)
