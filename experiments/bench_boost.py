@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 import subboost as sb
-from subboost import boosting, linalg
+from subboost import linalg
 
 MODELS: dict[str, dict[str, int]] = {
     "vit_b16": {"width": 768, "mlp": 3072, "heads": 12, "layers": 12},
