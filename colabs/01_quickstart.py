@@ -108,7 +108,7 @@ print(f"{'mean':24s} pretrained {pretrained_acc.mean():6.1%}   expert {expert_ac
 # ## Merge, boost, sweep alpha
 #
 # `sb.merge(tvs, method, **hyper_parameters)` returns one merged task vector with
-# the structure of `base`. `sb.subspace_boost(tau, beta)` takes the SVD of each of
+# the structure of `base`. `sb.subspace_boost(tau, beta=beta)` takes the SVD of each of
 # its matrices, finds the first index `k` at which the cumulative sum of singular
 # values reaches a fraction `beta` of their total, and raises every smaller
 # singular value to `s_k`. With the paper's `beta = 0.01` on these small 32-wide

@@ -55,7 +55,7 @@ import subboost as sb
 from subboost.bench import get_config, load_or_train
 from subboost.bench import evaluate as bench_eval
 from subboost.alignment import mean_alignment
-from subboost.hogsvd import common_tau, isolated_tau
+from subboost.hogsvd import common_eigenvalue, isolated_eigenvalue
 from subboost.plots import plot_alignment, plot_gsv_distributions, pool_generalized_singular_values
 
 OUT = Path("outputs/03_hogsvd")  # figures (PNG + the numbers drawn, as JSON)
@@ -68,7 +68,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 # first basis direction appears equally in all three matrices, the second only in
 # `A_0`, the third only in `A_2`, the fourth in `A_0` and `A_1`. The robust
 # HO-GSVD (Kempf et al. 2021; the default) returns per direction an eigenvalue
-# `tau` (ascending) -- at its minimum `1 / (1/N + pi)` for a direction common to
+# (field `eigenvalues`, ascending) -- at its minimum `1 / (1/N + pi)` for a direction common to
 # all matrices, at its maximum for one isolated in a single matrix -- and a column
 # `sigma[:, k]` of unit norm over the matrices: the share of direction `k` held by
 # each matrix.
@@ -86,17 +86,17 @@ for w in weights:
 
 toy = sb.hogsvd(mats)
 np.set_printoptions(precision=3, suppress=True)
-print("tau:", np.asarray(toy.tau), f"(common: {common_tau(3, 1 / 3):.3f}, isolated: {isolated_tau(3, 1 / 3):.3f})")
+print("eigenvalues:", np.asarray(toy.eigenvalues), f"(common: {common_eigenvalue(3, 1 / 3):.3f}, isolated: {isolated_eigenvalue(3, 1 / 3):.3f})")
 print("common directions:", np.asarray(toy.common))
-print("sigma (rows: matrices, columns: directions, sorted by tau):")
+print("sigma (rows: matrices, columns: directions, sorted by eigenvalue):")
 print(np.asarray(toy.sigma))
 reconstruction = max(float(jnp.abs(toy.U[i] @ jnp.diag(toy.sigma[i]) @ toy.V.T - mats[i]).max()) for i in range(3))
 print(f"max |U_i diag(sigma_i) V^T - A_i| = {reconstruction:.1e}")
 
-# The known answer (columns in ascending tau): common, shared by A_0 and A_1, isolated in A_0, isolated in A_2.
+# The known answer (columns in ascending eigenvalue): common, shared by A_0 and A_1, isolated in A_0, isolated in A_2.
 expected_sigma = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 1]]) * np.array([3 ** -0.5, 2 ** -0.5, 1, 1])
 assert np.allclose(np.asarray(toy.sigma), expected_sigma, atol=1e-4), np.asarray(toy.sigma)
-assert np.allclose(np.asarray(toy.tau)[[0, 2, 3]], [common_tau(3, 1 / 3)] + 2 * [isolated_tau(3, 1 / 3)], rtol=1e-4)
+assert np.allclose(np.asarray(toy.eigenvalues)[[0, 2, 3]], [common_eigenvalue(3, 1 / 3)] + 2 * [isolated_eigenvalue(3, 1 / 3)], rtol=1e-4)
 assert reconstruction < 1e-5
 
 # %% [markdown]
@@ -126,11 +126,11 @@ merged = sb.merge(tvs, "task_arithmetic")
 
 # %%
 layers = sb.hogsvd_layers(tvs, compute_u=False)
-print(f"{'matrix':38s} {'n':>4s} {'common':>7s}  tau min .. max")
+print(f"{'matrix':38s} {'n':>4s} {'common':>7s}  eigenvalue min .. max")
 for path, result in layers.items():
-    tau = np.asarray(result.tau)
-    print(f"{path:38s} {tau.size:4d} {int(np.asarray(result.common).sum()):7d}  {tau.min():.3f} .. {tau.max():.3f}")
-print(f"(for 10 matrices: common tau = {common_tau(10, 0.1):.3f}, isolated tau = {isolated_tau(10, 0.1):.3f})")
+    lam = np.asarray(result.eigenvalues)
+    print(f"{path:38s} {lam.size:4d} {int(np.asarray(result.common).sum()):7d}  {lam.min():.3f} .. {lam.max():.3f}")
+print(f"(for 10 matrices: common eigenvalue = {common_eigenvalue(10, 0.1):.3f}, isolated eigenvalue = {isolated_eigenvalue(10, 0.1):.3f})")
 
 # %% [markdown]
 # ## Generalized singular values of the experts and of their merge
@@ -168,7 +168,7 @@ print("merge's alignment with each expert:",
 # %% [markdown]
 # ## 4. Expert selection
 #
-# `sb.select_experts(tvs, k)` chooses `k` experts greedily to minimise their total
+# `sb.select_experts(tvs, k=k)` chooses `k` experts greedily to minimise their total
 # mutual alignment (the most diverse set); `strategy="random"` is the baseline. The
 # experts' block of the matrix above is the same with or without the merged row,
 # so we reuse it. For each subset we merge its experts (Task Arithmetic, with and
@@ -179,9 +179,9 @@ print("merge's alignment with each expert:",
 # %%
 K = 4
 experts_alignment = alignment[:num_tasks, :num_tasks]
-subsets = {"hogsvd": sb.select_experts(tvs, K, alignment=experts_alignment)}
+subsets = {"hogsvd": sb.select_experts(tvs, k=K, alignment=experts_alignment)}
 for seed in range(5):
-    subsets[f"random (seed {seed})"] = sb.select_experts(tvs, K, "random", seed=seed)
+    subsets[f"random (seed {seed})"] = sb.select_experts(tvs, k=K, strategy="random", seed=seed)
 
 EVAL = dict(model=config.model, batch=config.eval_batch)  # static settings of the compiled evaluations
 heads_j = jax.tree_util.tree_map(jnp.asarray, heads)

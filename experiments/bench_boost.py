@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 import subboost as sb
-from subboost import boosting, linalg
+from subboost import linalg
 
 MODELS: dict[str, dict[str, int]] = {
     "vit_b16": {"width": 768, "mlp": 3072, "heads": 12, "layers": 12},
@@ -139,7 +139,7 @@ def bench_model(name: str, shape: dict, num_tasks: int, args) -> None:
     options = dict(mode=args.mode, batch_size=args.batch_size, validate=False)
 
     def run(solver):
-        return lambda: sb.subspace_boost(tau, args.beta, solver=solver, **options)
+        return lambda: sb.subspace_boost(tau, beta=args.beta, solver=solver, **options)
 
     fns = {"svd": run("svd"), "polar": run("polar")}
     compile_s = {}
@@ -158,7 +158,7 @@ def bench_model(name: str, shape: dict, num_tasks: int, args) -> None:
 
     want = plan.gather(results["svd"])
     polar_err = relative_errors(plan.gather(results["polar"]), want)
-    _, report = sb.subspace_boost(tau, args.beta, solver="polar", return_info=True, **options)
+    _, report = sb.subspace_boost(tau, beta=args.beta, solver="polar", return_info=True, **options)
     fallbacks = sum(int(g.fallback.sum()) for g in report.groups)
     row = (
         f"{name:<8} {num_tasks:>3} {sum(plan.group_sizes):>5} "
@@ -238,7 +238,7 @@ def main() -> None:
         if args.layers is not None:
             shape["layers"] = min(shape["layers"], args.layers)
         bench_model(name, shape, num_tasks, args)
-        boosting._boost_tree.clear_cache()  # free compiled executables between models
+        jax.clear_caches()  # free compiled executables between models
     if not args.no_tall_svd:
         print("\nlinalg.svd of the tall/wide groups (T=8): direct vs QR then SVD of R")
         print(f"{'model':<8} {'shape':>13} {'G':>3} {'direct s':>8} {'qr s':>8} {'dir/qr':>9} {'max ds/s0':>9}")

@@ -116,7 +116,7 @@ def child(args: argparse.Namespace) -> None:
         experts = [streaming.read_params(p) for p in expert_paths]
         tvs = sb.task_vectors(base, experts)
         del experts
-        tau = sb.subspace_boost(sb.merge(tvs, "ties", k=args.k), args.beta)
+        tau = sb.subspace_boost(sb.merge(tvs, "ties", k=args.k), beta=args.beta)
         jax.block_until_ready(tau)
         result = str(streaming.save_safetensors(tau, workdir / "merged_in_memory.safetensors"))
     print(json.dumps({"path": args.child, "wall_s": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb(),

@@ -183,7 +183,7 @@ def numpy_merge_and_boost(tvs: dict[str, np.ndarray], method: str, beta: float) 
 
 def subboost_merge_and_boost(tvs, method: str, beta: float):
     tau = sb.merge(tvs, method, validate=False)
-    return sb.subspace_boost(tau, beta, validate=False)
+    return sb.subspace_boost(tau, beta=beta, validate=False)
 
 
 def subboost_pipeline(tvs, method: str, args):

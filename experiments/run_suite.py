@@ -363,7 +363,7 @@ class SuiteRun:
         sweep = select_alpha_beta(self.base, tau, lambda p: self.val_accuracies(p, tasks), alphas=entry["alphas"],
                        betas=entry["betas"], boost_kwargs=boost_kwargs, score=score, progress=self.progress,
                        description=f"{suite_title(suite)}: {entry['label']}")
-        chosen = tau if sweep.beta is None else sb.subspace_boost(tau, sweep.beta, **boost_kwargs)
+        chosen = tau if sweep.beta is None else sb.subspace_boost(tau, beta=sweep.beta, **boost_kwargs)
         test = self.test_accuracies(sb.apply_task_vector(self.base, chosen, alpha=sweep.alpha), tasks)
         experts = {t: reference["experts"][t]["test"] for t in tasks}
         settings = self.cell_settings(suite, entry)

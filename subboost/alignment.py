@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost import linalg
 from subboost.hogsvd import Method, hogsvd_kernel, check_layers_arguments, check_layers_rcond, project
 from subboost.task_vectors import SubboostError, check_finite, check_floating, check_same_structure, num_experts
 from subboost.tree import AttentionMode, PyTree, matrix_plan
@@ -55,16 +54,9 @@ def _layer_sigmas(tvs, merged, *, method, pi, rank_rtol, attention, is_matrix, b
             return result.sigma, rcond
         return jnp.concatenate([result.sigma, project(result, x[:, -1])[:, None]], axis=1), rcond
 
-    out, rconds, previous = {}, {}, None
-    for group, x in plan.gather(tvs).items():
-        x = linalg.after(x, previous)  # one group's LAPACK calls at a time
-        if batch_size is None or batch_size >= x.shape[0]:
-            out[group], rconds[group] = sigmas(x)
-        else:
-            out[group], rconds[group] = jax.lax.map(
-                lambda y: jax.tree_util.tree_map(lambda a: a[0], sigmas(y[None])), x, batch_size=batch_size
-            )
-        previous = (out[group], rconds[group])
+    mapped = plan.map_groups(sigmas, tvs, batch_size=batch_size)
+    out = {g: sigma for g, (sigma, _) in mapped.items()}
+    rconds = {g: rcond for g, (_, rcond) in mapped.items()}
     return plan.split(out), {member: jnp.min(r) for member, r in plan.split(rconds).items()}
 
 
@@ -195,10 +187,10 @@ def _greedy(m: np.ndarray, k: int) -> list[int]:
 
 def select_experts(
     tvs: PyTree | None,
+    *,
     k: int,
     strategy: Strategy = "hogsvd",
     seed: int = 0,
-    *,
     alignment: jax.Array | np.ndarray | None = None,
     **kwargs,
 ) -> list[int]:

@@ -161,13 +161,13 @@ def rank_collapse(
 
     def metrics(values: dict[str, np.ndarray]):
         stable = {k: np.asarray(stable_rank_from_singular_values(v)) for k, v in values.items()}
-        energy = {k: np.asarray(energy_rank_from_singular_values(v, fraction)) for k, v in values.items()}
+        energy = {k: np.asarray(energy_rank_from_singular_values(v, fraction=fraction)) for k, v in values.items()}
         return stable, energy
 
     stable, energy = metrics(s)
     s_boost = stable_boost = energy_boost = None
     if beta is not None:
-        s_boost = {k: np.asarray(boost_singular_values(v, float(beta), boost_mode)) for k, v in s.items()}
+        s_boost = {k: np.asarray(boost_singular_values(v, beta=float(beta), mode=boost_mode)) for k, v in s.items()}
         stable_boost, energy_boost = metrics(s_boost)
     return RankCollapse(
         num_experts=counts,

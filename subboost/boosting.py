@@ -59,17 +59,19 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from subboost import linalg, polar_boost
 from subboost.task_vectors import SubboostError, check_finite, check_floating
-from subboost.tree import AttentionMode, PyTree, matrix_plan
-from subboost.validation import check_real, no_matrices_message
+from subboost.sharding import mesh_axes, place_parameters
+from subboost.tree import AttentionMode, MatrixLayout, PyTree, matrix_plan
+from subboost.validation import check_int, check_real, no_matrices_message
 
 BoostMode = Literal["cumsum", "index"]
 BOOST_MODES = ("cumsum", "index")
 
 
-def cutoff_index(s: jax.Array, beta: float, mode: BoostMode = "cumsum") -> jax.Array:
+def cutoff_index(s: jax.Array, *, beta: float, mode: BoostMode = "cumsum") -> jax.Array:
     """Index ``k`` of the cutoff singular value, per matrix (``s``: ``(..., r)``, descending).
 
     ``cumsum``: the first ``i`` with ``sum(s[:i+1]) / sum(s) >= beta``.
@@ -86,17 +88,17 @@ def cutoff_index(s: jax.Array, beta: float, mode: BoostMode = "cumsum") -> jax.A
     return jnp.minimum(k, r - 1)
 
 
-def boost_singular_values(s: jax.Array, beta: float, mode: BoostMode = "cumsum") -> jax.Array:
+def boost_singular_values(s: jax.Array, *, beta: float, mode: BoostMode = "cumsum") -> jax.Array:
     """``s'_i = max(s_i, s_k)`` with ``k = cutoff_index(s, beta, mode)``."""
-    k = cutoff_index(s, beta, mode)
+    k = cutoff_index(s, beta=beta, mode=mode)
     s_k = jnp.take_along_axis(s, k[..., None], axis=-1)
     return jnp.maximum(s, s_k)
 
 
-def boost_matrices(x: jax.Array, beta: float, mode: BoostMode = "cumsum") -> jax.Array:
+def boost_matrices(x: jax.Array, *, beta: float, mode: BoostMode = "cumsum") -> jax.Array:
     """Boosts a stack of matrices ``(..., m, n)``; same shape and dtype out."""
     u, s, vh = linalg.svd(x)
-    return linalg.reconstruct(u, boost_singular_values(s, beta, mode), vh).astype(x.dtype)
+    return linalg.reconstruct(u, boost_singular_values(s, beta=beta, mode=mode), vh).astype(x.dtype)
 
 
 def check_boost_arguments(beta: float, mode: str) -> None:
@@ -118,7 +120,7 @@ AUTO_POLAR_MIN_SIDE = 128
 AUTO_SVD_BACKENDS: frozenset[str] = frozenset({"cpu"})
 
 
-def choose_solver(solver: Solver, shape: tuple[int, int], beta: float, mode: BoostMode,
+def choose_solver(solver: Solver, shape: tuple[int, int], *, beta: float, mode: BoostMode,
                   backend: str | None = None) -> str:
     """The solver a group of ``shape`` matrices gets (decided at trace time).
 
@@ -143,19 +145,9 @@ def choose_solver(solver: Solver, shape: tuple[int, int], beta: float, mode: Boo
     return "polar"
 
 
-def rank_tolerance(shape: tuple[int, int], dtype, rank_rtol: float | None) -> float:
-    """Relative tolerance below which a singular value counts as zero.
-
-    ``rank_rtol`` if given, else numpy's ``matrix_rank`` default ``max(m, n) * eps``.
-    """
-    if rank_rtol is not None:
-        return float(rank_rtol)
-    return max(shape) * float(jnp.finfo(linalg.compute_dtype(dtype)).eps)
-
-
 def rank_deficient(s: jax.Array, shape: tuple[int, int], rank_rtol: float | None) -> jax.Array:
     """Per matrix: some singular value ``<= tol * s_0`` (and the matrix is not zero)."""
-    tol = rank_tolerance(shape, s.dtype, rank_rtol)
+    tol = linalg.rank_tolerance(shape, s.dtype, rank_rtol)
     return (s[..., -1] <= tol * s[..., 0]) & (s[..., 0] > 0)
 
 
@@ -166,7 +158,7 @@ def _boost_svd_with_cutoff(x: jax.Array, beta: float, mode: BoostMode, rank_rtol
     deficient = rank_deficient(s, x.shape[-2:], rank_rtol)
     if rank_rtol is not None:
         s = jnp.where(s > rank_rtol * s[..., :1], s, 0)
-    k = cutoff_index(s, beta, mode)
+    k = cutoff_index(s, beta=beta, mode=mode)
     s_k = jnp.take_along_axis(s, k[..., None], axis=-1)
     boosted = jnp.maximum(s, s_k)
     if rank_rtol is not None:
@@ -188,7 +180,7 @@ def _svd_info(k: jax.Array, deficient: jax.Array) -> dict[str, jax.Array]:
     }
 
 
-def boost_group(x: jax.Array, beta: float, mode: BoostMode, solver: str, tol: float | None = None,
+def boost_group(x: jax.Array, *, beta: float, mode: BoostMode, solver: str, tol: float | None = None,
                 rank_rtol: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Boosts a group ``(G, m, n)`` with ``solver`` (``svd`` or ``polar``) -> ``(boosted, info)``.
 
@@ -200,7 +192,7 @@ def boost_group(x: jax.Array, beta: float, mode: BoostMode, solver: str, tol: fl
     if solver == "svd":
         y, k, deficient = _boost_svd_with_cutoff(x, beta, mode, rank_rtol)
         return y, _svd_info(k, deficient)
-    y, info = polar_boost.boost_matrices_polar(x, beta, mode, tol=tol, rank_rtol=rank_rtol)
+    y, info = polar_boost.boost_matrices_polar(x, beta=beta, mode=mode, tol=tol, rank_rtol=rank_rtol)
     ok = info["converged"]
 
     def recompute(args):
@@ -219,22 +211,6 @@ def boost_group(x: jax.Array, beta: float, mode: BoostMode, solver: str, tol: fl
     info["polar_residual"] = info["polar_residual"].astype(jnp.float32)
     info["triplet_residual"] = info["triplet_residual"].astype(jnp.float32)
     return y, info
-
-
-def _map_chunks(fn: Callable, x: jax.Array, batch_size: int | None):
-    """``fn`` on ``x`` (``(G, m, n)``) whole, or over chunks of ``batch_size`` matrices.
-
-    Chunks run one after another (`jax.lax.map` without vmapping ``fn``, so
-    the `jax.lax.cond`s inside stay real branches); the last chunk is padded
-    with zero matrices, which every solver maps to zero.
-    """
-    num = x.shape[0]
-    if batch_size is None or batch_size >= num:
-        return fn(x)
-    chunks = -(-num // batch_size)
-    padded = jnp.concatenate([x, jnp.zeros((chunks * batch_size - num,) + x.shape[1:], x.dtype)], axis=0)
-    out = jax.lax.map(fn, padded.reshape((chunks, batch_size) + x.shape[1:]))
-    return jax.tree_util.tree_map(lambda a: a.reshape((chunks * batch_size,) + a.shape[2:])[:num], out)
 
 
 def attention_matrices(plan) -> dict[tuple[int, int, str], np.ndarray]:
@@ -257,25 +233,26 @@ def group_beta(is_attention: np.ndarray, beta: float, attn_beta: float) -> float
     return attn_beta if is_attention.size and is_attention.all() else beta
 
 
-def split_by_beta(run: Callable[[float, jax.Array], tuple], x: jax.Array, is_attention: np.ndarray,
-                  beta: float, attn_beta: float) -> tuple:
-    """``run(beta, x)`` on a group whose attention matrices take ``attn_beta``.
+def beta_parts(is_attention: np.ndarray, beta: float, attn_beta: float) -> list[tuple[np.ndarray | None, float]]:
+    """``[(matrix indices, cutoff), ...]`` of a group whose attention matrices take ``attn_beta``.
 
-    A group mixing both kinds is split by static indices into two calls (each
-    with its own static cutoff, so every solver and mode applies unchanged)
-    and reassembled in the original order.
+    One part (``None``: the whole group) unless the group mixes both kinds;
+    then two static index sets, each boosted with its own static cutoff (so
+    every solver and mode applies unchanged) by `subboost.tree.MatrixPlan.map_groups`.
     """
     if attn_beta == beta or not is_attention.any() or is_attention.all():
-        return run(group_beta(is_attention, beta, attn_beta), x)
-    attn, rest = np.flatnonzero(is_attention), np.flatnonzero(~is_attention)
-    first, second = run(attn_beta, x[attn]), run(beta, x[rest])
-    order = np.argsort(np.concatenate([attn, rest]))
-    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=0)[order], first, second)
+        return [(None, group_beta(is_attention, beta, attn_beta))]
+    return [(np.flatnonzero(is_attention), attn_beta), (np.flatnonzero(~is_attention), beta)]
+
+
+def _array_predicate(path: str, leaf) -> MatrixLayout:
+    """A bare array: its two trailing axes are the matrices, every other axis a layer axis."""
+    return MatrixLayout("matrix", layer_axes=len(np.shape(leaf)) - 2)
 
 
 @functools.partial(
     jax.jit, static_argnames=("beta", "mode", "attention", "is_matrix", "batch_size", "solver", "tol", "with_info",
-                              "attn_beta", "rank_rtol")
+                              "attn_beta", "rank_rtol", "mesh")
 )
 def _boost_tree(
     tau: PyTree,
@@ -290,38 +267,24 @@ def _boost_tree(
     with_info: bool = False,
     attn_beta: float | None = None,
     rank_rtol: float | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ):
+    """Boosts every matrix group of ``tau`` (a tree, or a bare array with ``is_matrix=_array_predicate``)."""
     plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
     attn_beta = beta if attn_beta is None else attn_beta
     masks = attention_matrices(plan)
-    boosted, infos, previous = {}, [], None
-    for group, x in plan.gather(tau).items():
-        def run(b, xs, group=group):
-            chosen = choose_solver(solver, group[:2], b, mode)
-            return _map_chunks(
-                functools.partial(boost_group, beta=b, mode=mode, solver=chosen, tol=tol, rank_rtol=rank_rtol),
-                xs, batch_size,
-            )
 
-        boosted[group], info = split_by_beta(run, linalg.after(x, previous), masks[group], beta, attn_beta)
-        previous = boosted[group]
-        infos.append(info)
-    out = plan.rebuild(tau, plan.scatter(boosted))
+    def parts(group):  # per group, by shape and cutoff: the solver; by attention mask: the cutoff
+        return [(indices, functools.partial(boost_group, beta=b, mode=mode, tol=tol, rank_rtol=rank_rtol,
+                                            solver=choose_solver(solver, group[:2], beta=b, mode=mode)))
+                for indices, b in beta_parts(masks[group], beta, attn_beta)]
+
+    mapped = plan.map_groups(None, tau, batch_size=batch_size, mesh=mesh, parts=parts)
+    out = plan.rebuild(tau, plan.scatter({g: boosted for g, (boosted, _) in mapped.items()}))
+    infos = [info for _, info in mapped.values()]
+    if mesh is not None:  # replicated, so every host can read (and process 0 save) the result
+        out, infos = jax.lax.with_sharding_constraint((out, infos), NamedSharding(mesh, PartitionSpec()))
     return (out, infos) if with_info else out
-
-
-@functools.partial(jax.jit, static_argnames=("beta", "mode", "batch_size", "solver", "tol", "with_info",
-                                             "rank_rtol"))
-def _boost_array(x: jax.Array, *, beta: float, mode: BoostMode, batch_size: int | None = None,
-                 solver: Solver = "svd", tol: float | None = None, with_info: bool = False,
-                 rank_rtol: float | None = None):
-    stack = x.reshape((-1,) + x.shape[-2:])
-    chosen = choose_solver(solver, x.shape[-2:], beta, mode)
-    y, info = _map_chunks(functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol,
-                                            rank_rtol=rank_rtol),
-                          stack, batch_size)
-    y = y.reshape(x.shape)
-    return (y, [info]) if with_info else y
 
 
 # ----------------------------------------------------------------------------
@@ -343,7 +306,7 @@ class GroupReport:
       triplet_residual: ``max_{i<=k} ||tau^T u_i - s_i v_i|| / s_k`` (NaN for ``svd``).
       iterations: subspace iterations (0 for ``svd``).
       rank_deficient: matrices whose numerical rank is below ``min(m, n)``
-        (see `rank_tolerance`).
+        (see `subboost.linalg.rank_tolerance`).
     """
 
     shape: tuple[int, int]
@@ -434,7 +397,7 @@ class BoostReport:
     __str__ = summary
 
 
-def _group_names(plan) -> dict[tuple[int, int, str], list[str]]:
+def group_names(plan) -> dict[tuple[int, int, str], list[str]]:
     names: dict[tuple[int, int, str], list[str]] = {g: [] for g in plan.groups}
     for member in plan.members:
         if member.count == 1:
@@ -444,7 +407,8 @@ def _group_names(plan) -> dict[tuple[int, int, str], list[str]]:
     return names
 
 
-def _report(keys, names, solvers, infos, rank_rtol: float | None = None) -> BoostReport:
+def report(keys, names, solvers, infos, rank_rtol: float | None = None) -> BoostReport:
+    """A `BoostReport` from per-group keys, matrix names, solvers and (device) infos."""
     infos = jax.device_get(infos)
     groups = []
     for (m, n, dtype), group_names, solver, info in zip(keys, names, solvers, infos):
@@ -476,8 +440,8 @@ def check_rank_arguments(attn_beta: float | None, rank_rtol: float | None) -> No
 
 def subspace_boost(
     tau: PyTree,
-    beta: float = 0.01,
     *,
+    beta: float = 0.01,
     attn_beta: float | None = None,
     rank_rtol: float | None = None,
     mode: BoostMode = "cumsum",
@@ -539,40 +503,35 @@ def subspace_boost(
     tol = None if tol is None else float(tol)
     attn_beta = None if attn_beta is None or float(attn_beta) == float(beta) else float(attn_beta)
     rank_rtol = None if rank_rtol is None else float(rank_rtol)
-    is_tree = not (isinstance(tau, jax.Array) or hasattr(tau, "__array__") and not isinstance(tau, dict))
-    if validate and is_tree and not matrix_plan(tau, is_matrix=is_matrix, attention=attention).members:
+    if batch_size is not None:
+        check_int("batch_size", batch_size, what="subspace_boost", low=1)
+    is_array = isinstance(tau, jax.Array) or hasattr(tau, "__array__") and not isinstance(tau, dict)
+    if validate and not is_array and not matrix_plan(tau, is_matrix=is_matrix, attention=attention).members:
         # boosting would silently change nothing (e.g. scan-stacked kernels under the default predicate)
         raise SubboostError(no_matrices_message(tau, what="subspace_boost", is_matrix=is_matrix))
-    if mesh is not None:
-        from subboost.sharding import boost_on_mesh
-
-        return boost_on_mesh(tau, beta=beta, mode=mode, attention=attention, is_matrix=is_matrix,
-                             batch_size=batch_size, solver=solver, tol=tol, return_info=return_info,
-                             validate=validate, mesh=mesh, attn_beta=attn_beta, rank_rtol=rank_rtol)
-    if isinstance(tau, (jax.Array,)) or hasattr(tau, "__array__") and not isinstance(tau, dict):
-        x = jnp.asarray(tau)
-        if x.ndim < 2:
-            raise SubboostError(f"subspace_boost: a bare array needs >= 2 dimensions, got shape {x.shape}.")
-        if validate:
-            check_finite(x, what="subspace_boost input")
-        out = _boost_array(x, beta=float(beta), mode=mode, batch_size=batch_size, solver=solver, tol=tol,
-                           with_info=return_info, rank_rtol=rank_rtol)
-        if not return_info:
-            return out
-        m, n = x.shape[-2:]
-        count = math.prod(x.shape[:-2])
-        names = [[f"[{i}]" for i in range(count)]] if x.ndim > 2 else [["matrix"]]
-        keys = [(m, n, jnp.dtype(x.dtype).name)]
-        return out[0], _report(keys, names, [choose_solver(solver, (m, n), float(beta), mode)], out[1], rank_rtol)
+    if is_array:
+        tau = jnp.asarray(tau)
+        if tau.ndim < 2:
+            raise SubboostError(f"subspace_boost: a bare array needs >= 2 dimensions, got shape {tau.shape}.")
+        is_matrix, attention, attn_beta = _array_predicate, "per_qkv", None
     if validate:
-        check_floating(tau, what="subspace_boost input")
+        if not is_array:
+            check_floating(tau, what="subspace_boost input")
         check_finite(tau, what="subspace_boost input")
+    if mesh is not None:
+        mesh_axes(mesh)
+        tau = place_parameters(tau, mesh)
     out = _boost_tree(
         tau, beta=float(beta), mode=mode, attention=attention, is_matrix=is_matrix, batch_size=batch_size,
-        solver=solver, tol=tol, with_info=return_info, attn_beta=attn_beta, rank_rtol=rank_rtol,
+        solver=solver, tol=tol, with_info=return_info, attn_beta=attn_beta, rank_rtol=rank_rtol, mesh=mesh,
     )
     if not return_info:
         return out
+    if is_array:
+        (m, n), count = tau.shape[-2:], math.prod(tau.shape[:-2])
+        names = [[f"[{i}]" for i in range(count)]] if tau.ndim > 2 else [["matrix"]]
+        keys = [(m, n, jnp.dtype(tau.dtype).name)]
+        return out[0], report(keys, names, [choose_solver(solver, (m, n), beta=float(beta), mode=mode)], out[1], rank_rtol)
     plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
     return out[0], tree_report(plan, solver, float(beta), attn_beta, mode, out[1], rank_rtol)
 
@@ -580,8 +539,8 @@ def subspace_boost(
 def tree_report(plan, solver: str, beta: float, attn_beta: float | None, mode: BoostMode, infos,
                 rank_rtol: float | None) -> BoostReport:
     """The `BoostReport` of a boosted tree (groups in plan order)."""
-    names = _group_names(plan)
+    names = group_names(plan)
     masks = attention_matrices(plan)
     attn_beta = beta if attn_beta is None else attn_beta
-    solvers = [choose_solver(solver, g[:2], group_beta(masks[g], beta, attn_beta), mode) for g in plan.groups]
-    return _report(plan.groups, [names[g] for g in plan.groups], solvers, infos, rank_rtol)
+    solvers = [choose_solver(solver, g[:2], beta=group_beta(masks[g], beta, attn_beta), mode=mode) for g in plan.groups]
+    return report(plan.groups, [names[g] for g in plan.groups], solvers, infos, rank_rtol)

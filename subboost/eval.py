@@ -11,7 +11,7 @@ Hyper-parameter search (validation split; the chosen setting is then scored
 on test)::
 
     for beta in betas:                   # None = no boosting
-        tau_b = subspace_boost(tau, beta)            # one batched SVD per beta
+        tau_b = subspace_boost(tau, beta=beta)          # one batched SVD per beta
         for alpha in alphas:
             theta = theta_0 + alpha * tau_b          # boost(a tau) = a boost(tau)
             score = mean_t acc_t(theta, validation)
@@ -404,7 +404,7 @@ def select_alpha_beta(
     bar = tqdm(total=len(alphas) * len(betas), desc=description, disable=not progress, leave=False)
     for beta in betas:
         # boost(alpha * tau) = alpha * boost(tau): one boost per beta serves every alpha.
-        boosted = tau if beta is None else subspace_boost(tau, float(beta), **dict(boost_kwargs or {}))
+        boosted = tau if beta is None else subspace_boost(tau, beta=float(beta), **dict(boost_kwargs or {}))
         for alpha in alphas:
             accuracies = dict(evaluate(apply_task_vector(pretrained, boosted, alpha=float(alpha))))
             value = float(score(accuracies))

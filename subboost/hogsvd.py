@@ -6,20 +6,20 @@ N experts), the HO-GSVD writes every one of them with the same right factor::
     A_i = U_i diag(sigma_i) V^T        i = 1..N,  V: (n, n) shared, invertible
 
 so that ``sigma_{i,k}`` says how much of matrix i lives along direction
-``V[:, k]``, comparably across matrices. Eigenvalues ``tau`` of the defining
-symmetric problem classify each direction: *common* to all N (``tau`` at its
-minimum), *isolated* in one matrix (``tau`` at its maximum), or in between.
+``V[:, k]``, comparably across matrices. Eigenvalues ``lambda`` of the defining
+symmetric problem classify each direction: *common* to all N (``lambda`` at its
+minimum), *isolated* in one matrix (``lambda`` at its maximum), or in between.
 
 Robust variant (Kempf, Goulart & Duncan 2021, arXiv 2102.09822; the default,
 because real task matrices are often rank-deficient)::
 
     A = [A_1; ...; A_N] = Q R                 thin QR (A padded with zero rows to >= n rows)
     T = 1/N sum_i (Q_i^T Q_i + pi I)^{-1}     pi > 0, default 1/N
-    T = Z diag(tau) Z^T                       symmetric: `jnp.linalg.eigh`, tau ascending
+    T = Z diag(lambda) Z^T                    symmetric: `jnp.linalg.eigh`, lambda ascending
     B_i = Q_i Z,  sigma_{i,k} = ||B_i[:, k]||,  U_i = B_i / sigma_i,  V = R^T Z
 
-    common:   tau = 1 / (1/N + pi)            (the minimum)
-    isolated: tau = (N-1)/(N pi) + 1/(N (1 + pi))
+    common:   lambda = 1 / (1/N + pi)         (the minimum)
+    isolated: lambda = (N-1)/(N pi) + 1/(N (1 + pi))
 
 Every column of ``sigma`` then has unit norm over the N matrices
 (``sum_i sigma_{i,k}^2 = 1``): it is the distribution of direction k over the
@@ -28,7 +28,7 @@ matrices. A rank-revealing step makes the result canonical when the stacked
 ``sum_i m_i < n``; Kempf et al. assume a full-rank stack): with ``R = P
 diag(s) W^T``, singular values ``s_k <= rank_rtol * s_0`` mark directions
 absent from every ``A_i``; their columns of ``Q P`` are set to zero, so they get
-``tau = 1/pi`` (above every other value), ``sigma = 0`` in every matrix, and
+``lambda = 1/pi`` (above every other value), ``sigma = 0`` in every matrix, and
 ``V[:, k]`` a unit vector of the common null space. In formulas ``V = W diag(s')
 Z`` with ``s'`` = ``s`` on the kept directions and 1 on the absent ones.
 
@@ -40,15 +40,15 @@ isolated in different matrices stay apart.
 
 Classic variant (Ponnapalli, Saunders, Van Loan & Alter 2011)::
 
-    D_i = A_i^T A_i,   S = 1/(N(N-1)) sum_{i != j} D_i D_j^{-1},   S V = V diag(tau)
+    D_i = A_i^T A_i,   S = 1/(N(N-1)) sum_{i != j} D_i D_j^{-1},   S V = V diag(lambda)
     B_i = A_i V^{-T},  sigma_{i,k} = ||B_i[:, k]||,  U_i = B_i / sigma_i
 
-with unit-norm columns of ``V``; ``tau >= 1`` and ``tau = 1`` marks a common
+with unit-norm columns of ``V``; ``lambda >= 1`` and ``lambda = 1`` marks a common
 direction. It needs every ``D_i`` invertible (each ``A_i`` of full column
 rank, so ``m_i >= n``) and squares condition numbers. ``S`` is not symmetric,
 so its eigenvectors are computed from the similar symmetric problem
 ``sum_i D_i = L L^T``, ``L^T (sum_j D_j^{-1}) L = Y diag(mu) Y^T``, ``V = L Y``
-(normalised), ``tau = (mu - N) / (N (N-1))`` -- the same eigenpairs, since
+(normalised), ``lambda = (mu - N) / (N (N-1))`` -- the same eigenpairs, since
 ``S = (D sum_j D_j^{-1} - N I) / (N (N-1))`` with ``D = sum_i D_i``.
 
 Precision: everything runs in at least float32 (bfloat16/float16 inputs are
@@ -78,6 +78,7 @@ import numpy as np
 from subboost import linalg
 from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
 from subboost.tree import AttentionMode, PyTree, matrix_plan
+from subboost.validation import check_int
 
 Method = Literal["robust", "classic"]
 METHODS: tuple[str, ...] = ("robust", "classic")
@@ -94,7 +95,7 @@ class HOGSVD(NamedTuple):
         list of N arrays ``(m_i, n)``. ``None`` with ``compute_u=False``.
       sigma: generalized singular values ``(N, n)``, >= 0.
       V: shared right factor ``(n, n)``; column k is direction k.
-      tau: eigenvalues ``(n,)``, ascending (common directions first); robust:
+      eigenvalues: ``lambda`` ``(n,)``, ascending (common directions first); robust:
         of ``T``, classic: of ``S``.
       common: boolean mask ``(n,)`` of directions common to all matrices.
     """
@@ -102,17 +103,17 @@ class HOGSVD(NamedTuple):
     U: Any
     sigma: jax.Array
     V: jax.Array
-    tau: jax.Array
+    eigenvalues: jax.Array
     common: jax.Array
 
 
-def common_tau(num_matrices: int, pi: float) -> float:
-    """Robust ``tau`` of a direction shared equally by all N matrices (the minimum)."""
+def common_eigenvalue(num_matrices: int, pi: float) -> float:
+    """Robust ``lambda`` of a direction shared equally by all N matrices (the minimum)."""
     return 1.0 / (1.0 / num_matrices + pi)
 
 
-def isolated_tau(num_matrices: int, pi: float) -> float:
-    """Robust ``tau`` of a direction present in exactly one matrix (the maximum)."""
+def isolated_eigenvalue(num_matrices: int, pi: float) -> float:
+    """Robust ``lambda`` of a direction present in exactly one matrix (the maximum)."""
     n = num_matrices
     return (n - 1) / (n * pi) + 1.0 / (n * (1.0 + pi))
 
@@ -253,14 +254,14 @@ def tie_break_weights(num_matrices: int) -> np.ndarray:
     return np.modf(np.arange(1, num_matrices + 1) * (1 + 5**0.5) / 2)[0]
 
 
-def _resolve_degenerate(tau: jax.Array, z: jax.Array, weighted_gram: jax.Array, condition: jax.Array) -> jax.Array:
-    """Picks a canonical basis inside every eigenspace of repeated ``tau``.
+def _resolve_degenerate(lam: jax.Array, z: jax.Array, weighted_gram: jax.Array, condition: jax.Array) -> jax.Array:
+    """Picks a canonical basis inside every eigenspace of repeated ``lambda``.
 
     Eigenvectors of a repeated eigenvalue are only defined up to a rotation,
     and `eigh` returns an arbitrary one -- e.g. when every direction is isolated
     (experts on disjoint subspaces), it would mix directions of different
-    matrices. Inside each cluster of numerically equal ``tau`` (consecutive
-    values within ``16 eps sqrt(kappa) max|tau|``, ``kappa <= 1/eps`` the
+    matrices. Inside each cluster of numerically equal ``lambda`` (consecutive
+    values within ``16 eps sqrt(kappa) max|lambda|``, ``kappa <= 1/eps`` the
     condition number of the stacked matrix: rounding errors in the ``Q_i^T
     Q_i`` grow with it; measured spreads of exactly repeated eigenvalues stay
     well inside this bound) we rotate to the eigenvectors of ``K = sum_i w_i
@@ -268,16 +269,16 @@ def _resolve_degenerate(tau: jax.Array, z: jax.Array, weighted_gram: jax.Array, 
     directions belonging to different matrices. Clusters of one direction keep
     their eigenvector (up to sign).
     """
-    eps = jnp.finfo(tau.dtype).eps
+    eps = jnp.finfo(lam.dtype).eps
     kappa = jnp.clip(condition, 1.0, 1.0 / eps)[..., None]
-    tol = 16 * eps * jnp.sqrt(kappa) * jnp.max(jnp.abs(tau), axis=-1, keepdims=True)
-    breaks = jnp.concatenate([jnp.zeros_like(tau[..., :1]), (jnp.diff(tau, axis=-1) > tol).astype(tau.dtype)], -1)
+    tol = 16 * eps * jnp.sqrt(kappa) * jnp.max(jnp.abs(lam), axis=-1, keepdims=True)
+    breaks = jnp.concatenate([jnp.zeros_like(lam[..., :1]), (jnp.diff(lam, axis=-1) > tol).astype(lam.dtype)], -1)
     cluster = jnp.cumsum(breaks, axis=-1)  # ascending cluster ids, constant inside a cluster
     same = cluster[..., :, None] == cluster[..., None, :]
     g = jnp.swapaxes(z, -1, -2) @ weighted_gram @ z
     g = 0.5 * (g + jnp.swapaxes(g, -1, -2))
     # 0 <= K <= I, so block c's eigenvalues lie in [4c, 4c + 1]: ascending order keeps the clusters' order.
-    blocks = jnp.where(same, g, 0) + 4.0 * cluster[..., :, None] * jnp.eye(tau.shape[-1], dtype=tau.dtype)
+    blocks = jnp.where(same, g, 0) + 4.0 * cluster[..., :, None] * jnp.eye(lam.shape[-1], dtype=lam.dtype)
     _, w = jnp.linalg.eigh(blocks)
     return z @ w
 
@@ -298,17 +299,17 @@ def _robust(blocks, stacked: bool, *, pi: float, common_tol: float, rank_rtol: f
     eye = jnp.eye(n, dtype=q.dtype)
     gram = _gram(q_blocks, stacked)  # Q_i^T Q_i, (*b, N, n, n)
     t = jnp.mean(jnp.linalg.inv(gram + pi * eye), axis=-3)
-    tau, z = jnp.linalg.eigh(0.5 * (t + jnp.swapaxes(t, -1, -2)))
+    lam, z = jnp.linalg.eigh(0.5 * (t + jnp.swapaxes(t, -1, -2)))
     weights = jnp.asarray(tie_break_weights(num), gram.dtype)
     s_min = jnp.min(jnp.where(keep, s, jnp.inf), axis=-1)
     condition = jnp.where(jnp.isfinite(s_min), s[..., 0] / jnp.where(jnp.isfinite(s_min), s_min, 1), 1.0)
-    z = _resolve_degenerate(tau, z, jnp.einsum("i,...ikl->...kl", weights, gram), condition)
+    z = _resolve_degenerate(lam, z, jnp.einsum("i,...ikl->...kl", weights, gram), condition)
     u, sigma = _column_norms_and_units(_times(q_blocks, stacked, z), stacked, compute_u)
     scale = jnp.where(keep, s, 1)
     v = jnp.swapaxes(wt, -1, -2) @ (scale[..., :, None] * z)  # R^T Z, unit null-space directions where s ~ 0
-    tau_min = common_tau(num, pi)
-    common = jnp.abs(tau - tau_min) <= common_tol * tau_min
-    return HOGSVD(U=u, sigma=sigma, V=v, tau=tau, common=common)
+    lam_min = common_eigenvalue(num, pi)
+    common = jnp.abs(lam - lam_min) <= common_tol * lam_min
+    return HOGSVD(U=u, sigma=sigma, V=v, eigenvalues=lam, common=common)
 
 
 def _classic(blocks, stacked: bool, *, common_tol: float, compute_u: bool):
@@ -325,7 +326,7 @@ def _classic(blocks, stacked: bool, *, common_tol: float, compute_u: bool):
     chol = jnp.linalg.cholesky(linalg.after(d_sum, d_inv_sum))  # D = L L^T
     sym = jnp.swapaxes(chol, -1, -2) @ d_inv_sum @ chol
     mu, y = jnp.linalg.eigh(0.5 * (sym + jnp.swapaxes(sym, -1, -2)))
-    tau = (mu - num) / (num * (num - 1))
+    lam = (mu - num) / (num * (num - 1))
     # Q_i = A_i L^{-T} has Q_i^T Q_i = L^{-1} D_i L^{-T}: the tie-break matrix in these coordinates.
     weights = jnp.asarray(tie_break_weights(num), d.dtype)
     weighted = jnp.einsum("i,...ikl->...kl", weights, d)
@@ -347,11 +348,11 @@ def _classic(blocks, stacked: bool, *, common_tol: float, compute_u: bool):
         ]
     b = _times(a_lt, stacked, y * norms[..., None, :])
     u, sigma = _column_norms_and_units(b, stacked, compute_u)
-    common = jnp.abs(tau - 1) <= common_tol
+    common = jnp.abs(lam - 1) <= common_tol
     # Reciprocal condition number of every D_i (checked on the host when eager).
     eigs = jnp.linalg.eigvalsh(linalg.after(d, b))
     rcond = eigs[..., 0] / jnp.maximum(eigs[..., -1], jnp.finfo(eigs.dtype).tiny)
-    return HOGSVD(U=u, sigma=sigma, V=v, tau=tau, common=common), rcond
+    return HOGSVD(U=u, sigma=sigma, V=v, eigenvalues=lam, common=common), rcond
 
 
 @functools.partial(jax.jit, static_argnames=("stacked", "method", "pi", "common_tol", "rank_rtol", "compute_u"))
@@ -396,9 +397,9 @@ def _check_rcond(rcond: jax.Array, dtype) -> None:
 
 def hogsvd(
     mats: Sequence[jax.Array] | jax.Array,
+    *,
     method: Method = "robust",
     pi: float | None = None,
-    *,
     common_tol: float = 1e-4,
     rank_rtol: float | None = None,
     compute_u: bool = True,
@@ -413,8 +414,8 @@ def hogsvd(
       method: ``"robust"`` (default; Kempf et al., any ranks) or ``"classic"``
         (Ponnapalli et al.; every ``A_i`` must have full column rank).
       pi: robust regulariser ``pi > 0``; default ``1/N``.
-      common_tol: a direction is common when ``|tau - tau_min| <= common_tol *
-        tau_min`` (robust, ``tau_min = 1/(1/N + pi)``) or ``|tau - 1| <=
+      common_tol: a direction is common when ``|lambda - lambda_min| <= common_tol *
+        lambda_min`` (robust, ``lambda_min = 1/(1/N + pi)``) or ``|lambda - 1| <=
         common_tol`` (classic).
       rank_rtol: robust only: singular values of the stacked matrix at most
         ``rank_rtol * s_max`` count as zero; default ``max(M, n) * eps``.
@@ -424,7 +425,7 @@ def hogsvd(
         invertible) with one host sync each. Skipped under `jax.jit` tracing.
 
     Returns:
-      A `HOGSVD` (``U``, ``sigma``, ``V``, ``tau``, ``common``), in at least
+      A `HOGSVD` (``U``, ``sigma``, ``V``, ``eigenvalues``, ``common``), in at least
       float32 (float64 for float64 input).
 
     Example:
@@ -500,14 +501,9 @@ def _hogsvd_groups(tvs, *, method, pi, common_tol, rank_rtol, compute_u, attenti
         result, rcond = hogsvd_kernel(x, **kwargs)
         return result, (jnp.zeros(x.shape[:-3], x.dtype) if rcond is None else jnp.min(rcond, axis=-1))
 
-    results, rconds, previous = {}, {}, None
-    for group, x in plan.gather(tvs).items():
-        x = linalg.after(x, previous)  # one group's LAPACK calls at a time
-        if batch_size is None or batch_size >= x.shape[0]:
-            results[group], rconds[group] = decompose(x)
-        else:
-            results[group], rconds[group] = jax.lax.map(decompose, x, batch_size=batch_size)
-        previous = (results[group].sigma, rconds[group])
+    mapped = plan.map_groups(decompose, tvs, batch_size=batch_size)
+    results = {g: r for g, (r, _) in mapped.items()}
+    rconds = {g: c for g, (_, c) in mapped.items()}
     fields = {
         name: plan.split({g: getattr(r, name) for g, r in results.items()}) for name in HOGSVD._fields if name != "U"
     }
@@ -553,7 +549,7 @@ def hogsvd_layers(
 
     Returns:
       ``{module path: HOGSVD}`` with ``U (T, m, n)``, ``sigma (T, n)``,
-      ``V (n, n)``, ``tau (n,)``, ``common (n,)``; members holding several
+      ``V (n, n)``, ``eigenvalues (n,)``, ``common (n,)``; members holding several
       matrices (scan-stacked layers, heads) carry a leading axis over them.
     """
     pi_value = check_layers_arguments(
@@ -594,8 +590,8 @@ def check_layers_arguments(
         raise SubboostError(f"HO-GSVD of task vectors needs at least 2 experts, got {num}.")
     pi_value = _resolve_pi(pi, num, method)
     _check_tolerances(common_tol, rank_rtol)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise SubboostError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+    if batch_size is not None:
+        check_int("batch_size", batch_size, what="HO-GSVD", low=1)
     plan = matrix_plan(tvs, lead_ndim=1, is_matrix=is_matrix, attention=attention)
     if not plan.members:
         raise SubboostError("the task vectors hold no matrix parameters (check is_matrix).")

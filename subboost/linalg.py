@@ -36,6 +36,16 @@ def use_tall_qr(shape: tuple[int, ...], backend: str | None = None) -> bool:
     return backend in TALL_QR_BACKENDS and max(m, n) >= TALL_QR_RATIO * min(m, n)
 
 
+def rank_tolerance(shape: tuple[int, int], dtype, rank_rtol: float | None) -> float:
+    """Relative tolerance below which a singular value counts as zero.
+
+    ``rank_rtol`` if given, else numpy's ``matrix_rank`` default ``max(m, n) * eps``.
+    """
+    if rank_rtol is not None:
+        return float(rank_rtol)
+    return max(shape) * float(jnp.finfo(compute_dtype(dtype)).eps)
+
+
 def after(x: jax.Array, previous) -> jax.Array:
     """``x`` (same values, ``-0.0`` aside) made data-dependent on ``previous`` (a pytree or None).
 

@@ -301,9 +301,9 @@ def _low_rank_part(u, s, v, k):
 # ----------------------------------------------------------------------------
 def boost_matrices_polar(
     x: jax.Array,
+    *,
     beta: float,
     mode: BoostMode = "cumsum",
-    *,
     tol: float | None = None,
     triplet_tol: float | None = None,
     max_iterations: int = 50,
@@ -404,11 +404,9 @@ def boost_matrices_polar(
     s_k, low_rank, k, triplet_residual, iterations, s_0, triplets_ok = result
 
     # Numerical rank test on H = P^T a (symmetric PSD, eigenvalues = singular values).
-    from subboost.boosting import rank_tolerance  # late: boosting imports this module
-
     h = _mT(p) @ a
     h = 0.5 * (h + _mT(h))
-    shift = rank_tolerance((m, n), dtype, rank_rtol) * s_0
+    shift = linalg.rank_tolerance((m, n), dtype, rank_rtol) * s_0
     chol = jnp.linalg.cholesky(h - shift[:, None, None] * jnp.eye(cols, dtype=h.dtype))
     deficient = ~jnp.all(jnp.isfinite(chol), axis=(-2, -1)) & ~zero
 

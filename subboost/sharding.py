@@ -7,7 +7,9 @@ Two ways of splitting the work, chosen by what a computation depends on:
   view (`subboost.tree`) stacks same-shaped matrices into ``(G, *lead, m, n)``;
   ``G`` is padded to a multiple of the device count (with copies of the last
   matrix, so padding never creates a degenerate input), split over every
-  device of the mesh with `jax.shard_map`, and sliced back::
+  device of the mesh with `jax.shard_map`, and sliced back (the ``mesh``
+  strategy of `subboost.tree.MatrixPlan.map_groups`, which also chains the
+  groups one after another like on one device)::
 
       (G, ...) --pad--> (D * ceil(G / D), ...) --shard_map over D devices--> --[:G]-->
 
@@ -25,8 +27,9 @@ method and boosting on 8 simulated CPU devices); outputs are replicated over
 the mesh, so every host can read (and process 0 save) the merged tree.
 
 Entry points: ``sb.merge(tvs, method, mesh=mesh, ...)`` and
-``sb.subspace_boost(tau, beta, mesh=mesh)``, which call `merge_on_mesh` and
-`boost_on_mesh`; `make_mesh` builds a one-axis mesh over all devices.
+``sb.subspace_boost(tau, beta=beta, mesh=mesh)``; `merge` calls `merge_on_mesh`,
+`subspace_boost` maps its groups with ``mesh=`` itself; `make_mesh` builds a
+one-axis mesh over all devices.
 
 Recipe: a multi-host TPU pod slice (e.g. v4-32: 4 hosts x 4 chips)
 -------------------------------------------------------------------
@@ -44,7 +47,7 @@ Run the *same* script on every host (``gcloud compute tpus tpu-vm ssh NAME
     base = sb.load_params("/data/base")                  # every host loads the same values
     tvs = sb.load_experts(base, [f"/data/expert_{t}" for t in range(20)])
     tau = sb.merge(tvs, "ties", k=0.2, mesh=mesh)        # sharded over all chips of all hosts
-    tau = sb.subspace_boost(tau, 0.01, mesh=mesh)        # SVDs split over all chips
+    tau = sb.subspace_boost(tau, beta=0.01, mesh=mesh)   # SVDs split over all chips
     params = sb.apply_task_vector(base, tau, alpha=0.3)  # tau is replicated: a local op
     if jax.process_index() == 0:
         sb.save_params(params, "/data/merged")
@@ -61,7 +64,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -70,16 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from subboost.tree import AttentionMode, MatrixLayout, PyTree, matrix_plan
-
-
-def matrix_methods() -> tuple[str, ...]:
-    """Registered merge methods with a matrix kernel (`subboost.merging.registry.MergeMethod`):
-    they act on every matrix independently (and elementwise on non-matrix leaves), so
-    their matrix groups are split along G. Such a kernel accepts ``is_matrix`` and ``attention``."""
-    from subboost.merging.registry import METHODS
-
-    return tuple(name for name, record in METHODS.items() if record.matrix_kernel is not None)
+from subboost.tree import MatrixLayout, PyTree, map_groups_on_mesh, matrix_plan, pad_groups
 
 
 def make_mesh(devices: Any = None, *, axis_name: str = "devices") -> Mesh:
@@ -136,131 +129,6 @@ def place_parameters(tree: PyTree, mesh: Mesh, *, lead_ndim: int = 0) -> PyTree:
     return jax.tree_util.tree_map(leaf, tree)
 
 
-def pad_groups(x: jax.Array, multiple: int) -> jax.Array:
-    """Pads axis 0 to a multiple of ``multiple`` with copies of the last entry."""
-    extra = -x.shape[0] % multiple
-    if extra == 0:
-        return x
-    return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0)
-
-
-def map_groups_on_mesh(fn: Callable[[jax.Array], Any], x: jax.Array, mesh: Mesh) -> Any:
-    """``fn`` on a group ``(G, ...)`` split along G over every device of ``mesh``.
-
-    ``fn`` must treat the entries of axis 0 independently: each device calls
-    it on a block of ``ceil(G / D)`` of them. It may return a pytree of arrays
-    with that leading axis; each is sliced back to ``G``. Use inside `jax.jit`.
-    """
-    num_groups = x.shape[0]
-    spec = PartitionSpec(mesh_axes(mesh))
-    padded = jax.lax.with_sharding_constraint(pad_groups(x, mesh.size), NamedSharding(mesh, spec))
-    out = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)(padded)
-    return jax.tree_util.tree_map(lambda y: y[:num_groups], out)
-
-
-# ----------------------------------------------------------------------------
-# Subspace Boosting
-# ----------------------------------------------------------------------------
-def _boost_group_fn(beta: float, mode: str, solver: str, shape: tuple[int, int], tol: float | None,
-                    batch_size: int | None, rank_rtol: float | None = None) -> Callable[[jax.Array], Any]:
-    """The per-device work of one group: `subboost.boosting.boost_group`, chunked by ``batch_size``."""
-    from subboost.boosting import _map_chunks, boost_group, choose_solver
-
-    chosen = choose_solver(solver, shape, beta, mode)
-    fn = functools.partial(boost_group, beta=beta, mode=mode, solver=chosen, tol=tol, rank_rtol=rank_rtol)
-    return lambda block: _map_chunks(fn, block, batch_size)
-
-
-@functools.lru_cache(maxsize=None)
-def _boost_tree_fn(mesh: Mesh, beta: float, mode: str, attention: str, is_matrix: Callable | None,
-                   batch_size: int | None, solver: str, tol: float | None, with_info: bool,
-                   attn_beta: float | None = None, rank_rtol: float | None = None) -> Callable:
-    from subboost.boosting import attention_matrices, split_by_beta
-
-    def run(tau):
-        plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
-        masks = attention_matrices(plan)
-        boosted, infos = {}, []
-        for group, x in plan.gather(tau).items():
-            def on_mesh(b, xs, group=group):
-                return map_groups_on_mesh(_boost_group_fn(b, mode, solver, group[:2], tol, batch_size, rank_rtol),
-                                          xs, mesh)
-
-            boosted[group], info = split_by_beta(on_mesh, x, masks[group], beta,
-                                                 beta if attn_beta is None else attn_beta)
-            infos.append(info)
-        out = plan.rebuild(tau, plan.scatter(boosted))
-        return (out, infos) if with_info else out
-
-    return jax.jit(run, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-@functools.lru_cache(maxsize=None)
-def _boost_array_fn(mesh: Mesh, beta: float, mode: str, batch_size: int | None, solver: str,
-                    tol: float | None, with_info: bool, rank_rtol: float | None = None) -> Callable:
-    def run(x):
-        stack = x.reshape((-1,) + x.shape[-2:])
-        y, info = map_groups_on_mesh(_boost_group_fn(beta, mode, solver, x.shape[-2:], tol, batch_size, rank_rtol),
-                                     stack, mesh)
-        y = y.reshape(x.shape)
-        return (y, [info]) if with_info else y
-
-    return jax.jit(run, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def boost_on_mesh(
-    tau: PyTree | jax.Array,
-    *,
-    beta: float,
-    mesh: Mesh,
-    mode: str = "cumsum",
-    attention: AttentionMode = "per_qkv",
-    is_matrix: Callable | None = None,
-    batch_size: int | None = None,
-    solver: str = "svd",
-    tol: float | None = None,
-    return_info: bool = False,
-    validate: bool = True,
-    attn_beta: float | None = None,
-    rank_rtol: float | None = None,
-) -> Any:
-    """Subspace Boosting with every matrix group split along G over ``mesh``.
-
-    Arguments and result are `subboost.boosting.subspace_boost`'s (which
-    checks the hyper-parameters and calls this for ``mesh=``); a bare array's
-    leading axes are flattened into one group. The result is replicated over
-    the mesh.
-    """
-    from subboost.boosting import _report, choose_solver, tree_report
-    from subboost.task_vectors import SubboostError, check_finite, check_floating
-
-    mesh_axes(mesh)
-    beta = float(beta)
-    if isinstance(tau, (jax.Array, np.ndarray)):
-        if tau.ndim < 2:
-            raise SubboostError(f"subspace_boost: a bare array needs >= 2 dimensions, got shape {tau.shape}.")
-        if validate:
-            check_finite(tau, what="subspace_boost input")
-        x = place(tau, NamedSharding(mesh, PartitionSpec()))
-        out = _boost_array_fn(mesh, beta, mode, batch_size, solver, tol, return_info, rank_rtol)(x)
-        if not return_info:
-            return out
-        (m, n), count = x.shape[-2:], math.prod(x.shape[:-2])
-        names = [[f"[{i}]" for i in range(count)]] if x.ndim > 2 else [["matrix"]]
-        keys = [(m, n, jnp.dtype(x.dtype).name)]
-        return out[0], _report(keys, names, [choose_solver(solver, (m, n), beta, mode)], out[1], rank_rtol)
-    if validate:
-        check_floating(tau, what="subspace_boost input")
-        check_finite(tau, what="subspace_boost input")
-    placed = place_parameters(tau, mesh)
-    out = _boost_tree_fn(mesh, beta, mode, attention, is_matrix, batch_size, solver, tol, return_info,
-                         attn_beta, rank_rtol)(placed)
-    if not return_info:
-        return out
-    plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
-    return out[0], tree_report(plan, solver, beta, attn_beta, mode, out[1], rank_rtol)
-
-
 # ----------------------------------------------------------------------------
 # Merging
 # ----------------------------------------------------------------------------
@@ -283,11 +151,8 @@ def _merge_matrix_block(fn: Callable[..., PyTree], block: jax.Array, kwargs: dic
 
 @functools.lru_cache(maxsize=None)
 def _matrix_merge_fn(
-    method: str, static_items: tuple[tuple[str, Hashable], ...], mesh: Mesh
+    fn: Callable[..., PyTree], static_items: tuple[tuple[str, Hashable], ...], mesh: Mesh
 ) -> Callable[[PyTree], PyTree]:
-    from subboost.merging.registry import METHODS
-
-    fn = METHODS[method].matrix_kernel
     kwargs = dict(static_items)
     attention = kwargs.get("attention", "per_qkv")
     is_matrix = kwargs.get("is_matrix")
@@ -295,12 +160,8 @@ def _matrix_merge_fn(
 
     def run(tvs):
         plan = matrix_plan(tvs, lead_ndim=1, is_matrix=is_matrix, attention=attention)
-        groups = plan.gather(tvs)  # (G, T, m, n)
-        merged = {
-            g: map_groups_on_mesh(lambda b: _merge_matrix_block(fn, b, block_kwargs), x, mesh)
-            for g, x in groups.items()
-        }
-        new_leaves = plan.scatter(merged)
+        # (G, T, m, n) groups split along G over the mesh, one group after another.
+        new_leaves = plan.scatter(plan.map_groups(lambda b: _merge_matrix_block(fn, b, block_kwargs), tvs, mesh=mesh))
         # Non-matrix leaves: the method itself, on the tree without its matrices.
         leaves = jax.tree_util.tree_leaves(tvs)
         rest_ids = [i for i in range(len(leaves)) if i not in new_leaves]
@@ -308,7 +169,7 @@ def _matrix_merge_fn(
             rest = plan.rebuild(tvs, {i: None for i in new_leaves})
             rest_out = jax.tree_util.tree_leaves(fn(rest, **kwargs))
             if len(rest_out) != len(rest_ids):
-                raise ValueError(f"{method}: unexpected output structure on non-matrix parameters.")
+                raise ValueError(f"{getattr(fn, '__name__', fn)}: unexpected output structure on non-matrix parameters.")
             new_leaves.update(zip(rest_ids, rest_out))
         merged_leaves = [new_leaves[i] for i in range(len(leaves))]
         return jax.tree_util.tree_unflatten(plan.treedef, merged_leaves)
@@ -316,43 +177,57 @@ def _matrix_merge_fn(
     return jax.jit(run, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
-def _splits_matrices(method: str, kwargs: dict[str, Any]) -> bool:
-    from subboost.merging.registry import DYNAMIC_ARGUMENTS, METHODS
-
-    if method not in matrix_methods():
+def _splits_matrices(matrix_kernel: Callable[..., PyTree] | None, kwargs: dict[str, Any], dynamic: frozenset[str]) -> bool:
+    if matrix_kernel is None:
         return False
-    if any(k in DYNAMIC_ARGUMENTS for k in kwargs):
+    if any(k in dynamic for k in kwargs):
         return False
-    accepted = inspect.signature(METHODS[method].matrix_kernel).parameters
+    accepted = inspect.signature(matrix_kernel).parameters
     return "is_matrix" in accepted and "attention" in accepted
 
 
-def merge_on_mesh(tvs: PyTree, method: str, *, mesh: Mesh, **kwargs: Any) -> PyTree:
-    """Runs registered merge ``method`` over ``mesh`` (input already validated by `merge`).
+def merge_on_mesh(
+    tvs: PyTree,
+    method: str,
+    *,
+    mesh: Mesh,
+    jitted: Callable[..., PyTree],
+    matrix_kernel: Callable[..., PyTree] | None,
+    hyper_parameters: dict[str, Any],
+    dynamic: frozenset[str] = frozenset(),
+) -> PyTree:
+    """Runs merge ``method`` over ``mesh`` (called by `subboost.merging.merge`, input already validated).
 
-    Per-matrix methods (`matrix_methods`) split their matrix groups along G;
-    every other method runs as one SPMD program on parameter-sharded inputs.
-    The merged task vector is replicated over the mesh.
+    Args:
+      tvs: stacked task vectors.
+      method: the method's registered name.
+      mesh: the device mesh.
+      jitted: the method ``fn(tvs, **hyper_parameters)`` under `jax.jit`, the
+        static hyper-parameters static.
+      matrix_kernel: the method's per-matrix kernel
+        (`subboost.merging.registry.MergeMethod.matrix_kernel`), or None.
+      hyper_parameters: its keyword arguments.
+      dynamic: names of the array (traced) hyper-parameters, e.g. ``{"key"}``.
+
+    Per-matrix methods (those with a ``matrix_kernel``) split their matrix groups along G
+    (`subboost.tree.MatrixPlan.map_groups` with ``mesh``); every other method
+    runs as one SPMD program on parameter-sharded inputs. The merged task
+    vector is replicated over the mesh.
     """
-    from subboost.merging.registry import DYNAMIC_ARGUMENTS, jitted
-
     mesh_axes(mesh)
     placed = place_parameters(tvs, mesh, lead_ndim=1)
     replicated = NamedSharding(mesh, PartitionSpec())
-    if _splits_matrices(method, kwargs):
-        static_items = tuple(sorted(kwargs.items()))
-        return _matrix_merge_fn(method, static_items, mesh)(placed)
-    dynamic = {k: place(v, replicated) if k in DYNAMIC_ARGUMENTS else v for k, v in kwargs.items()}
-    static_names = tuple(sorted(k for k in kwargs if k not in DYNAMIC_ARGUMENTS))
-    merged = jitted(method, static_names)(placed, **dynamic)
+    if _splits_matrices(matrix_kernel, hyper_parameters, dynamic):
+        static_items = tuple(sorted(hyper_parameters.items()))
+        return _matrix_merge_fn(matrix_kernel, static_items, mesh)(placed)
+    arguments = {k: place(v, replicated) if k in dynamic else v for k, v in hyper_parameters.items()}
+    merged = jitted(placed, **arguments)
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, replicated), merged)
 
 
 __all__ = [
-    "boost_on_mesh",
     "make_mesh",
     "map_groups_on_mesh",
-    "matrix_methods",
     "merge_on_mesh",
     "mesh_axes",
     "pad_groups",

@@ -50,7 +50,7 @@ def stable_rank_from_singular_values(s: jax.Array) -> jax.Array:
     return jnp.sum(r * r, axis=-1)
 
 
-def energy_rank_from_singular_values(s: jax.Array, fraction: float = 0.95) -> jax.Array:
+def energy_rank_from_singular_values(s: jax.Array, *, fraction: float = 0.95) -> jax.Array:
     """Smallest ``k`` with ``sum_{i<k} s_i^2 >= fraction * sum s_i^2`` (on ``s / s_0``: no overflow)."""
     r = _relative(s)
     energy = r * r
@@ -64,10 +64,7 @@ def energy_rank_from_singular_values(s: jax.Array, fraction: float = 0.95) -> ja
 @functools.partial(jax.jit, static_argnames=("lead_ndim", "is_matrix", "attention"))
 def _tree_spectra(tree, *, lead_ndim, is_matrix, attention) -> dict[str, jax.Array]:
     plan = matrix_plan(tree, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
-    values, previous = {}, None
-    for g, x in plan.gather(tree).items():  # chained: one LAPACK call at a time (`linalg.after`)
-        values[g] = previous = linalg.singular_values(linalg.after(x, previous))
-    return plan.split(values)
+    return plan.split(plan.map_groups(linalg.singular_values, tree))
 
 
 def spectra(
@@ -120,8 +117,8 @@ def stable_rank(x: PyTree, **kwargs) -> jax.Array | dict[str, jax.Array]:
     return _apply(stable_rank_from_singular_values, spectra(x, **kwargs))
 
 
-def energy_rank(x: PyTree, fraction: float = 0.95, **kwargs) -> jax.Array | dict[str, jax.Array]:
+def energy_rank(x: PyTree, *, fraction: float = 0.95, **kwargs) -> jax.Array | dict[str, jax.Array]:
     """Number of singular directions holding ``fraction`` of the energy ``sum s^2``."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"energy_rank: fraction must be in (0, 1], got {fraction!r}.")
-    return _apply(lambda s: energy_rank_from_singular_values(s, fraction), spectra(x, **kwargs))
+    return _apply(lambda s: energy_rank_from_singular_values(s, fraction=fraction), spectra(x, **kwargs))

@@ -25,9 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from subboost import linalg
+from subboost.errors import SubboostError
 
 PyTree = Any
+GroupKey = tuple[int, int, str]  # (rows, cols, dtype name)
+GroupKernel = Callable[[jax.Array], Any]  # (B, *lead, m, n) -> pytree of (B, ...) arrays
 AttentionMode = Literal["per_qkv", "full", "per_head"]
 ATTENTION_MODES: tuple[str, ...] = ("per_qkv", "full", "per_head")
 
@@ -230,15 +235,15 @@ class MatrixPlan:
         return leaf_id in self.matrix_leaf_ids
 
     # -- gather ---------------------------------------------------------------
-    def gather(self, tree: PyTree) -> dict[tuple[int, int, str], jax.Array]:
+    def gather(self, tree: PyTree) -> dict[GroupKey, jax.Array]:
         """Stacks every group's matrices into ``(G, *lead, m, n)`` arrays."""
         leaves = jax.tree_util.tree_leaves(tree)
         if len(leaves) != len(self.paths):
             raise ValueError("tree does not match the plan it is gathered with.")
-        parts: dict[tuple[int, int, str], list[jax.Array]] = {g: [] for g in self.groups}
-        for member in self.members:
-            parts[member.group].append(self._member_matrices(member, leaves))
-        return {g: jnp.concatenate(parts[g], axis=0) for g in self.groups}
+        return {g: self._gather_group(g, leaves) for g in self.groups}
+
+    def _gather_group(self, group: GroupKey, leaves: list) -> jax.Array:
+        return jnp.concatenate([self._member_matrices(m, leaves) for m in self.members if m.group == group], axis=0)
 
     def _member_matrices(self, member: Member, leaves: list) -> jax.Array:
         lead = self.lead_ndim
@@ -327,6 +332,166 @@ class MatrixPlan:
         leaves = jax.tree_util.tree_leaves(tree)
         merged = [new_leaves.get(i, leaf) for i, leaf in enumerate(leaves)]
         return jax.tree_util.tree_unflatten(self.treedef, merged)
+
+    # -- the group-mapping primitive -------------------------------------------
+    def map_groups(
+        self,
+        fn: GroupKernel | None,
+        tree: PyTree,
+        *,
+        batch_size: int | None = None,
+        mesh: Mesh | None = None,
+        parts: Callable[[GroupKey], Sequence[tuple[np.ndarray, GroupKernel]]] | None = None,
+    ) -> dict[GroupKey, Any]:
+        """``fn`` on every matrix group of ``tree``: ``{group: fn(G matrices)}``.
+
+        The one place where groups are gathered, chunked, chained and split
+        over devices. ``fn`` maps a stack ``(B, *lead, m, n)`` to a pytree of
+        arrays with leading axis ``B`` and must treat the ``B`` matrices
+        independently, so the result does not depend on how a group is cut:
+
+        * whole groups (default): ``fn`` once per group on its gathered ``(G, ...)`` stack;
+        * ``batch_size``: no group is gathered; `jax.lax.map` loads
+          ``batch_size`` matrices at a time straight from their leaves
+          (`map_in_chunks`), so temporaries stay at that many matrices' worth;
+        * ``mesh``: the group axis is split over every device of the mesh
+          (`map_groups_on_mesh`; ``batch_size`` then chunks each device's block).
+
+        Every group's input is made data-dependent on the previous group's
+        result (`subboost.linalg.after`): at most one group's LAPACK calls are
+        in flight, the CPU deadlock that chaining prevents.
+
+        Args:
+          fn: the kernel; may be ``None`` when ``parts`` gives the kernels.
+          tree: the tree the plan was built from (same structure and shapes).
+          batch_size: matrices per chunk (a positive int), or ``None`` for
+            whole groups.
+          mesh: a `jax.sharding.Mesh` to split groups over (inside `jax.jit`).
+          parts: ``group -> [(indices, kernel), ...]``: static subsets of a
+            group's matrices (together covering it; ``None`` = all of them)
+            run as groups of their own with their own kernel (e.g. another
+            cutoff for attention matrices) and are reassembled in group order;
+            ``None``: ``fn`` on every whole group.
+
+        Returns:
+          ``{group key: result}`` in plan order (`scatter` or `split` it).
+        """
+        leaves = jax.tree_util.tree_leaves(tree)
+        if len(leaves) != len(self.paths):
+            raise ValueError("tree does not match the plan it is mapped with.")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            # Public callers check it first (`subboost.validation.check_int`, naming themselves).
+            raise SubboostError(f"map_groups: batch_size must be a positive integer or None, got {batch_size!r}.")
+        results: dict[GroupKey, Any] = {}
+        previous = None
+        for group, size in zip(self.groups, self.group_sizes):
+            kernels = [(None, fn)] if parts is None else [(None if i is None else np.asarray(i), k) for i, k in parts(group)]
+            gathered, outs = None, []
+            for indices, kernel in kernels:
+                count = size if indices is None else len(indices)
+                if batch_size is None or batch_size >= count or mesh is not None:
+                    if gathered is None:
+                        gathered = self._gather_group(group, leaves)
+                    x = linalg.after(gathered if indices is None else gathered[indices], previous)
+                    out = kernel(x) if mesh is None else map_groups_on_mesh(kernel, x, mesh, batch_size=batch_size)
+                else:
+                    out = map_in_chunks(kernel, self._group_loader(group, leaves, indices), count, batch_size,
+                                        previous=previous)
+                outs.append(previous := out)
+            if len(outs) == 1:
+                results[group] = outs[0]
+            else:
+                order = np.argsort(np.concatenate([i for i, _ in kernels]))
+                results[group] = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0)[order], *outs)
+        return results
+
+    def _group_loader(self, group: GroupKey, leaves: list, indices: np.ndarray | None = None
+                      ) -> Callable[[jax.Array], jax.Array]:
+        """``ids (B,) -> (B, *lead, m, n)``: matrices ``ids`` of a group (of its ``indices``), read from the leaves."""
+        members = [m for m in self.members if m.group == group]
+        loaders = [self._member_loader(m, leaves) for m in members]
+        member_of = np.repeat(np.arange(len(members)), [m.count for m in members])
+        local = np.concatenate([np.arange(m.count) for m in members])
+        if indices is not None:
+            member_of, local = member_of[indices], local[indices]
+        member_of, local = jnp.asarray(member_of, jnp.int32), jnp.asarray(local, jnp.int32)
+
+        def load(ids: jax.Array) -> jax.Array:
+            # One switch per matrix: a vmapped switch would evaluate every branch.
+            return jnp.stack([jax.lax.switch(member_of[i], loaders, local[i]) for i in ids])
+
+        return load
+
+    def _member_loader(self, member: Member, leaves: list) -> Callable[[jax.Array], jax.Array]:
+        """``j -> (*lead, m, n)``: the member's j-th matrix; only the layer holding it is sliced and oriented."""
+        lead = self.lead_ndim
+        core = member.leaf_shape[member.layout.layer_axes :]
+        layers = math.prod(member.layer_shape)
+        per_layer = member.count // layers  # heads in the per_head view, else 1
+        one_layer = dataclasses.replace(
+            member,
+            leaf_ids=tuple(range(len(member.leaf_ids))),
+            layout=dataclasses.replace(member.layout, layer_axes=0),
+            leaf_shape=core,
+            offset=0,
+            count=per_layer,
+        )
+
+        def load(j: jax.Array) -> jax.Array:
+            layer, within = j // per_layer, j % per_layer
+            parts = []
+            for leaf_id in member.leaf_ids:
+                x = jnp.asarray(leaves[leaf_id])
+                x = x.reshape(x.shape[:lead] + (layers,) + core)
+                parts.append(jax.lax.dynamic_index_in_dim(x, layer, axis=lead, keepdims=False))
+            matrices = self._member_matrices(one_layer, parts)  # (per_layer, *lead, m, n)
+            return jax.lax.dynamic_index_in_dim(matrices, within, axis=0, keepdims=False)
+
+        return load
+
+
+def map_in_chunks(fn: GroupKernel, load: Callable[[jax.Array], jax.Array], count: int, batch_size: int,
+                  *, previous: Any = None) -> Any:
+    """``fn`` over ``count`` matrices, ``batch_size`` at a time: ``load(ids)`` reads chunk ``ids``.
+
+    Chunks run one after another (`jax.lax.map` without vmapping ``fn``, so
+    `jax.lax.cond`s inside stay real branches); the last chunk is padded with
+    copies of the last matrix (never a degenerate input), sliced off after.
+    Each chunk is chained after ``previous`` (`subboost.linalg.after`).
+    """
+    chunks = -(-count // batch_size)
+    ids = np.minimum(np.arange(chunks * batch_size), count - 1).reshape(chunks, batch_size)
+    out = jax.lax.map(lambda c: fn(linalg.after(load(c), previous)), jnp.asarray(ids, jnp.int32))
+    return jax.tree_util.tree_map(lambda a: a.reshape((chunks * batch_size,) + a.shape[2:])[:count], out)
+
+
+def pad_groups(x: jax.Array, multiple: int) -> jax.Array:
+    """Pads axis 0 to a multiple of ``multiple`` with copies of the last entry."""
+    extra = -x.shape[0] % multiple
+    if extra == 0:
+        return x
+    return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0)
+
+
+def map_groups_on_mesh(fn: GroupKernel, x: jax.Array, mesh: Mesh, *, batch_size: int | None = None) -> Any:
+    """``fn`` on a group ``(G, ...)`` split along G over every device of ``mesh``.
+
+    ``G`` is padded to a multiple of the device count (copies of the last
+    matrix) and each device calls ``fn`` on its block of ``ceil(G / D)``
+    matrices (``batch_size`` at a time if given); every output leaf is sliced
+    back to ``G``. Use inside `jax.jit`.
+    """
+    num = x.shape[0]
+    spec = PartitionSpec(tuple(mesh.axis_names))
+    padded = jax.lax.with_sharding_constraint(pad_groups(x, mesh.size), NamedSharding(mesh, spec))
+
+    def block_fn(block: jax.Array) -> Any:
+        if batch_size is None or batch_size >= block.shape[0]:
+            return fn(block)
+        return map_in_chunks(fn, lambda ids: jnp.take(block, ids, axis=0), block.shape[0], batch_size)
+
+    out = jax.shard_map(block_fn, mesh=mesh, in_specs=spec, out_specs=spec)(padded)
+    return jax.tree_util.tree_map(lambda y: y[:num], out)
 
 
 def _parent(path: str) -> str:
@@ -423,32 +588,21 @@ def map_matrices(
     is_matrix: Callable | None = None,
     attention: AttentionMode = "per_qkv",
     batch_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> PyTree:
     """Applies ``fn`` to every matrix group, ``non_matrix`` to every other leaf.
 
-    ``fn`` maps a group ``(G, *lead, m, n)`` to ``(G, *lead_out, m, n)``; it is
-    called once per group (all same-shaped layers together), or, with
-    ``batch_size``, through `jax.lax.map` over ``G`` in chunks of that size to
-    bound the memory of its temporaries.
+    ``fn`` maps a group ``(G, *lead, m, n)`` to ``(G, *lead_out, m, n)``; it runs
+    through `MatrixPlan.map_groups` (whole groups, ``batch_size`` matrices at a
+    time, or split over ``mesh``).
     """
     plan = matrix_plan(tree, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
-    groups = plan.gather(tree)
-    results, previous = {}, None
-    for g, x in groups.items():  # chained: one LAPACK-backed group at a time (see `subboost.linalg.after`)
-        results[g] = previous = map_group(fn, linalg.after(x, previous), batch_size)
-    new_leaves = plan.scatter(results)
+    new_leaves = plan.scatter(plan.map_groups(fn, tree, batch_size=batch_size, mesh=mesh))
     if non_matrix is not None:
         for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
             if i not in new_leaves:
                 new_leaves[i] = non_matrix(leaf)
     return plan.rebuild(tree, new_leaves)
-
-
-def map_group(fn: Callable[[jax.Array], jax.Array], x: jax.Array, batch_size: int | None) -> jax.Array:
-    """``fn(x)`` on a whole group, or chunked over its first axis."""
-    if batch_size is None or batch_size >= x.shape[0]:
-        return fn(x)
-    return jax.lax.map(lambda m: fn(m[None])[0], x, batch_size=batch_size)
 
 
 def nest(flat: Mapping[str, Any]) -> dict:

@@ -83,21 +83,21 @@ def test_selection_picks_the_planted_diverse_set_over_near_duplicates():
     alignment = np.asarray(sb.alignment_matrix(tvs))
     assert alignment[0, 1] > 0.95 and alignment[2, 3] > 0.95
     assert alignment[[0, 0, 2], [2, 4, 4]].max() < 0.2
-    chosen = sb.select_experts(tvs, 3)
+    chosen = sb.select_experts(tvs, k=3)
     clusters = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c"}
     assert sorted(clusters[i] for i in chosen) == ["a", "b", "c"], chosen
-    assert sb.select_experts(None, 3, alignment=alignment) == chosen
+    assert sb.select_experts(None, k=3, alignment=alignment) == chosen
     # the greedy set beats every random draw that takes a near-duplicate pair
     greedy_cost = sb.total_alignment(alignment, chosen)
     for seed in range(5):
-        drawn = sb.select_experts(tvs, 3, "random", seed=seed)
+        drawn = sb.select_experts(tvs, k=3, strategy="random", seed=seed)
         assert len(set(drawn)) == 3 and drawn == sorted(drawn) and all(0 <= i < 5 for i in drawn)
-        assert drawn == sb.select_experts(tvs, 3, "random", seed=seed)  # reproducible
+        assert drawn == sb.select_experts(tvs, k=3, strategy="random", seed=seed)  # reproducible
         if len({clusters[i] for i in drawn}) < 3:
             assert sb.total_alignment(alignment, drawn) > greedy_cost + 0.8
-    assert len({tuple(sb.select_experts(tvs, 3, "random", seed=s)) for s in range(8)}) > 1
-    assert sb.select_experts(None, 5, alignment=alignment) == [0, 1, 2, 3, 4]
-    assert sb.select_experts(None, 1, alignment=alignment)[0] == 4  # the expert without a twin
+    assert len({tuple(sb.select_experts(tvs, k=3, strategy="random", seed=s)) for s in range(8)}) > 1
+    assert sb.select_experts(None, k=5, alignment=alignment) == [0, 1, 2, 3, 4]
+    assert sb.select_experts(None, k=1, alignment=alignment)[0] == 4  # the expert without a twin
 
 
 def test_bad_input():
@@ -105,15 +105,15 @@ def test_bad_input():
     tvs = as_tvs({"l1": disjoint_experts(rng)})
     alignment = np.eye(3)
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, 3\]"):
-        sb.select_experts(None, 4, alignment=alignment)
+        sb.select_experts(None, k=4, alignment=alignment)
     with pytest.raises(ValueError, match="strategy must be one of"):
-        sb.select_experts(None, 2, "best", alignment=alignment)
+        sb.select_experts(None, k=2, strategy="best", alignment=alignment)
     with pytest.raises(ValueError, match="alignment is 2x2 but the task vectors hold 3 experts"):
-        sb.select_experts(tvs, 1, alignment=np.eye(2))
+        sb.select_experts(tvs, k=1, alignment=np.eye(2))
     with pytest.raises(ValueError, match="square"):
-        sb.select_experts(None, 1, alignment=np.ones((2, 3)))
+        sb.select_experts(None, k=1, alignment=np.ones((2, 3)))
     with pytest.raises(ValueError, match="pass the task vectors or a precomputed alignment"):
-        sb.select_experts(None, 1)
+        sb.select_experts(None, k=1)
     with pytest.raises(ValueError, match="at least 2 experts, got 1"):
         sb.alignment_matrix(jax.tree_util.tree_map(lambda x: x[:1], tvs))
     with pytest.raises(ValueError, match="'l1/kernel' has shape"):

@@ -96,7 +96,7 @@ def test_rank_collapse_matches_numpy_and_subspace_boost(random_tvs, random_curve
             assert reordered.stable_rank[name][j] == pytest.approx(ref.stable_rank(merged), rel=1e-4)
             assert reordered.energy_rank[name][j] == ref.energy_rank(merged, 0.8)
     # the boosted curve equals the end-to-end path sb.merge -> sb.subspace_boost -> sb.stable_rank
-    boosted = sb.subspace_boost(sb.merge(random_tvs, "task_arithmetic"), 0.01)
+    boosted = sb.subspace_boost(sb.merge(random_tvs, "task_arithmetic"), beta=0.01)
     for name, value in sb.stable_rank(boosted).items():
         assert random_curves.stable_rank_boosted[name][-1] == pytest.approx(float(value), rel=1e-4)
 
@@ -200,7 +200,7 @@ def test_analyze_command_from_npz_and_from_checkpoints(tmp_path, random_tvs, cap
                                rtol=1e-6)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["experts"] == ["cars", "dtd", "svhn"] and summary["pi"] == pytest.approx(1 / 3)
-    assert summary["selected_experts"]["2"] == [["cars", "dtd", "svhn"][i] for i in sb.select_experts(random_tvs, 2)]
+    assert summary["selected_experts"]["2"] == [["cars", "dtd", "svhn"][i] for i in sb.select_experts(random_tvs, k=2)]
 
     # existing results are never replaced without --overwrite (checked before loading anything)
     capsys.readouterr()

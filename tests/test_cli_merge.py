@@ -28,7 +28,7 @@ def test_merge_command_equals_library_call(checkpoints, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| transformer/resblocks_1/mlp/c_fc |" in printed and "boosted" in printed
-    tau = sb.subspace_boost(sb.merge(sb.task_vectors(base, finetuned), "ties", k=0.3), 0.02)
+    tau = sb.subspace_boost(sb.merge(sb.task_vectors(base, finetuned), "ties", k=0.3), beta=0.02)
     want = sb.apply_task_vector(base, tau, alpha=0.4)
     got = sb.load_params(out)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)

@@ -141,7 +141,7 @@ def _tree(rng, scale=1.0):
 def test_search_picks_the_best_validation_point_and_boosts_once_per_beta(monkeypatch):
     rng = np.random.default_rng(0)
     base, tau = _tree(rng), _tree(rng, 0.3)
-    target = sb.apply_task_vector(base, sb.subspace_boost(tau, 0.0), alpha=0.7)
+    target = sb.apply_task_vector(base, sb.subspace_boost(tau, beta=0.0), alpha=0.7)
 
     def evaluate(params):  # a smooth score peaked at the boosted model with alpha = 0.7
         d = float(sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree_util.tree_leaves(params),
@@ -152,18 +152,18 @@ def test_search_picks_the_best_validation_point_and_boosts_once_per_beta(monkeyp
     recording = lambda params: seen.append(params) or evaluate(params)  # noqa: E731
     calls = []
     real_boost = sb.boosting.subspace_boost
-    monkeypatch.setattr(sb.boosting, "subspace_boost", lambda *a, **k: calls.append(a[1]) or real_boost(*a, **k))
+    monkeypatch.setattr(sb.boosting, "subspace_boost", lambda *a, **k: calls.append(k["beta"]) or real_boost(*a, **k))
     alphas, betas = sbeval.LINEAR_ALPHAS, (None, 0.0, 0.01, 0.02)
     result = sbeval.select_alpha_beta(base, tau, recording, alphas=alphas, betas=betas, progress=False)
     assert calls == [0.0, 0.01, 0.02]  # one boost per beta, none per alpha
     # Reusing one boost across alphas is exact: theta_0 + alpha boost(tau) = theta_0 + boost(alpha tau).
     for index, (alpha, beta) in ((12, (0.3, 0.0)), (39, (1.0, 0.02))):
         chex.assert_trees_all_close(seen[index], sb.apply_task_vector(base, real_boost(
-            jax.tree_util.tree_map(lambda x: alpha * x, tau), beta)), rtol=1e-5, atol=1e-6)
+            jax.tree_util.tree_map(lambda x: alpha * x, tau), beta=beta)), rtol=1e-5, atol=1e-6)
     # Explicit computation of every grid point.
     scores = {}
     for beta in betas:
-        boosted = tau if beta is None else real_boost(tau, beta)
+        boosted = tau if beta is None else real_boost(tau, beta=beta)
         for alpha in alphas:
             accs = evaluate(sb.apply_task_vector(base, boosted, alpha=alpha))
             scores[alpha, beta] = (accs["A"] + accs["B"]) / 2

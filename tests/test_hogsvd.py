@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import subboost as sb
-from subboost.hogsvd import common_tau, isolated_tau, project
+from subboost.hogsvd import common_eigenvalue, isolated_eigenvalue, project
 from tests import numpy_reference as ref
 
 # reconstruction tolerance relative to max(1, max |A|), per the issue: 1e-5 (float32) / 1e-10 (float64)
@@ -58,7 +58,7 @@ def test_robust_reconstruction(kind, dtype):
         result = sb.hogsvd(mats)
         assert result.sigma.dtype == jnp.dtype(dtype) and result.V.dtype == jnp.dtype(dtype)
         n = mats[0].shape[1]
-        assert result.sigma.shape == (3, n) and result.V.shape == (n, n) and result.tau.shape == (n,)
+        assert result.sigma.shape == (3, n) and result.V.shape == (n, n) and result.eigenvalues.shape == (n,)
         assert isinstance(result.U, list) and [u.shape for u in result.U] == [a.shape for a in mats]
         for i, a in enumerate(mats):
             a = np.asarray(a, np.float64)
@@ -71,7 +71,7 @@ def test_robust_reconstruction(kind, dtype):
         absent = col < 0.5
         assert absent.sum() == n - stack_rank
         np.testing.assert_allclose(col[~absent], 1.0, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(result.tau)[absent], 3.0, rtol=1e-5)  # 1/pi, pi = 1/3
+        np.testing.assert_allclose(np.asarray(result.eigenvalues)[absent], 3.0, rtol=1e-5)  # 1/pi, pi = 1/3
         assert np.all(np.isfinite(np.asarray(result.V))) and abs(np.linalg.det(np.asarray(result.V, np.float64))) > 0
 
 
@@ -80,12 +80,12 @@ def test_classic_reconstruction_full_rank(dtype):
     rng = np.random.default_rng(7)
     with precision(dtype):
         mats = [jnp.asarray(a, dtype) for a in random_inputs("full_rank_ragged", rng)]
-        result = sb.hogsvd(mats, "classic")
+        result = sb.hogsvd(mats, method="classic")
         for i, a in enumerate(mats):
             err = np.max(np.abs(reconstruct(result, i) - np.asarray(a, np.float64)))
             assert err <= TOL[dtype] * max(1.0, float(jnp.abs(a).max())), (i, err)
         np.testing.assert_allclose(np.linalg.norm(np.asarray(result.V), axis=0), 1.0, rtol=1e-5)
-        assert np.all(np.asarray(result.tau) >= 1 - 1e-4)  # eigenvalues of S are >= 1
+        assert np.all(np.asarray(result.eigenvalues) >= 1 - 1e-4)  # eigenvalues of S are >= 1
 
 
 def planted(rng, *, num=4, n=6, rows=9, isolated=True, num_common=2, well_conditioned=False):
@@ -123,7 +123,7 @@ def test_planted_common_and_isolated_directions(dtype):
     num, pi = len(mats), 1 / len(mats)
     with precision(dtype):
         result = sb.hogsvd([jnp.asarray(a, dtype) for a in mats])
-    tau = np.asarray(result.tau, np.float64)
+    tau = np.asarray(result.eigenvalues, np.float64)
     common = np.asarray(result.common)
     tol = 1e-5 if dtype == "float32" else 1e-12
 
@@ -134,15 +134,15 @@ def test_planted_common_and_isolated_directions(dtype):
 
     # the shared subspace: tau at its minimum 1/(1/N + pi), spanning planted columns 0 and 1
     assert common.tolist() == [True, True, False, False, False, False]
-    np.testing.assert_allclose(tau[:2], common_tau(num, pi), rtol=tol)
-    assert common_tau(num, pi) == pytest.approx(1 / (1 / num + pi)) and tau.min() >= common_tau(num, pi) * (1 - tol)
+    np.testing.assert_allclose(tau[:2], common_eigenvalue(num, pi), rtol=tol)
+    assert common_eigenvalue(num, pi) == pytest.approx(1 / (1 / num + pi)) and tau.min() >= common_eigenvalue(num, pi) * (1 - tol)
     np.testing.assert_allclose(angle_cosines(np.asarray(result.V)[:, common], v[:, :2]), 1.0, atol=1e-4)
 
     # the isolated direction: predicted tau (N-1)/(N pi) + 1/(N (1+pi)), parallel to planted column 2,
     # present only in matrix 1 (sigma = 1 there, 0 elsewhere)
     iso = int(np.argmax(tau))
-    assert tau[iso] == pytest.approx(isolated_tau(num, pi), rel=tol)
-    assert isolated_tau(num, pi) == pytest.approx((num - 1) / (num * pi) + 1 / (num * (1 + pi)))
+    assert tau[iso] == pytest.approx(isolated_eigenvalue(num, pi), rel=tol)
+    assert isolated_eigenvalue(num, pi) == pytest.approx((num - 1) / (num * pi) + 1 / (num * (1 + pi)))
     assert angle_cosines(np.asarray(result.V)[:, [iso]], v[:, [2]])[0] == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(np.asarray(result.sigma)[:, iso], [0, 1, 0, 0], atol=1e-4)
 
@@ -160,12 +160,12 @@ def test_planted_classic_eigenvalues():
     mats, s, _ = planted(rng, isolated=False)
     num = len(mats)
     with jax.enable_x64(True):
-        result = sb.hogsvd([jnp.asarray(a) for a in mats], "classic")
+        result = sb.hogsvd([jnp.asarray(a) for a in mats], method="classic")
     c = s**2 / np.sum(s**2, axis=0)
     predicted = (np.mean(1.0 / c, axis=0) - 1.0) / (num - 1)
-    np.testing.assert_allclose(np.asarray(result.tau), np.sort(predicted), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(result.eigenvalues), np.sort(predicted), rtol=1e-10)
     assert np.asarray(result.common).tolist() == [True, True, False, False, False, False]
-    np.testing.assert_allclose(np.asarray(result.tau)[:2], 1.0, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(result.eigenvalues)[:2], 1.0, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -182,7 +182,7 @@ def test_repeated_eigenvalues_resolve_directions_per_matrix(dtype):
         result = sb.hogsvd([jnp.asarray(a, dtype) for a in mats])
     sigma = np.asarray(result.sigma, np.float64)
     atol = 1e-3 if dtype == "float32" else 1e-10
-    np.testing.assert_allclose(np.asarray(result.tau), isolated_tau(3, 1 / 3), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(result.eigenvalues), isolated_eigenvalue(3, 1 / 3), rtol=1e-5)
     owner = np.argmax(sigma, axis=0)
     np.testing.assert_allclose(sigma, np.eye(3)[:, owner], atol=atol)
     assert sorted(owner.tolist()) == [0, 0, 1, 1, 2, 2]
@@ -224,7 +224,7 @@ def test_classic_and_robust_agree_on_well_conditioned_inputs(dtype, atol):
     with precision(dtype):
         for mats in (two, shared):
             mats = [jnp.asarray(a, dtype) for a in mats]
-            assert_same_decomposition(sb.hogsvd(mats, "robust"), sb.hogsvd(mats, "classic"), atol)
+            assert_same_decomposition(sb.hogsvd(mats, method="robust"), sb.hogsvd(mats, method="classic"), atol)
 
 
 def test_robust_tends_to_classic_as_pi_vanishes():
@@ -232,10 +232,10 @@ def test_robust_tends_to_classic_as_pi_vanishes():
     rng = np.random.default_rng(4)
     with jax.enable_x64(True):
         mats = [jnp.asarray(rng.standard_normal((10, 5))) for _ in range(4)]
-        classic = sb.hogsvd(mats, "classic")
-        assert_same_decomposition(sb.hogsvd(mats, "robust", pi=1e-8), classic, 1e-5)
+        classic = sb.hogsvd(mats, method="classic")
+        assert_same_decomposition(sb.hogsvd(mats, method="robust", pi=1e-8), classic, 1e-5)
         with pytest.raises(AssertionError):  # at the default pi = 1/N they are different decompositions
-            assert_same_decomposition(sb.hogsvd(mats, "robust"), classic, 1e-3)
+            assert_same_decomposition(sb.hogsvd(mats, method="robust"), classic, 1e-3)
 
 
 def numpy_robust(mats, pi):
@@ -268,9 +268,9 @@ def numpy_classic(mats):
 def test_matches_independent_numpy_implementation(method):
     rng = np.random.default_rng(5)
     mats = [rng.standard_normal((m, 5)) for m in (8, 6, 7)]
-    result = sb.hogsvd([jnp.asarray(a, jnp.float32) for a in mats], method)
+    result = sb.hogsvd([jnp.asarray(a, jnp.float32) for a in mats], method=method)
     tau, sigma, v = numpy_robust(mats, 1 / 3) if method == "robust" else numpy_classic(mats)
-    np.testing.assert_allclose(np.asarray(result.tau), tau, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(result.eigenvalues), tau, rtol=1e-4)
     # columns are defined up to sign: compare |V| column-wise, and sigma directly (sign-free)
     np.testing.assert_allclose(np.abs(np.asarray(result.V)), np.abs(v), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(np.asarray(result.sigma), sigma, rtol=1e-3, atol=1e-4)
@@ -286,7 +286,7 @@ def test_stacked_batched_jit_and_project():
     listed = sb.hogsvd(list(stacked[1]))
     for other in (jitted, listed):
         np.testing.assert_allclose(np.asarray(other.sigma), np.asarray(single.sigma), atol=1e-5)
-        np.testing.assert_allclose(np.asarray(other.tau), np.asarray(single.tau), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(other.eigenvalues), np.asarray(single.eigenvalues), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(batched.sigma[1]), np.asarray(single.sigma), atol=1e-5)
     np.testing.assert_allclose(np.asarray(batched.U[1]), np.asarray(single.U), atol=1e-5)
     # project(A_i) recovers sigma_i; a combination is projected linearly column by column
@@ -321,7 +321,7 @@ def test_hogsvd_layers_matches_per_matrix_calls():
         got = results[name]
         assert got.U.shape == (3,) + mats[0].shape
         np.testing.assert_allclose(np.asarray(got.sigma), np.asarray(direct.sigma), atol=1e-5)
-        np.testing.assert_allclose(np.asarray(got.tau), np.asarray(direct.tau), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(got.eigenvalues), np.asarray(direct.eigenvalues), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(chunked[name].sigma), np.asarray(got.sigma), atol=1e-5)
         assert chunked[name].U is None
         for i, a in enumerate(mats):
@@ -352,16 +352,16 @@ def test_bad_options_and_classic_requirements():
     rng = np.random.default_rng(9)
     good = [jnp.asarray(rng.standard_normal((5, 3)), jnp.float32) for _ in range(3)]
     with pytest.raises(ValueError, match="method must be one of"):
-        sb.hogsvd(good, "gsvd")
+        sb.hogsvd(good, method="gsvd")
     with pytest.raises(ValueError, match="pi must be a finite number > 0"):
         sb.hogsvd(good, pi=0.0)
     with pytest.raises(ValueError, match="pi is a parameter of the robust method only"):
-        sb.hogsvd(good, "classic", pi=0.5)
+        sb.hogsvd(good, method="classic", pi=0.5)
     with pytest.raises(ValueError, match="matrix 1 has shape \\(2, 3\\), fewer rows than columns"):
-        sb.hogsvd([good[0], good[1][:2]], "classic")
+        sb.hogsvd([good[0], good[1][:2]], method="classic")
     rank_one = jnp.asarray(np.outer(rng.standard_normal(5), rng.standard_normal(3)), jnp.float32)
     with pytest.raises(ValueError, match="D_1 = A_1\\^T A_1 of matrix 1 is singular"):
-        sb.hogsvd([good[0], rank_one, good[2]], "classic")
+        sb.hogsvd([good[0], rank_one, good[2]], method="classic")
     sb.hogsvd([good[0], rank_one, good[2]])  # the robust method handles it
 
 

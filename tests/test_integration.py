@@ -21,9 +21,9 @@ def test_nnx_state_paths_read_like_linen():
 def test_nnx_merge_equals_merge_of_plain_dicts():
     graphdef, state = nnx.split(example.Block(8, rngs=nnx.Rngs(0)), nnx.Param)
     experts = [example.finetune_like(state, s) for s in range(3)]
-    tau_state = sb.subspace_boost(sb.merge(sb.task_vectors(state, experts), "ties"), 0.02)
+    tau_state = sb.subspace_boost(sb.merge(sb.task_vectors(state, experts), "ties"), beta=0.02)
     pure = nnx.to_pure_dict
-    tau_dict = sb.subspace_boost(sb.merge(sb.task_vectors(pure(state), [pure(e) for e in experts]), "ties"), 0.02)
+    tau_dict = sb.subspace_boost(sb.merge(sb.task_vectors(pure(state), [pure(e) for e in experts]), "ties"), beta=0.02)
     for (path, a), (_, b) in zip(sb.tree.leaves_with_paths(tau_state), sb.tree.leaves_with_paths(tau_dict)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=path)
     model = nnx.merge(graphdef, sb.apply_task_vector(state, tau_state, alpha=0.5))
@@ -34,7 +34,7 @@ def test_scan_stacked_layers_boost_like_separate_layers():
     merged = example.merge_scan_stacked(num_layers=3, num_experts=2)
     assert merged["encoder"]["mlp"]["kernel"].shape == (3, 16, 64)
     tau = {"mlp": {"kernel": jax.random.normal(jax.random.key(0), (3, 16, 64))}}
-    boosted = sb.subspace_boost(tau, 0.05, is_matrix=sb.matrix_predicate(layer_axes=1))["mlp"]["kernel"]
+    boosted = sb.subspace_boost(tau, beta=0.05, is_matrix=sb.matrix_predicate(layer_axes=1))["mlp"]["kernel"]
     for layer in range(3):
         want = ref.boost_matrix(np.asarray(tau["mlp"]["kernel"][layer]).T, 0.05).T
         np.testing.assert_allclose(boosted[layer], want, rtol=1e-4, atol=1e-4)

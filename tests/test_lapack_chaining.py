@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import subboost as sb
-from subboost import linalg
+from subboost import linalg, sharding
+from subboost.tree import map_matrices
 
 LAPACK_PRIMITIVES = {"svd", "eigh", "qr", "geqrf", "geqp3", "householder_product", "lu", "cholesky"}
 
@@ -136,3 +137,38 @@ def test_alignment_chains_its_groups():
     tvs = three_group_tree(num_tasks=3)
     merged = jax.tree_util.tree_map(lambda x: x.sum(0), tvs)
     assert_chained(lambda t, m: sb.generalized_singular_values(t, m, validate=False), tvs, merged, min_nodes=3)
+
+
+def test_boosting_chains_the_parts_of_a_group_mixing_attention_and_other_matrices():
+    """attn_beta != beta splits the (8, 8) group (q/k/v vs out/dense) in two calls: chained too."""
+    rng = np.random.default_rng(0)
+    tree = {"attn": {n: {"kernel": jnp.asarray(rng.standard_normal((8, 2, 4)), jnp.float32)} for n in ("query", "key")},
+            "out": {"kernel": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)}}
+    assert_chained(lambda t: sb.subspace_boost(t, beta=0.01, attn_beta=0.1), tree, min_nodes=2)
+
+
+# --- the mesh strategy: every group's shard_map waits for the one before -----------------
+def one_device_mesh():
+    return sharding.make_mesh(jax.devices()[:1])
+
+
+def test_the_primitive_chains_its_groups_on_a_mesh():
+    mesh = one_device_mesh()
+    tree = three_group_tree()
+    assert_chained(lambda t: map_matrices(lambda x: linalg.polar(x), t, mesh=mesh), tree, min_nodes=3)
+    assert_chained(lambda t: map_matrices(lambda x: linalg.polar(x), t, mesh=mesh, batch_size=1), tree,
+                   min_nodes=3)
+
+
+@pytest.mark.parametrize("solver", ["svd", "polar"])
+def test_boosting_on_a_mesh_chains_its_groups(solver):
+    mesh, tree = one_device_mesh(), three_group_tree()  # closed over: placed on the mesh, then traced
+    assert_chained(lambda: sb.subspace_boost(tree, beta=0.01, solver=solver, mesh=mesh, validate=False), min_nodes=3)
+    assert_chained(lambda: sb.subspace_boost(tree, beta=0.01, batch_size=1, mesh=mesh, validate=False), min_nodes=3)
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_svd_merges_on_a_mesh_chain_their_groups(method):
+    kwargs = {"common_space_fraction": 0.5} if method == "iso_cts" else {}
+    mesh, tvs = one_device_mesh(), three_group_tree(num_tasks=3)
+    assert_chained(lambda: sb.merge(tvs, method, mesh=mesh, validate=False, **kwargs), min_nodes=3)

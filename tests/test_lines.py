@@ -92,8 +92,8 @@ def test_after_any_merge_commutes_with_boosting_and_sweeps_alpha(experts, method
     tau = sb.merge(sb.task_vectors(base, finetuned), method, **kwargs)
     scaled = sb.lines(tau, alpha=0.4, beta=0.8)
     # Boosting is positively homogeneous per matrix, LiNeS a positive scale per block.
-    boost_then_scale = sb.lines(sb.subspace_boost(tau, 0.01), alpha=0.4, beta=0.8)
-    scale_then_boost = sb.subspace_boost(scaled, 0.01)
+    boost_then_scale = sb.lines(sb.subspace_boost(tau, beta=0.01), alpha=0.4, beta=0.8)
+    scale_then_boost = sb.subspace_boost(scaled, beta=0.01)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), boost_then_scale, scale_then_boost
     )

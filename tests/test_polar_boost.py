@@ -39,8 +39,8 @@ def _relative_error(got, want) -> float:
 
 
 def _assert_agrees_with_svd_path(tau, beta, mode="cumsum"):
-    out, report = sb.subspace_boost(tau, beta, mode=mode, solver="polar", return_info=True)
-    exact = sb.subspace_boost(tau, beta, mode=mode)
+    out, report = sb.subspace_boost(tau, beta=beta, mode=mode, solver="polar", return_info=True)
+    exact = sb.subspace_boost(tau, beta=beta, mode=mode)
     assert {g.solver for g in report.groups} == {"polar"}
     assert report.fallbacks == {}, report.summary()  # the polar path itself, not its fallback
     for name in tau:
@@ -89,9 +89,9 @@ def test_agrees_with_svd_path_on_random_matrices():
 def test_agrees_with_svd_path_in_index_mode():
     rng = np.random.default_rng(3)
     x = jnp.asarray(np.stack([synthetic_merged_matrix(rng, 64, 64, 8, task_rank=2) for _ in range(2)]))
-    out, report = sb.subspace_boost(x, 0.05, mode="index", solver="polar", return_info=True)
+    out, report = sb.subspace_boost(x, beta=0.05, mode="index", solver="polar", return_info=True)
     assert report.fallbacks == {} and report.groups[0].k.tolist() == [3, 3]  # floor(0.05 * 64)
-    assert _relative_error(out, sb.subspace_boost(x, 0.05, mode="index")) <= TOL
+    assert _relative_error(out, sb.subspace_boost(x, beta=0.05, mode="index")) <= TOL
 
 
 def test_rank_deficient_input_agrees_where_the_boost_is_unique(rng):
@@ -99,8 +99,8 @@ def test_rank_deficient_input_agrees_where_the_boost_is_unique(rng):
     low = rng.standard_normal((2, 80, 3)) @ rng.standard_normal((2, 3, 80))  # rank 3
     x = jnp.asarray(low, jnp.float32)
     # Shapes and beta of the cap test below: one compilation for both.
-    got, report = sb.subspace_boost(x, 0.7, solver="polar", return_info=True)
-    want = sb.subspace_boost(x, 0.7)
+    got, report = sb.subspace_boost(x, beta=0.7, solver="polar", return_info=True)
+    want = sb.subspace_boost(x, beta=0.7)
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     scale = float(np.linalg.norm(want, axis=(-2, -1)).max())
     _, s, vh = np.linalg.svd(low)
@@ -117,9 +117,9 @@ def test_rank_deficient_input_agrees_where_the_boost_is_unique(rng):
 
 def test_structural_zero_falls_back_to_svd_and_is_reported():
     x = jnp.diag(jnp.array([4.0, 2.0, 1.0, 0.0]))
-    out, report = sb.subspace_boost(x, 0.5, solver="polar", return_info=True)
+    out, report = sb.subspace_boost(x, beta=0.5, solver="polar", return_info=True)
     np.testing.assert_allclose(np.linalg.svd(np.asarray(out), compute_uv=False), [4, 4, 4, 4], atol=1e-5)
-    np.testing.assert_allclose(out, sb.subspace_boost(x, 0.5), atol=1e-6)
+    np.testing.assert_allclose(out, sb.subspace_boost(x, beta=0.5), atol=1e-6)
     group = report.groups[0]
     assert group.solver == "polar" and group.fallback.tolist() == [True]
     assert report.fallbacks == {"matrix": polar_boost.REASONS[polar_boost.POLAR_FAILED]}
@@ -129,8 +129,8 @@ def test_structural_zero_falls_back_to_svd_and_is_reported():
 def test_cutoff_past_the_triplet_cap_falls_back_per_matrix(rng):
     # Random 80x80: cumsum reaches 0.7 near k = 40, past the cap of 32; the zero matrix does not.
     x = np.stack([rng.standard_normal((80, 80)), np.zeros((80, 80))]).astype(np.float32)
-    out, report = sb.subspace_boost(jnp.asarray(x), 0.7, solver="polar", return_info=True)
-    np.testing.assert_allclose(out, sb.subspace_boost(jnp.asarray(x), 0.7), atol=1e-4)  # float32 rounding
+    out, report = sb.subspace_boost(jnp.asarray(x), beta=0.7, solver="polar", return_info=True)
+    np.testing.assert_allclose(out, sb.subspace_boost(jnp.asarray(x), beta=0.7), atol=1e-4)  # float32 rounding
     np.testing.assert_array_equal(out[1], 0.0)
     assert polar_boost.max_cutoff_index(80) == 32
     assert report.groups[0].fallback.tolist() == [True, False]
@@ -145,28 +145,28 @@ def ref_cutoff(matrix, beta):
 
 def test_solver_choice_by_backend_shape_and_static_k():
     choose = boosting.choose_solver
-    assert choose("svd", (768, 768), 0.01, "cumsum", "gpu") == "svd"
-    assert choose("polar", (8, 8), 0.01, "cumsum", "cpu") == "polar"
-    assert choose("polar", (768, 768), 0.5, "index", "gpu") == "svd"  # k = 384 past the cap
-    assert choose("auto", (768, 768), 0.01, "cumsum", "cpu") == "svd"  # measured: LAPACK wins on CPU
-    assert choose("auto", (768, 3072), 0.01, "cumsum", "gpu") == "polar"
-    assert choose("auto", (64, 768), 0.01, "cumsum", "gpu") == "svd"  # small side: batched SVD is cheap
-    assert choose("auto", (768, 768), 0.02, "index", "tpu") == "polar"  # k = 15 fits
+    assert choose("svd", (768, 768), beta=0.01, mode="cumsum", backend="gpu") == "svd"
+    assert choose("polar", (8, 8), beta=0.01, mode="cumsum", backend="cpu") == "polar"
+    assert choose("polar", (768, 768), beta=0.5, mode="index", backend="gpu") == "svd"  # k = 384 past the cap
+    assert choose("auto", (768, 768), beta=0.01, mode="cumsum", backend="cpu") == "svd"  # measured: LAPACK wins on CPU
+    assert choose("auto", (768, 3072), beta=0.01, mode="cumsum", backend="gpu") == "polar"
+    assert choose("auto", (64, 768), beta=0.01, mode="cumsum", backend="gpu") == "svd"  # small side: batched SVD is cheap
+    assert choose("auto", (768, 768), beta=0.02, mode="index", backend="tpu") == "polar"  # k = 15 fits
 
 
 def test_auto_on_cpu_is_the_svd_path_and_says_so(rng):
     tau = vit_like_params(rng)
-    out, report = sb.subspace_boost(tau, 0.02, solver="auto", return_info=True)
+    out, report = sb.subspace_boost(tau, beta=0.02, solver="auto", return_info=True)
     assert set(report.solvers.values()) == {"svd"} and report.fallbacks == {}
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), out, sb.subspace_boost(tau, 0.02))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), out, sb.subspace_boost(tau, beta=0.02))
     assert np.all(np.isnan(report.groups[0].polar_residual))
 
 
 def test_dtype_in_equals_dtype_out(rng):
     dtypes = (jnp.bfloat16, jnp.float16, jnp.float32)
     tau = {jnp.dtype(d).name: {"kernel": jnp.asarray(rng.standard_normal((9, 12)), d)} for d in dtypes}
-    out, report = sb.subspace_boost(tau, 0.02, solver="polar", return_info=True)
-    exact = sb.subspace_boost(tau, 0.02)
+    out, report = sb.subspace_boost(tau, beta=0.02, solver="polar", return_info=True)
+    exact = sb.subspace_boost(tau, beta=0.02)
     assert sorted(g.dtype for g in report.groups) == sorted(tau)
     for name in tau:
         got, want = out[name]["kernel"], exact[name]["kernel"]
@@ -181,7 +181,7 @@ def test_dtype_in_equals_dtype_out(rng):
 def test_float64_when_enabled(rng):
     with jax.enable_x64(True):
         x = rng.standard_normal((2, 30, 20))
-        out = sb.subspace_boost(jnp.asarray(x), 0.02, solver="polar")
+        out = sb.subspace_boost(jnp.asarray(x), beta=0.02, solver="polar")
         assert out.dtype == jnp.float64
         want = np.stack([ref.boost_matrix(m, 0.02) for m in x])
         np.testing.assert_allclose(np.asarray(out), want, atol=1e-9)
@@ -190,8 +190,8 @@ def test_float64_when_enabled(rng):
 def test_second_call_does_not_recompile_and_scales(rng):
     tau = vit_like_params(rng)
     boosting._boost_tree.clear_cache()
-    first, _ = sb.subspace_boost(tau, 0.01, solver="polar", attention="per_head", return_info=True)
-    second, _ = sb.subspace_boost(jax.tree_util.tree_map(lambda x: 3 * x, tau), 0.01, solver="polar",
+    first, _ = sb.subspace_boost(tau, beta=0.01, solver="polar", attention="per_head", return_info=True)
+    second, _ = sb.subspace_boost(jax.tree_util.tree_map(lambda x: 3 * x, tau), beta=0.01, solver="polar",
                                   attention="per_head", return_info=True)
     assert boosting._boost_tree._cache_size() == 1
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(3 * a, b, rtol=1e-4, atol=1e-4), first, second)
@@ -199,7 +199,7 @@ def test_second_call_does_not_recompile_and_scales(rng):
 
 def test_report_names_every_matrix(rng):
     tau = vit_like_params(rng)  # same shapes and options as above: no new compilation
-    _, report = sb.subspace_boost(tau, 0.01, solver="polar", attention="per_head", return_info=True)
+    _, report = sb.subspace_boost(tau, beta=0.01, solver="polar", attention="per_head", return_info=True)
     names = {n for g in report.groups for n in g.names}
     assert "transformer/resblocks_1/attn/query[1]" in names  # per_head: one matrix per head
     assert "transformer/resblocks_0/mlp/c_fc" in names
@@ -209,8 +209,8 @@ def test_report_names_every_matrix(rng):
 
 def test_batch_size_gives_the_same_result_and_report(rng):
     x = jnp.asarray(rng.standard_normal((5, 24, 18)), jnp.float32)  # chunks of 2: the last one padded
-    whole, report = sb.subspace_boost(x, 0.02, solver="polar", return_info=True)
-    chunked, chunked_report = sb.subspace_boost(x, 0.02, solver="polar", batch_size=2, return_info=True)
+    whole, report = sb.subspace_boost(x, beta=0.02, solver="polar", return_info=True)
+    chunked, chunked_report = sb.subspace_boost(x, beta=0.02, solver="polar", batch_size=2, return_info=True)
     np.testing.assert_allclose(whole, chunked, rtol=1e-5, atol=1e-5)
     assert chunked_report.groups[0].names == report.groups[0].names == tuple(f"[{i}]" for i in range(5))
     assert chunked_report.groups[0].k.tolist() == report.groups[0].k.tolist()
@@ -223,7 +223,7 @@ def test_batch_size_gives_the_same_result_and_report(rng):
 ])
 def test_bad_solver_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        sb.subspace_boost(jnp.ones((3, 3)), 0.1, **kwargs)
+        sb.subspace_boost(jnp.ones((3, 3)), beta=0.1, **kwargs)
 
 
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40)])

@@ -308,7 +308,7 @@ def attention_tree(rng) -> dict:
 
 def test_attn_beta_applies_to_qkv_only(rng, solver="svd"):  # the split is solver-independent (mesh: test_sharding)
     tau = attention_tree(rng)
-    got = sb.subspace_boost(tau, 0.01, attn_beta=0.3, solver=solver)
+    got = sb.subspace_boost(tau, beta=0.01, attn_beta=0.3, solver=solver)
     for name in ("query", "key", "value"):
         m = np.asarray(tau["attn"][name]["kernel"]).reshape(16, 16).T
         want = ref.boost_matrix(m, 0.3).T.reshape(16, 2, 8)
@@ -318,9 +318,9 @@ def test_attn_beta_applies_to_qkv_only(rng, solver="svd"):  # the split is solve
                                ref.boost_matrix(out, 0.01), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(got["mlp"]["kernel"]).T, ref.boost_matrix(np.asarray(tau["mlp"]["kernel"]).T,
                                                                                   0.01), rtol=1e-4, atol=1e-4)
-    same = sb.subspace_boost(tau, 0.01, attn_beta=0.01, solver=solver)
+    same = sb.subspace_boost(tau, beta=0.01, attn_beta=0.01, solver=solver)
     chex_equal = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                                        same, sb.subspace_boost(tau, 0.01, solver=solver))
+                                        same, sb.subspace_boost(tau, beta=0.01, solver=solver))
     assert all(jax.tree_util.tree_leaves(chex_equal))
 
 
@@ -336,7 +336,7 @@ def rank_deficient_tree(rng) -> dict:
 @pytest.mark.parametrize("solver", ["svd", "polar"])
 def test_rank_rtol_keeps_the_null_space_at_zero(rng, solver):
     tau = rank_deficient_tree(rng)
-    got, report = sb.subspace_boost(tau, 0.01, rank_rtol=1e-5, solver=solver, return_info=True)
+    got, report = sb.subspace_boost(tau, beta=0.01, rank_rtol=1e-5, solver=solver, return_info=True)
     worst = 0.0
     for name in tau:
         m = torch.from_numpy(np.asarray(tau[name]["kernel"], np.float64).T)
@@ -347,15 +347,15 @@ def test_rank_rtol_keeps_the_null_space_at_zero(rng, solver):
     assert worst < RTOL
     assert report.rank_deficient == ("a", "b", "c") and report.ambiguous == () and report.rank_warning() is None
     if solver == "svd":  # without rank_rtol the same matrices are flagged, with a one-line warning
-        _, default = sb.subspace_boost(tau, 0.01, solver=solver, return_info=True)
+        _, default = sb.subspace_boost(tau, beta=0.01, solver=solver, return_info=True)
         assert default.ambiguous == ("a", "b", "c")
         assert "3 rank-deficient matrices (a, b, c)" in default.rank_warning()
 
 
 def test_rank_rtol_svd_and_polar_agree(rng):
     tau = rank_deficient_tree(rng)
-    svd = sb.subspace_boost(tau, 0.01, rank_rtol=1e-5, solver="svd")
-    polar, report = sb.subspace_boost(tau, 0.01, rank_rtol=1e-5, solver="polar", return_info=True)
+    svd = sb.subspace_boost(tau, beta=0.01, rank_rtol=1e-5, solver="svd")
+    polar, report = sb.subspace_boost(tau, beta=0.01, rank_rtol=1e-5, solver="polar", return_info=True)
     error, where = worst_relative_error(polar, svd)
     print(f"rank_rtol=1e-5: polar vs svd {error:.2e} at {where}")
     assert error < RTOL, where
@@ -365,9 +365,9 @@ def test_rank_rtol_svd_and_polar_agree(rng):
 def test_bad_attn_beta_and_rank_rtol_are_named(rng):
     tau = rank_deficient_tree(rng)
     with pytest.raises(sb.SubboostError, match="attn_beta"):
-        sb.subspace_boost(tau, 0.01, attn_beta=1.5)
+        sb.subspace_boost(tau, beta=0.01, attn_beta=1.5)
     with pytest.raises(sb.SubboostError, match="rank_rtol"):
-        sb.subspace_boost(tau, 0.01, rank_rtol=0.0)
+        sb.subspace_boost(tau, beta=0.01, rank_rtol=0.0)
 
 
 def test_cli_warns_about_rank_deficient_matrices(rng, tmp_path, capsys):
@@ -384,7 +384,7 @@ def test_cli_warns_about_rank_deficient_matrices(rng, tmp_path, capsys):
                      "--out", str(tmp_path / "defined")]) == 0
     assert "rank-deficient" not in capsys.readouterr().err
     boosted = sb.load_params(tmp_path / "defined")
-    want = sb.subspace_boost(tree, 0.01, rank_rtol=1e-5)
+    want = sb.subspace_boost(tree, beta=0.01, rank_rtol=1e-5)
     assert worst_relative_error(boosted, want)[0] < RTOL
 
 

@@ -238,7 +238,7 @@ def test_spectral_ranks_refuse_non_finite_and_survive_huge_entries():
         sb.stable_rank({"a": {"kernel": jnp.full((3, 3), jnp.nan)}})
     huge = jnp.diag(jnp.array([2e25, 1e25, 1e25], jnp.float32))  # s^2 overflows float32
     assert float(sb.stable_rank(huge)) == pytest.approx(1.5)
-    assert int(sb.energy_rank(huge, 0.95)) == 3
+    assert int(sb.energy_rank(huge, fraction=0.95)) == 3
     assert float(sb.stable_rank(jnp.zeros((3, 3)))) == 0.0
 
 
@@ -419,14 +419,14 @@ def test_a_tree_without_matrices_is_reported(tmp_path):
     with pytest.warns(UserWarning, match=r"no parameter is a matrix .*layer_axes=1"):
         assert sb.stable_rank(stacked) == {}
     with pytest.raises(SubboostError, match="subspace_boost: no parameter is a matrix"):
-        sb.subspace_boost(stacked, 0.5)
+        sb.subspace_boost(stacked, beta=0.5)
     tvs = jax.tree_util.tree_map(lambda x: jnp.stack([x, -0.5 * x]), stacked)
     for method in ("iso_c", "tsv"):
         with pytest.raises(SubboostError, match=f"{method}: no parameter is a matrix"):
             sb.merge(tvs, method)
     scan = sb.matrix_predicate(layer_axes=1)  # the documented remedy works
     assert sb.stable_rank(stacked, is_matrix=scan)["layers/mlp"].shape == (3,)
-    boosted = sb.subspace_boost(stacked, 0.5, is_matrix=scan)
+    boosted = sb.subspace_boost(stacked, beta=0.5, is_matrix=scan)
     assert not np.allclose(boosted["layers"]["mlp"]["kernel"], stacked["layers"]["mlp"]["kernel"])
     sb.save_params(stacked, tmp_path / "b")
     sb.save_params(jax.tree_util.tree_map(lambda x: 2 * x, stacked), tmp_path / "e")

@@ -140,7 +140,7 @@ def test_sweep_picks_the_alpha_of_best_validation_accuracy(setup, first_run):
         cell = json.loads((first_run / "suite_EuroSAT,GTSRB" / f"{label}.json").read_text())
         scores = {}
         for beta in boost or (None,):
-            tau_b = tau if beta is None else jax.device_get(sb.subspace_boost(tau, beta))
+            tau_b = tau if beta is None else jax.device_get(sb.subspace_boost(tau, beta=beta))
             for alpha in (0.5, 1.0, 1.5):
                 params = jax.tree_util.tree_map(lambda b, t: b + np.float32(alpha) * t, base, tau_b)
                 accs = {t: head_accuracy(setup["heads"][t], features(params, *val[t][:1]), val[t][1]) for t in tasks}
@@ -153,7 +153,7 @@ def test_sweep_picks_the_alpha_of_best_validation_accuracy(setup, first_run):
         assert cell["alpha_on_grid_edge"] == (best[0] in (0.5, 1.5))
         # Test accuracy of the chosen model, and normalized accuracy against the experts.
         alpha, beta = best
-        tau_b = tau if beta is None else jax.device_get(sb.subspace_boost(tau, beta))
+        tau_b = tau if beta is None else jax.device_get(sb.subspace_boost(tau, beta=beta))
         params = jax.tree_util.tree_map(lambda b, t: b + np.float32(alpha) * t, base, tau_b)
         reference = json.loads((first_run / "reference.json").read_text())
         for t in tasks:

@@ -119,8 +119,8 @@ def test_sharded_merge_equals_single_device(mesh, tvs, few_leaves, method, kwarg
 @pytest.mark.parametrize("attention", ["per_qkv", "full", "per_head"])
 def test_sharded_boost_equals_single_device(mesh, tvs, attention):
     tau = sb.merge(tvs, "task_arithmetic")
-    single = sb.subspace_boost(tau, 0.05, attention=attention)
-    assert_same(single, sb.subspace_boost(tau, 0.05, attention=attention, mesh=mesh))
+    single = sb.subspace_boost(tau, beta=0.05, attention=attention)
+    assert_same(single, sb.subspace_boost(tau, beta=0.05, attention=attention, mesh=mesh))
     assert not np.allclose(single["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"],
                            tau["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"])
 
@@ -128,18 +128,18 @@ def test_sharded_boost_equals_single_device(mesh, tvs, attention):
 @inner
 def test_sharded_boost_of_bare_array_and_batches(mesh):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5, 6, 4)), jnp.float32)  # G = 15 -> 16
-    assert_same(sb.subspace_boost(x, 0.2, mode="index"), sb.subspace_boost(x, 0.2, mode="index", mesh=mesh))
+    assert_same(sb.subspace_boost(x, beta=0.2, mode="index"), sb.subspace_boost(x, beta=0.2, mode="index", mesh=mesh))
     tau = {"dense": {"kernel": x[0]}}  # 5 scan-stacked 6 x 4 matrices: say so (the default predicate sees none)
     scan = sb.matrix_predicate(layer_axes=1)
-    assert_same(sb.subspace_boost(tau, 0.2, is_matrix=scan),
-                sb.subspace_boost(tau, 0.2, batch_size=2, mesh=mesh, is_matrix=scan))
+    assert_same(sb.subspace_boost(tau, beta=0.2, is_matrix=scan),
+                sb.subspace_boost(tau, beta=0.2, batch_size=2, mesh=mesh, is_matrix=scan))
 
 
 @inner
 def test_sharded_boost_solvers_and_report(mesh):
     x = jnp.asarray(np.random.default_rng(2).standard_normal((10, 12, 8)), jnp.float32)
-    single, report = sb.subspace_boost(x, 0.1, solver="polar", return_info=True)
-    sharded, sharded_report = sb.subspace_boost(x, 0.1, solver="polar", return_info=True, mesh=mesh)
+    single, report = sb.subspace_boost(x, beta=0.1, solver="polar", return_info=True)
+    sharded, sharded_report = sb.subspace_boost(x, beta=0.1, solver="polar", return_info=True, mesh=mesh)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
     assert sharded_report.solvers == report.solvers == {(12, 8): "polar"}
     np.testing.assert_array_equal(sharded_report.groups[0].k, report.groups[0].k)
@@ -163,17 +163,17 @@ def trimmed_layers(seed: int = 3) -> dict:
 @inner
 def test_rank_rtol_same_on_one_and_eight_devices(mesh):
     tau = trimmed_layers()
-    single, report = sb.subspace_boost(tau, 0.01, rank_rtol=1e-5, return_info=True)
+    single, report = sb.subspace_boost(tau, beta=0.01, rank_rtol=1e-5, return_info=True)
     assert len(report.rank_deficient) == 16
     for solver in ("svd", "polar"):
-        sharded = sb.subspace_boost(tau, 0.01, rank_rtol=1e-5, solver=solver, mesh=mesh)
+        sharded = sb.subspace_boost(tau, beta=0.01, rank_rtol=1e-5, solver=solver, mesh=mesh)
         for name in tau:
             got, want = np.asarray(sharded[name]["kernel"]), np.asarray(single[name]["kernel"])
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=f"{solver} {name}")
     # Without rank_rtol the null space is the solver's choice: the polar one on the mesh differs
     # from the single-device SVD by as much as the matrix (1.4x measured on low_rank_*).
-    ambiguous = sb.subspace_boost(tau, 0.01, solver="polar", mesh=mesh)
-    default = sb.subspace_boost(tau, 0.01)
+    ambiguous = sb.subspace_boost(tau, beta=0.01, solver="polar", mesh=mesh)
+    default = sb.subspace_boost(tau, beta=0.01)
     diff = max(float(np.abs(np.asarray(ambiguous[n]["kernel"]) - np.asarray(default[n]["kernel"])).max()
                      / np.abs(np.asarray(default[n]["kernel"])).max()) for n in tau)
     assert diff > 0.1
@@ -182,8 +182,8 @@ def test_rank_rtol_same_on_one_and_eight_devices(mesh):
 @inner
 def test_attn_beta_on_mesh(mesh, tvs):
     tau = sb.merge(tvs, "task_arithmetic")
-    single = sb.subspace_boost(tau, 0.01, attn_beta=0.3)
-    sharded, report = sb.subspace_boost(tau, 0.01, attn_beta=0.3, mesh=mesh, return_info=True)
+    single = sb.subspace_boost(tau, beta=0.01, attn_beta=0.3)
+    sharded, report = sb.subspace_boost(tau, beta=0.01, attn_beta=0.3, mesh=mesh, return_info=True)
     assert_same(single, sharded)
     assert report.groups and report.rank_rtol is None
 
@@ -200,6 +200,17 @@ def test_groups_are_split_over_devices(mesh):
     y = jax.jit(lambda v: sharding.map_groups_on_mesh(record, v, mesh))(x)
     assert seen == [(2, 3, 2)]  # ceil(10 / 8) = 2 matrices per device after padding 10 -> 16
     np.testing.assert_array_equal(np.asarray(y), 2 * np.asarray(x))
+
+
+@inner
+def test_mesh_paths_chain_their_lapack_calls(mesh, tvs):
+    """On 8 devices too, each group's shard_map waits for the previous group's (`subboost.linalg.after`)."""
+    from tests.test_lapack_chaining import assert_chained
+
+    tau = jax.tree_util.tree_map(lambda x: x[0], tvs)  # 3 matrix groups: (8, 8), (16, 8), (8, 16)
+    assert_chained(lambda: sb.subspace_boost(tau, beta=0.01, mesh=mesh, validate=False), min_nodes=3)
+    assert_chained(lambda: sb.subspace_boost(tau, beta=0.01, attn_beta=0.1, mesh=mesh, validate=False), min_nodes=4)
+    assert_chained(lambda: sb.merge(tvs, "tsv", mesh=mesh, validate=False), min_nodes=3)
 
 
 @inner

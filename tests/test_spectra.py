@@ -13,9 +13,9 @@ def test_stable_and_energy_rank_known_values():
     m = jnp.diag(jnp.array([2.0, 1.0, 1.0]))
     assert float(sb.stable_rank(m)) == pytest.approx(1.5)
     # energies 4, 1, 1 of 6: 0.95 needs all three, 0.8 needs two, 0.5 one.
-    assert int(sb.energy_rank(m, 0.95)) == 3
-    assert int(sb.energy_rank(m, 0.8)) == 2
-    assert int(sb.energy_rank(m, 0.5)) == 1
+    assert int(sb.energy_rank(m, fraction=0.95)) == 3
+    assert int(sb.energy_rank(m, fraction=0.8)) == 2
+    assert int(sb.energy_rank(m, fraction=0.5)) == 1
     assert float(sb.stable_rank(jnp.zeros((3, 3)))) == 0.0
     assert int(sb.energy_rank(jnp.zeros((3, 3)))) == 0
 
@@ -23,7 +23,7 @@ def test_stable_and_energy_rank_known_values():
 def test_tree_diagnostics_are_keyed_by_module_path_and_match_numpy(rng):
     params = vit_like_params(rng)
     ranks = sb.stable_rank(params)
-    energies = sb.energy_rank(params, 0.9)
+    energies = sb.energy_rank(params, fraction=0.9)
     flat = ref.flat(params)
     expected = {p.rsplit("/", 1)[0]: ref.torch_matrix(p, x) for p, x in flat.items() if ref.is_default_matrix(p, x.shape)}
     assert set(ranks) == set(expected)
@@ -43,4 +43,4 @@ def test_spectra_with_expert_axis(rng):
 
 def test_energy_fraction_checked():
     with pytest.raises(ValueError, match="fraction"):
-        sb.energy_rank(jnp.ones((2, 2)), 1.5)
+        sb.energy_rank(jnp.ones((2, 2)), fraction=1.5)

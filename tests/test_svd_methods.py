@@ -229,7 +229,7 @@ def test_iso_cts_acts_on_the_pytorch_transpose_of_flax_kernels():
         kernels = np.swapaxes(weights, -1, -2)      # Flax (in, out)
         merged_kernel = sb.merge({"dense": {"kernel": jnp.asarray(kernels)}}, "iso_cts", common_space_fraction=0.5)
         merged_kernel = np.asarray(merged_kernel["dense"]["kernel"])
-        merged_weight = np.asarray(iso_cts_matrices(jnp.asarray(weights), 0.5))
+        merged_weight = np.asarray(iso_cts_matrices(jnp.asarray(weights), common_space_fraction=0.5))
         np.testing.assert_allclose(merged_kernel, merged_weight.T, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(merged_weight, ref_svd.iso_cts_matrix(list(weights), 0.5), rtol=1e-10, atol=1e-12)
         # The method really is orientation-dependent: on the kernel itself it differs.
@@ -249,7 +249,7 @@ def test_composes_with_subspace_boost_and_alpha_sweep(method, kwargs):
         ]
         tvs = sb.task_vectors(base, finetuned)
         tau = sb.merge(tvs, method, **kwargs)
-        boosted = sb.subspace_boost(tau, 0.3)
+        boosted = sb.subspace_boost(tau, beta=0.3)
         merged_np = ref_svd.merge_tree(_split(tvs), method, **_ref_kwargs(kwargs))
         want = {}
         for path, x in merged_np.items():
@@ -269,7 +269,7 @@ def test_boosting_leaves_the_flat_iso_c_spectrum_unchanged():
     tvs = _stack(_random_task_vectors(2, "iso_c", {}), jnp.float32)
     tau = sb.merge(tvs, "iso_c")
     jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), sb.subspace_boost(tau, 0.01), tau
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), sb.subspace_boost(tau, beta=0.01), tau
     )
 
 
@@ -377,8 +377,8 @@ def test_too_few_rows_or_columns_for_the_tasks(method, kwargs, kernel_shape, mes
 @pytest.mark.parametrize(
     "method, kwargs, message",
     [
-        ("tsv", {"batch_size": 0}, "batch_size must be a positive integer"),
-        ("iso_c", {"batch_size": 1.5}, "batch_size must be a positive integer"),
+        ("tsv", {"batch_size": 0}, r"batch_size must be an integer in \[1, inf\]"),
+        ("iso_c", {"batch_size": 1.5}, r"batch_size must be an integer in \[1, inf\]"),
         ("tsv", {"k": 0.2}, "unknown hyper-parameter"),
         ("iso_c", {"common_space_fraction": 0.5}, "unknown hyper-parameter"),
         ("iso_cts", {"attention": "heads"}, "attention must be one of"),

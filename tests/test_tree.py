@@ -90,3 +90,46 @@ def test_user_predicate_and_bad_layout_errors():
         sbtree.matrix_plan(params, is_matrix=lambda p, x: sbtree.MatrixLayout("attn_in") if p == "b" else None)
     with pytest.raises(ValueError, match="attention must be one of"):
         sbtree.matrix_plan(params, attention="heads")
+
+
+def test_map_groups_gives_the_same_result_whole_chunked_and_on_a_mesh(rng):
+    """Every strategy of the primitive hands ``fn`` the same matrices: gather's, in group order
+    (per-head matrices of stacked task vectors: the loader's most involved reading)."""
+    params = jax.tree_util.tree_map(lambda x: jnp.stack([x, 2 * x, -x]), vit_like_params(rng, layers=2))
+    plan = sbtree.matrix_plan(params, lead_ndim=1, attention="per_head")
+    gathered = plan.gather(params)
+
+    def fn(x):  # a pytree out, one entry per matrix
+        return {"double": 2 * x, "norm": jnp.sum(x * x, axis=(-2, -1))}
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("devices",))
+    for kwargs in ({}, {"batch_size": 1}, {"batch_size": 3}, {"mesh": mesh}, {"mesh": mesh, "batch_size": 2}):
+        out = jax.jit(lambda p: plan.map_groups(fn, p, **kwargs))(params)
+        assert set(out) == set(plan.groups)  # (jit returns dicts with sorted keys)
+        for g, x in gathered.items():
+            np.testing.assert_array_equal(out[g]["double"], 2 * x)
+            np.testing.assert_allclose(out[g]["norm"], jnp.sum(x * x, axis=(-2, -1)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_map_groups_parts_run_their_own_kernel_and_keep_group_order(rng, batch_size):
+    params = vit_like_params(rng, layers=3)
+    plan = sbtree.matrix_plan(params)
+    gathered = plan.gather(params)
+    evens = {g: np.arange(0, size, 2) for g, size in zip(plan.groups, plan.group_sizes)}
+
+    def parts(group):  # even matrices times 2, odd ones times 3
+        odds = np.setdiff1d(np.arange(len(gathered[group])), evens[group])
+        return [(evens[group], lambda x: 2 * x)] + ([(odds, lambda x: 3 * x)] if odds.size else [])
+
+    out = plan.map_groups(None, params, batch_size=batch_size, parts=parts)
+    for g, x in gathered.items():
+        factor = np.where(np.arange(len(x)) % 2 == 0, 2.0, 3.0).astype(np.float32)[:, None, None]
+        np.testing.assert_array_equal(out[g], factor * np.asarray(x))
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_map_groups_refuses_a_batch_size_that_is_not_a_positive_integer(batch_size):
+    tree = {"dense": {"kernel": jnp.ones((3, 3))}}
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        sbtree.map_matrices(lambda x: x, tree, batch_size=batch_size)

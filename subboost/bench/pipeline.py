@@ -114,7 +114,7 @@ def cutoff_indices(tau: dict, betas) -> dict[float, np.ndarray]:
     ``k = 0`` means boosting raises every singular value to ``s_0`` (a flat spectrum).
     """
     spectra = [jnp.asarray(s) for s in sb.spectra(tau).values()]
-    return {beta: np.concatenate([np.ravel(np.asarray(cutoff_index(s, beta))) for s in spectra]) for beta in betas}
+    return {beta: np.concatenate([np.ravel(np.asarray(cutoff_index(s, beta=beta))) for s in spectra]) for beta in betas}
 
 
 def boost_candidates(tau: dict, betas) -> tuple[dict[float, dict], dict[float, list[float]], dict[float, np.ndarray]]:

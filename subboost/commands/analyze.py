@@ -195,7 +195,7 @@ def analyze(
     if beta is not None:
         plots.plot_spectra_evolution(curves, out / "spectra_boosted.png", boosted=True)
         written["spectra_boosted"] = str(out / "spectra_boosted.png")
-    ranking = [select_experts(None, k, alignment=alignment[:num, :num]) for k in range(2, num + 1)]
+    ranking = [select_experts(None, k=k, alignment=alignment[:num, :num]) for k in range(2, num + 1)]
     summary = {
         "experts": names,
         "merge_method": method,

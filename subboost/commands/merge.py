@@ -131,7 +131,7 @@ def run_merge(args: argparse.Namespace) -> int:
     before = sb.stable_rank(tau, attention=args.attention)
     after = None
     if args.beta is not None:
-        tau, report = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention,
+        tau, report = sb.subspace_boost(tau, beta=args.beta, mode=args.mode, attention=args.attention,
                                         attn_beta=args.attn_beta, rank_rtol=args.rank_rtol, return_info=True)
         _warn_rank(report)
         after = sb.stable_rank(tau, attention=args.attention)
@@ -155,7 +155,7 @@ def run_boost(args: argparse.Namespace) -> int:
     base, tvs = load_base_and_experts(args.base, [args.merged], role="the merged checkpoint")
     tau = jax.tree_util.tree_map(lambda x: x[0], tvs)
     before = sb.stable_rank(tau, attention=args.attention)
-    boosted, report = sb.subspace_boost(tau, args.beta, mode=args.mode, attention=args.attention,
+    boosted, report = sb.subspace_boost(tau, beta=args.beta, mode=args.mode, attention=args.attention,
                                         attn_beta=args.attn_beta, rank_rtol=args.rank_rtol, return_info=True)
     _warn_rank(report)
     save_params(sb.apply_task_vector(base, boosted, alpha=1.0), args.out, overwrite=args.overwrite,

@@ -79,7 +79,8 @@ def merge(
     if mesh is not None:
         from subboost.sharding import merge_on_mesh
 
-        return merge_on_mesh(tvs, method, mesh=mesh, **kwargs)
+        return merge_on_mesh(tvs, method, mesh=mesh, jitted=jitted(method, static_names), matrix_kernel=record.matrix_kernel,
+                             hyper_parameters=kwargs, dynamic=DYNAMIC_ARGUMENTS)
     merged = jitted(method, static_names)(tvs, **kwargs)
     if validate:  # e.g. a float16 sum of large task vectors overflows to inf
         check_finite(merged, what=f"{method}: the merged task vector (overflow in its dtype?)")

@@ -40,11 +40,10 @@ from subboost.merging.tsv import (
     check_batch_size,
     check_matrices_fit_tasks,
     concatenate_task_triplets,
-    map_task_matrices,
     orthogonalise,
 )
 from subboost.task_vectors import SubboostError
-from subboost.tree import AttentionMode, PyTree, matrix_plan
+from subboost.tree import AttentionMode, PyTree, map_matrices, matrix_plan
 from subboost.validation import check_real
 
 
@@ -92,7 +91,7 @@ def _iso_cts_size_problem(m: int, n: int, num_tasks: int, fraction: float) -> st
     return None
 
 
-def iso_cts_factors(x: jax.Array, common_space_fraction: float = 0.8) -> tuple[jax.Array, jax.Array, jax.Array]:
+def iso_cts_factors(x: jax.Array, *, common_space_fraction: float = 0.8) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(polar(U_hat), S_hat, polar(V_hat)^T)`` of Iso-CTS for ``(..., T, m, n)`` stacks.
 
     ``S_hat`` holds the ``s`` singular values before flattening (task blocks,
@@ -116,9 +115,9 @@ def iso_cts_factors(x: jax.Array, common_space_fraction: float = 0.8) -> tuple[j
     return orthogonalise(u_hat, s_hat, vh_hat)
 
 
-def iso_cts_matrices(x: jax.Array, common_space_fraction: float = 0.8) -> jax.Array:
+def iso_cts_matrices(x: jax.Array, *, common_space_fraction: float = 0.8) -> jax.Array:
     """Iso-CTS of stacked per-task matrices ``(..., T, m, n)`` -> ``(..., m, n)``, dtype kept."""
-    return _flat_spectrum_product(*iso_cts_factors(x, common_space_fraction)).astype(x.dtype)
+    return _flat_spectrum_product(*iso_cts_factors(x, common_space_fraction=common_space_fraction)).astype(x.dtype)
 
 
 def iso_c(
@@ -137,7 +136,7 @@ def iso_c(
       is_matrix: predicate overriding `subboost.tree.default_is_matrix`.
       batch_size: merge at most this many same-shaped matrices at once
         (`jax.lax.map`, loading them straight from their leaves; see
-        `subboost.merging.tsv.map_task_matrices`); ``None`` = whole groups.
+        `subboost.tree.MatrixPlan.map_groups`); ``None`` = whole groups.
 
     Returns:
       The merged task vector (structure, shapes and dtypes of one expert).
@@ -151,9 +150,8 @@ def iso_c(
              [0., 2.]], dtype=float32)
     """
     check_batch_size(batch_size, "iso_c")
-    return map_task_matrices(
-        iso_c_matrices, tvs, non_matrix=expert_mean, is_matrix=is_matrix, attention=attention, batch_size=batch_size
-    )
+    return map_matrices(iso_c_matrices, tvs, non_matrix=expert_mean, lead_ndim=1, is_matrix=is_matrix,
+                        attention=attention, batch_size=batch_size)
 
 
 def iso_cts(
@@ -196,10 +194,11 @@ def iso_cts(
         what="iso_cts",
         rule=lambda m, n: _iso_cts_size_problem(m, n, num_tasks, common_space_fraction),
     )
-    return map_task_matrices(
-        lambda x: iso_cts_matrices(x, common_space_fraction),
+    return map_matrices(
+        lambda x: iso_cts_matrices(x, common_space_fraction=common_space_fraction),
         tvs,
         non_matrix=expert_mean,
+        lead_ndim=1,
         is_matrix=is_matrix,
         attention=attention,
         batch_size=batch_size,

@@ -21,8 +21,8 @@ every SVD-based method here.
 All matrices of one shape are merged by one batched, jit-compiled call: the
 per-task SVDs run batched over layers and tasks together (``(G, T, m, n)``).
 With ``batch_size`` no group is gathered into one array (that alone would copy
-all the task vectors): a `jax.lax.map` loads ``batch_size`` layers' matrices at
-a time straight from their leaves, so the temporaries stay at that many layers'
+all the task vectors): `subboost.tree.MatrixPlan.map_groups` loads
+``batch_size`` layers' matrices at a time straight from their leaves, so the temporaries stay at that many layers'
 worth (T matrices each plus SVD workspace) whatever the depth. On T = 20
 ViT-L/14 MLP layers (1024 x 4096), XLA's temporaries are 1.45 GiB for all 24
 blocks with ``batch_size=1`` (15 GiB of task vectors), against 26 GiB when
@@ -31,18 +31,16 @@ groups are gathered (``experiments/bench_svd_memory.py``).
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from subboost import linalg
 from subboost.merging.averaging import expert_mean
 from subboost.task_vectors import SubboostError
-from subboost.tree import AttentionMode, MatrixPlan, Member, PyTree, map_matrices, matrix_plan
+from subboost.tree import AttentionMode, MatrixPlan, PyTree, map_matrices, matrix_plan
+from subboost.validation import check_int
 
 
 def concatenate_task_triplets(
@@ -126,94 +124,9 @@ def check_matrices_fit_tasks(
 
 
 def check_batch_size(batch_size: int | None, what: str) -> None:
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise SubboostError(f"{what}: batch_size must be a positive integer or None, got {batch_size!r}.")
-
-
-def _matrix_loader(plan: MatrixPlan, member: Member, leaves: list) -> Callable[[jax.Array], jax.Array]:
-    """``j -> (T, m, n)``: the member's j-th matrix, read from its own leaves.
-
-    Only the layer holding matrix j is sliced out and oriented, so loading
-    never materialises more than one layer of the member.
-    """
-    core = member.leaf_shape[member.layout.layer_axes :]
-    layers = math.prod(member.layer_shape)
-    per_layer = member.count // layers  # heads in the per_head view, else 1
-    one_layer = dataclasses.replace(
-        member,
-        leaf_ids=tuple(range(len(member.leaf_ids))),
-        layout=dataclasses.replace(member.layout, layer_axes=0),
-        leaf_shape=core,
-        offset=0,
-        count=per_layer,
-    )
-
-    def load(j: jax.Array) -> jax.Array:
-        layer, within = j // per_layer, j % per_layer
-        parts = []
-        for leaf_id in member.leaf_ids:
-            x = leaves[leaf_id]
-            x = x.reshape(x.shape[:1] + (layers,) + core)
-            parts.append(jax.lax.dynamic_index_in_dim(x, layer, axis=1, keepdims=False))
-        matrices = plan._member_matrices(one_layer, parts)  # (per_layer, T, m, n)
-        return jax.lax.dynamic_index_in_dim(matrices, within, axis=0, keepdims=False)
-
-    return load
-
-
-def map_task_matrices(
-    fn: Callable[[jax.Array], jax.Array],
-    tvs: PyTree,
-    *,
-    non_matrix: Callable[[jax.Array], jax.Array],
-    is_matrix: Callable | None,
-    attention: AttentionMode,
-    batch_size: int | None,
-) -> PyTree:
-    """`subboost.tree.map_matrices` for stacked task vectors, lean in memory with ``batch_size``.
-
-    ``fn`` maps ``(B, T, m, n)`` per-task matrices to merged ``(B, m, n)``.
-    Without ``batch_size`` every group is gathered into one ``(G, T, m, n)``
-    array and merged by one call. With it, no group is gathered: a
-    `jax.lax.map` over the group's matrices loads ``batch_size`` of them at a
-    time straight from their leaves (a `jax.lax.switch` over the group's
-    members) and merges them, so the temporaries stay at ``batch_size``
-    layers' worth (T matrices each) instead of a copy of all the task vectors.
-    """
-    if batch_size is None:
-        return map_matrices(
-            fn, tvs, non_matrix=non_matrix, lead_ndim=1, is_matrix=is_matrix, attention=attention
-        )
-    plan = matrix_plan(tvs, lead_ndim=1, is_matrix=is_matrix, attention=attention)
-    leaves = jax.tree_util.tree_leaves(tvs)
-    results, previous = {}, None
-    for group, size in zip(plan.groups, plan.group_sizes):
-        members = [m for m in plan.members if m.group == group]
-        loaders = [_matrix_loader(plan, m, leaves) for m in members]
-        member_of = jnp.asarray(np.repeat(np.arange(len(members)), [m.count for m in members]), jnp.int32)
-        local_index = jnp.asarray(np.concatenate([np.arange(m.count) for m in members]), jnp.int32)
-
-        def merge_chunk(indices, previous) -> jax.Array:  # (B,) matrix indices, traced or concrete
-            # One switch per matrix: a vmapped switch would evaluate every branch.
-            loaded = [jax.lax.switch(member_of[i], loaders, local_index[i]) for i in list(indices)]
-            # Chained after the previous group / chunk: one LAPACK call at a time (`linalg.after`).
-            return fn(linalg.after(jnp.stack(loaded), previous))
-
-        full = (size // batch_size) * batch_size
-        parts = []
-        if full:
-            chunks = jnp.arange(full, dtype=jnp.int32).reshape(-1, batch_size)
-            first = previous
-            merged = jax.lax.map(lambda c: merge_chunk(c, first), chunks)  # (full / B, B, m, n)
-            parts.append(previous := merged.reshape((full,) + merged.shape[2:]))
-        if full < size:
-            parts.append(previous := merge_chunk(np.arange(full, size), previous))
-        results[group] = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    new_leaves = plan.scatter(results)
-    for i, leaf in enumerate(leaves):
-        if i not in new_leaves:
-            new_leaves[i] = non_matrix(leaf)
-    return plan.rebuild(tvs, new_leaves)
+    """``batch_size`` is ``None`` or a positive integer (`subboost.validation.check_int`)."""
+    if batch_size is not None:
+        check_int("batch_size", batch_size, what=what, low=1)
 
 
 def tsv(
@@ -262,6 +175,5 @@ def tsv(
         if tsv_rank(m, n, num_tasks) > 0
         else f"has min(m, n) = {min(m, n)}: too few rows/columns for floor(min(m, n) / T) >= 1",
     )
-    return map_task_matrices(
-        tsv_matrices, tvs, non_matrix=expert_mean, is_matrix=is_matrix, attention=attention, batch_size=batch_size
-    )
+    return map_matrices(tsv_matrices, tvs, non_matrix=expert_mean, lead_ndim=1, is_matrix=is_matrix,
+                        attention=attention, batch_size=batch_size)

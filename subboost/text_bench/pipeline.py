@@ -66,7 +66,7 @@ def boost_all(tau, betas: tuple[float, ...]):
 
     def boost(x):  # (G, m, n) -> (G, B, m, n)
         u, s, vh = linalg.svd(x)
-        out = [linalg.reconstruct(u, boost_singular_values(s, b), vh).astype(x.dtype) for b in betas]
+        out = [linalg.reconstruct(u, boost_singular_values(s, beta=b), vh).astype(x.dtype) for b in betas]
         return jnp.stack(out, axis=1)
 
     return map_matrices(boost, tau, non_matrix=lambda leaf: jnp.broadcast_to(leaf, (len(betas),) + leaf.shape),

@@ -46,12 +46,12 @@ def mean_stable_rank(tau: Any) -> float:
 def boosted_stable_rank(spectra: dict[str, Any], beta: float) -> float:
     """Stable rank after boosting at ``beta``: boosting keeps the singular vectors, so the spectra are
     ``max(s_i, s_k)`` (`subboost.boosting.boost_singular_values`) and no new SVD is needed."""
-    return stable_rank_of({k: boost_singular_values(jnp.asarray(s), beta) for k, s in spectra.items()})
+    return stable_rank_of({k: boost_singular_values(jnp.asarray(s), beta=beta) for k, s in spectra.items()})
 
 
 def cutoffs_from_spectra(spectra: dict[str, Any], betas: Sequence[float]) -> dict[float, np.ndarray]:
     """Per beta, the cutoff index of every matrix (cumsum mode, as `subboost.subspace_boost`)."""
-    return {b: np.concatenate([np.ravel(np.asarray(cutoff_index(jnp.asarray(s), b))) for s in spectra.values()])
+    return {b: np.concatenate([np.ravel(np.asarray(cutoff_index(jnp.asarray(s), beta=b))) for s in spectra.values()])
             for b in betas}
 
 
