@@ -15,20 +15,9 @@ from subboost.analysis import layer_type
 from subboost.cli import main
 from subboost.commands.analyze import load_task_vectors_npz, save_task_vectors_npz
 from tests import numpy_reference as ref
+from tests.trees import dense_tree, vit_like_params
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def dense_tvs(layers: dict[str, list[np.ndarray]]) -> dict:
-    """``{"a/b": [A_1..A_T] (out, in)}`` -> nested stacked task vectors with Dense kernels ``(T, in, out)``."""
-    tree: dict = {}
-    for name, mats in layers.items():
-        node = tree
-        for part in name.split("/"):
-            node = node.setdefault(part, {})
-        node["kernel"] = jnp.asarray(np.stack([a.T for a in mats]), jnp.float32)
-        node["bias"] = jnp.zeros((len(mats), mats[0].shape[0]), jnp.float32)
-    return tree
 
 
 def collapsing_experts(num=4, n=6, c=2.0):
@@ -40,7 +29,7 @@ def collapsing_experts(num=4, n=6, c=2.0):
 @pytest.fixture(scope="module")
 def random_tvs():
     rng = np.random.default_rng(0)
-    return dense_tvs({
+    return dense_tree(bias=True, layers={
         f"block_{i}/{kind}": [rng.standard_normal(shape) for _ in range(3)]
         for i in range(2) for kind, shape in (("fc1", (6, 4)), ("fc2", (4, 6)))
     })
@@ -59,7 +48,7 @@ def test_layer_type():
 
 def test_rank_collapse_known_answer():
     experts = collapsing_experts()
-    tvs = dense_tvs({"block_0/fc": experts, "block_1/fc": experts})
+    tvs = dense_tree(bias=True, layers={"block_0/fc": experts, "block_1/fc": experts})
     curves = sb.rank_collapse(tvs, "task_arithmetic", beta=0.01, progress=False)
     assert curves.num_experts == (1, 2, 3, 4)
     counts = np.arange(1, 5)
@@ -121,6 +110,22 @@ def test_rank_collapse_other_methods_and_errors(random_tvs):
     bad["block_0"]["fc1"]["kernel"] = bad["block_0"]["fc1"]["kernel"].at[0, 0, 0].set(jnp.nan)
     with pytest.raises(ValueError, match="'block_0/fc1/kernel' contains NaN"):
         sb.rank_collapse(bad, progress=False)
+
+
+def test_rank_collapse_reads_attention_the_same_way_in_merge_and_spectra():
+    rng = np.random.default_rng(1)
+    tvs = jax.tree_util.tree_map(lambda x: jnp.stack([x, 0.5 * x[::-1], -x + 0.2]), vit_like_params(rng, layers=1))
+    curves = sb.rank_collapse(tvs, "tsv", counts=[2], beta=0.01, mode="index", attention="full", progress=False)
+    subset = jax.tree_util.tree_map(lambda x: x[:2], tvs)
+    want = sb.spectra(sb.merge(subset, "tsv", attention="full"), attention="full")
+    other = sb.spectra(sb.merge(subset, "tsv", attention="per_qkv"), attention="full")
+    name = "transformer/resblocks_0/attn/qkv"
+    assert not np.allclose(np.asarray(other[name]), np.asarray(want[name]), atol=1e-4)  # the test can fail
+    for path, values in want.items():
+        np.testing.assert_allclose(curves.spectra[path][0], np.asarray(values), rtol=1e-5, atol=1e-6)
+    assert curves.mode == "index"
+    np.testing.assert_allclose(curves.spectra_boosted[name][0],
+                               np.asarray(sb.boost_singular_values(jnp.asarray(want[name]), 0.01, "index")), rtol=1e-6)
 
 
 def read_json(png_path) -> dict:

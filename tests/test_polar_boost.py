@@ -10,26 +10,22 @@ from experiments.bench_boost import synthetic_merged_matrix
 from subboost import boosting, linalg, polar_boost
 from tests import numpy_reference as ref
 from tests.conftest import vit_like_params
+from tests.trees import dense_tree
 
 # (rows, cols) in PyTorch orientation: square, and wide (transposed, then QR-reduced as tall).
 SHAPES = [(64, 64), (40, 112)]
 TOL = 1e-3  # the acceptance bound: relative Frobenius error against the exact SVD path
 
 
-def _tree(matrices: dict[str, np.ndarray]) -> dict:
-    """Dense kernels ``(in, out)`` from PyTorch-oriented ``(out, in)`` matrices."""
-    return {name: {"kernel": jnp.asarray(w.T)} for name, w in matrices.items()}
-
-
 def _merged_tree(num_tasks: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return _tree({f"m{i}_{j}": synthetic_merged_matrix(rng, m, n, num_tasks, task_rank=2)
+    return dense_tree(dtype=None, layers={f"m{i}_{j}": synthetic_merged_matrix(rng, m, n, num_tasks, task_rank=2)
                   for i, (m, n) in enumerate(SHAPES) for j in range(2)})
 
 
 def _random_tree(seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return _tree({f"m{i}_{j}": rng.standard_normal((m, n)).astype(np.float32)
+    return dense_tree(dtype=None, layers={f"m{i}_{j}": rng.standard_normal((m, n)).astype(np.float32)
                   for i, (m, n) in enumerate(SHAPES) for j in range(2)})
 
 
