@@ -46,6 +46,30 @@ from subboost.models.heads import ClassificationHead
 from subboost.selection import check_grid, choose
 from subboost.tree import PyTree
 
+__all__ = [
+    "ALPHA_METRICS",
+    "BETAS",
+    "LINEAR_ALPHAS",
+    "SVD_ALPHAS",
+    "TALL_LAMBDAS",
+    "DeviceSplit",
+    "Evaluator",
+    "SweepPoint",
+    "SweepResult",
+    "alpha_grid",
+    "code_version",
+    "encoder_config",
+    "find_checkpoint",
+    "head_num_classes",
+    "load_checkpoint",
+    "load_heads",
+    "normalized_accuracies",
+    "select_alpha_beta",
+    "selection_score",
+    "summarize",
+    "tune_tall_lambdas",
+]
+
 EncodeFn = Callable[[PyTree, jax.Array], jax.Array]
 
 # Alpha grids of the paper (validation sweep): linear merges and SVD-based merges.
