@@ -21,11 +21,12 @@ import pytest
 
 import subboost as sb
 from subboost.bench import config as bench_config
-from subboost.bench import data as bench_data
-from subboost.bench import heads as bench_heads
+from subboost.bench import splits as bench_data
+from subboost.bench import centroid_heads as bench_heads
 from subboost.bench import tasks as bench_tasks
 from subboost.bench import evaluate as bench_eval
 from subboost.bench.finetune import finetune_experts
+from subboost.bench.cache import training_key
 from subboost.bench.pipeline import RESULT_FILES, prepare_out_dir, run_benchmark
 from subboost.bench.pretrain import chunk_sizes, pretrain
 from subboost.bench.report import markdown_tables, percent
@@ -240,10 +241,10 @@ def test_config_validation_and_training_key():
     with pytest.raises(ValueError, match="unknown benchmark size"):
         bench_config.get_config("huge")
     tiny = bench_config.get_config("tiny")
-    assert tiny.training_key(0) == bench_config.get_config("tiny").training_key(0)
-    assert tiny.training_key(0) != tiny.training_key(1)
-    assert tiny.training_key(0) == dataclasses.replace(tiny, alphas=(0.1, 1.0), eval_batch=64).training_key(0)
-    assert tiny.training_key(0) != dataclasses.replace(tiny, finetune_lr=1e-4).training_key(0)
+    assert training_key(tiny, 0) == training_key(bench_config.get_config("tiny"), 0)
+    assert training_key(tiny, 0) != training_key(tiny, 1)
+    assert training_key(tiny, 0) == training_key(dataclasses.replace(tiny, alphas=(0.1, 1.0), eval_batch=64), 0)
+    assert training_key(tiny, 0) != training_key(dataclasses.replace(tiny, finetune_lr=1e-4), 0)
 
 
 def test_base_file_round_trip_checksum_and_refusals(tmp_path):
@@ -275,7 +276,7 @@ def test_shipped_default_base_matches_its_checksum_and_the_default_model():
     expected = init_encoder(config.model, jax.random.key(0))
     chex.assert_trees_all_equal_shapes(encoder, jax.device_get(expected))
     assert 1.0 < scale <= 100.0
-    assert config.training_key(0) != dataclasses.replace(config, base=None).training_key(0)
+    assert training_key(config, 0) != training_key(dataclasses.replace(config, base=None), 0)
 
 
 def test_prepare_out_dir_refuses_foreign_directories(tmp_path):

@@ -2,7 +2,7 @@
 
 Everything the benchmark does is decided here, so a run is described by its
 config and seed alone (they are written into ``results.json``). The part that
-decides the trained models (`BenchConfig.training_key`) keys the checkpoint
+decides the trained models (`subboost.bench.cache.training_key`) keys the checkpoint
 cache: changing an evaluation setting reuses the trained base and experts,
 changing a training setting retrains them.
 
@@ -23,9 +23,6 @@ boosting sweep and regime figures were added).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
-import json
 from typing import Any
 
 from subboost.models.clip_vit import CLIPVisionConfig
@@ -146,27 +143,6 @@ class BenchConfig:
         d = dataclasses.asdict(self)
         d["model"] = self.model.to_dict()
         return d
-
-    def training_key(self, seed: int) -> str:
-        """Hash of everything that decides the trained base, heads and experts.
-
-        Includes the source of the task generators and training code, so editing
-        them invalidates cached checkpoints.
-        """
-        from subboost.bench import data, finetune, heads, model, pretrain, tasks
-
-        fields = {
-            k: v
-            for k, v in self.to_dict().items()
-            if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_", "steps_per_call", "base"))
-        }
-        sources = "".join(inspect.getsource(m) for m in (tasks, data, model, pretrain, finetune, heads))
-        if self.base is not None:  # a shipped base is identified by its checksum
-            from subboost.bench.base import SHIPPED_BASES
-
-            fields["base_sha256"] = SHIPPED_BASES.get(self.base)
-        blob = json.dumps({"seed": seed, "config": fields}, sort_keys=True) + sources
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 _MODELS = {

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.bench.heads import task_logits
+from subboost.bench.centroid_heads import task_logits
 from subboost.bench.model import make_encoder
 from subboost.models.clip_vit import CLIPVisionConfig
 

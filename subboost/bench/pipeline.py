@@ -1,8 +1,8 @@
 """The whole mini-benchmark, end to end: data -> base -> heads -> experts -> merges -> report.
 
-1. Generate the tasks' splits and the pretraining mixture (`subboost.bench.tasks`, `.data`).
+1. Generate the tasks' splits and the pretraining mixture (`subboost.bench.tasks`, `.splits`).
 2. Pretrain the ViT CLIP-style on coarse captions (`.pretrain`), build the frozen
-   zero-shot-like heads (`.heads`), fine-tune one expert per task (`.finetune`);
+   zero-shot-like heads (`.centroid_heads`), fine-tune one expert per task (`.finetune`);
    base, heads and experts are cached as orbax checkpoints under
    ``<cache dir>/<training key>`` and reused when the training config matches (`.cache`).
 3. For each number of experts ``T`` in ``config.task_counts`` (the first ``T``
@@ -39,12 +39,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import subboost as sb
-from subboost.bench.cache import ModelCache
+from subboost.bench.cache import ModelCache, training_key
 from subboost.bench.config import SVD_BATCH_SIZE, BenchConfig
-from subboost.bench.data import SuiteData, build_pretraining_mixture, build_suite
+from subboost.bench.splits import SuiteData, build_pretraining_mixture, build_suite
 from subboost.bench import evaluate as bench_eval
 from subboost.bench.finetune import finetune_experts
-from subboost.bench.heads import build_heads, take_tasks
+from subboost.bench.centroid_heads import build_heads, take_tasks
 from subboost.bench.model import make_encoder
 from subboost.bench.base import load_shipped_base
 from subboost.bench.pretrain import PretrainResult, pretrain
@@ -221,7 +221,7 @@ def load_or_train(
 ) -> BenchModels:
     """Generates the data, then loads base, heads and experts from ``cache_dir`` or trains and caches them.
 
-    The cache entry is ``cache_dir/<config.training_key(seed)>``: any change to a
+    The cache entry is ``cache_dir/<training_key(config, seed)>``: any change to a
     training setting or to the generators' and trainers' source trains anew.
     """
     timings: dict[str, float] = {}
@@ -230,7 +230,7 @@ def load_or_train(
     data = build_suite(tasks, train=config.train_per_task, val=config.val_per_task, test=config.test_per_task,
                        seed=seed, progress=progress)
     timings["data_s"] = time.perf_counter() - start
-    cache = ModelCache(Path(cache_dir).expanduser(), config.training_key(seed))
+    cache = ModelCache(Path(cache_dir).expanduser(), training_key(config, seed))
     if cache.complete():
         start = time.perf_counter()
         base, heads, experts, meta = cache.load()

@@ -12,10 +12,8 @@ TSV-M, Iso-C: element-wise and SVD-based): every stage of the pipeline, for CI.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
-import json
 from typing import Any
+
 
 # Log-spaced alpha grid 0.125 .. 2 (refined by 2^(+-1/2) around the best; edges flagged).
 DEFAULT_ALPHAS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -101,14 +99,14 @@ class TextBenchConfig:
 
     def training_key(self, seed: int, weights_sha256: str) -> str:
         """Hash of everything that decides the heads and experts (incl. the generators' and trainers' source)."""
-        from subboost.text_bench import data, finetune, heads, model, tasks, tokenize
+        from subboost.bench.cache import source_key
+        from subboost.text_bench import finetune, model, prototype_heads, splits, tasks, tokenize
 
         fields = {k: v for k, v in self.to_dict().items()
                   if k.startswith(("layers", "num_tasks", "train_", "finetune_", "head_", "max_length", "logit_",
                                    "steps_per_call"))}
-        sources = "".join(inspect.getsource(m) for m in (tasks, data, model, finetune, heads, tokenize))
-        blob = json.dumps({"seed": seed, "weights": weights_sha256, "config": fields}, sort_keys=True) + sources
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return source_key({"seed": seed, "weights": weights_sha256, "config": fields},
+                          (tasks, splits, model, finetune, prototype_heads, tokenize))
 
 
 CONFIGS: dict[str, TextBenchConfig] = {

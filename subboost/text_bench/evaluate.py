@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost.models.bert import BertConfig
-from subboost.text_bench.heads import task_logits
+from subboost.text_bench.prototype_heads import task_logits
 from subboost.text_bench.model import make_embedder, with_encoder
 
 _STATIC = ("model", "batch")
