@@ -7,10 +7,30 @@ try:  # torchvision must be loaded before TensorFlow in one process (the reverse
 except ImportError:
     pass
 
-import numpy as np
-import pytest
+import atexit
+import os
+import shutil
+import tempfile
 
-from tests.trees import perturbed, vit_like_params  # noqa: F401  (re-exported: `from tests.conftest import ...`)
+# One XLA compilation cache for the test session: notebook kernels, CLI and multi-device subprocesses, and
+# re-created jit wrappers of an identical program load the compiled executable instead of compiling it
+# again. It lives in a fresh temporary directory removed at exit, so nothing carries over between runs.
+# Set before JAX is imported (the subprocesses read the environment); a user's own setting wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="subboost-tests-xla-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")))
+
+from tests.trees import perturbed, vit_like_params  # noqa: E402,F401  (re-exported: `from tests.conftest import ...`)
 
 
 @pytest.fixture

@@ -187,6 +187,7 @@ def micro_models():
     return data, mixture
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_experts_are_independent(micro_models):
     data, mixture = micro_models
     first = pretrain(MICRO, mixture, seed=3, progress=False)
@@ -208,6 +209,7 @@ def test_training_is_deterministic_and_experts_are_independent(micro_models):
                                                               jax.tree_util.tree_leaves(deltas[1])))) > 0
 
 
+@pytest.mark.slow
 def test_evaluator_sweep_and_experts_agree_with_single_evaluations(micro_models, rng):
     data, _ = micro_models
     from subboost.bench.model import init_encoder
@@ -313,6 +315,7 @@ def tiny_run(tmp_path_factory):
     return config, out, first, second
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_writes_every_file(tiny_run):
     config, out, first, _ = tiny_run
     for name in RESULT_FILES:
@@ -325,6 +328,7 @@ def test_tiny_pipeline_writes_every_file(tiny_run):
     assert sorted(p.name for p in (cache / "experts").iterdir()) == sorted(bench_tasks.TASK_NAMES[: config.num_tasks])
 
 
+@pytest.mark.slow
 def test_tiny_quality_bars(tiny_run):
     """Every expert beats the pretrained model clearly on its own task; the pretrained model is far from perfect."""
     _, _, results, _ = tiny_run
@@ -336,6 +340,7 @@ def test_tiny_quality_bars(tiny_run):
     assert np.all(experts >= chance + 0.15)
 
 
+@pytest.mark.slow
 def test_tiny_tables_are_consistent_with_the_json(tiny_run):
     _, out, results, _ = tiny_run
     experts = np.asarray(results["expert_test_accuracy"])
@@ -370,6 +375,7 @@ def test_tiny_tables_are_consistent_with_the_json(tiny_run):
     assert row and len(row.group(1).split("|")) == len(results["settings"])
 
 
+@pytest.mark.slow
 def test_tiny_experts_beat_the_pretrained_model_by_a_wide_margin(tiny_run):
     """Fact 1 of the calibration (issue 19): experts beat the pretrained model with heads clearly on average."""
     _, _, results, _ = tiny_run
@@ -377,6 +383,7 @@ def test_tiny_experts_beat_the_pretrained_model_by_a_wide_margin(tiny_run):
     assert gain >= 0.15, gain
 
 
+@pytest.mark.slow
 def test_tiny_task_arithmetic_beats_pretrained_and_falls_with_more_experts(tiny_run):
     """Facts 2-3 in the same direction as CLIP: Task Arithmetic beats the pretrained model at the smallest
     task count, and its normalized accuracy falls as more experts are merged."""
@@ -387,6 +394,7 @@ def test_tiny_task_arithmetic_beats_pretrained_and_falls_with_more_experts(tiny_
     assert ta_last["normalized"] <= ta_first["normalized"] - 0.01, (ta_first["normalized"], ta_last["normalized"])
 
 
+@pytest.mark.slow
 def test_tiny_boost_sweep_and_regime_figures(tiny_run):
     config, out, results, _ = tiny_run
     sweep = results["boost_sweep"]
@@ -421,6 +429,7 @@ def test_tiny_boost_sweep_and_regime_figures(tiny_run):
     assert (out / "boost_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_same_seed_same_tables(tiny_run):
     _, _, first, second = tiny_run
     assert not first["cache_hit"] and second["cache_hit"]

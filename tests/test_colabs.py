@@ -125,6 +125,7 @@ def bench_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench_cache")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch, kernel_spec_dir, bench_cache):
     from jupyter_client.kernelspec import KernelSpecManager

@@ -202,6 +202,7 @@ def test_heads_match_torch(files, images, name, task, normalize):
     assert_close(np.asarray(logits), expected)
 
 
+@pytest.mark.slow
 def test_vit_b32_architecture_matches_torch(tmp_path):
     torch.manual_seed(0)
     visual = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).visual.eval()

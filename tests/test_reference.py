@@ -269,6 +269,7 @@ def hf_towers():
     return config.to_dict(), base, experts
 
 
+@pytest.mark.slow
 def test_fusion_bench_iso_c_and_tsv_m_parity(hf_towers):
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c as fb_iso_c
     from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction

@@ -124,6 +124,7 @@ def test_boost_all_equals_subspace_boost():
 # ----------------------------------------------------------------------------
 # The tiny suite end to end
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_text_suite_end_to_end(tmp_path):
     from subboost.text_bench import run_text_benchmark
 
