@@ -123,17 +123,7 @@ class BenchConfig:
     def __post_init__(self):
         from subboost.bench.tasks import TASKS
 
-        if not 1 <= self.num_tasks <= len(TASKS):
-            raise ValueError(f"BenchConfig.num_tasks must be in [1, {len(TASKS)}], got {self.num_tasks}.")
-        if not self.task_counts or any(not 1 <= k <= self.num_tasks for k in self.task_counts):
-            raise ValueError(f"BenchConfig.task_counts must lie in [1, num_tasks={self.num_tasks}], got {self.task_counts}.")
-        if list(self.task_counts) != sorted(set(self.task_counts)):
-            raise ValueError(f"BenchConfig.task_counts must be strictly increasing, got {self.task_counts}.")
-        if any(a <= 0 for a in self.alphas) or list(self.alphas) != sorted(set(self.alphas)):
-            raise ValueError(f"BenchConfig.alphas must be positive and strictly increasing, got {self.alphas}.")
-        for name in ("betas", "sweep_betas"):
-            if any(not 0.0 <= b <= 1.0 for b in getattr(self, name)):
-                raise ValueError(f"BenchConfig.{name} must lie in [0, 1], got {getattr(self, name)}.")
+        check_suite_settings(self, available_tasks=len(TASKS), betas=("betas", "sweep_betas"))
         if self.model.image_size != 16 or self.model.in_channels != 3:
             raise ValueError("BenchConfig.model must take 16x16 RGB images (the tasks' input space).")
         if self.head_shots > self.train_per_task // 10:
@@ -143,6 +133,25 @@ class BenchConfig:
         d = dataclasses.asdict(self)
         d["model"] = self.model.to_dict()
         return d
+
+
+def check_suite_settings(config: Any, *, available_tasks: int, betas: tuple[str, ...] = ("betas",)) -> None:
+    """The checks every suite config shares: task counts, the alpha grid, the beta grids.
+
+    Raises ValueError naming the config class and field.
+    """
+    name = type(config).__name__
+    if not 1 <= config.num_tasks <= available_tasks:
+        raise ValueError(f"{name}.num_tasks must be in [1, {available_tasks}], got {config.num_tasks}.")
+    if not config.task_counts or any(not 1 <= k <= config.num_tasks for k in config.task_counts):
+        raise ValueError(f"{name}.task_counts must lie in [1, num_tasks={config.num_tasks}], got {config.task_counts}.")
+    if list(config.task_counts) != sorted(set(config.task_counts)):
+        raise ValueError(f"{name}.task_counts must be strictly increasing, got {config.task_counts}.")
+    if any(a <= 0 for a in config.alphas) or list(config.alphas) != sorted(set(config.alphas)):
+        raise ValueError(f"{name}.alphas must be positive and strictly increasing, got {config.alphas}.")
+    for field in betas:
+        if any(not 0.0 <= b <= 1.0 for b in getattr(config, field)):
+            raise ValueError(f"{name}.{field} must lie in [0, 1], got {getattr(config, field)}.")
 
 
 _MODELS = {
