@@ -43,3 +43,10 @@ def experts(rng):
     """(pretrained, [expert_1..expert_4]) with small task vectors."""
     base = vit_like_params(rng)
     return base, perturbed(base, rng, num=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_bench_cache(tmp_path_factory):
+    """One model cache for the session's tiny mini-benchmark models: trained once, by whichever test needs
+    them first (`tests/test_bench.py`'s tiny run or the notebooks of `tests/test_colabs.py`), then loaded."""
+    return tmp_path_factory.mktemp("tiny_bench_cache")

@@ -4,8 +4,8 @@ The execution tests run every notebook top to bottom with nbclient, in a fresh
 temporary working directory, on a kernel started from this interpreter (a
 kernelspec written to a temporary directory, so no kernel has to be installed
 and no other environment's ``python3`` kernel can be picked up). The
-notebooks share one model cache (``SUBBOOST_BENCH_CACHE``): the first one to
-run trains the tiny benchmark models, the others load them. They check their
+notebooks share one model cache (``SUBBOOST_BENCH_CACHE``, the session's
+``tiny_bench_cache``): the first user trains the tiny benchmark models, the others load them. They check their
 own known answers with ``assert`` (HO-GSVD toy example, torch/Flax parity,
 boosting never lowering a stable rank), so a wrong result fails the test.
 """
@@ -119,20 +119,14 @@ def kernel_spec_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def bench_cache(tmp_path_factory) -> Path:
-    """One model cache for all notebooks: the tiny benchmark models are trained once."""
-    return tmp_path_factory.mktemp("bench_cache")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch, kernel_spec_dir, bench_cache):
+def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch, kernel_spec_dir, tiny_bench_cache):
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
 
     # The kernel inherits this environment: shared cache, every file it writes under tmp_path, quiet TensorFlow.
-    monkeypatch.setenv("SUBBOOST_BENCH_CACHE", str(bench_cache))
+    monkeypatch.setenv("SUBBOOST_BENCH_CACHE", str(tiny_bench_cache))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
