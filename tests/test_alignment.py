@@ -30,6 +30,7 @@ def test_identical_experts_align_to_one():
     np.testing.assert_allclose(np.asarray(sb.alignment_matrix(tvs)), np.ones((3, 3)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_disjoint_planted_subspaces_align_near_zero_and_merged_reference_is_predicted():
     rng = np.random.default_rng(1)
     tvs = dense_tree({"l1": disjoint_experts(rng), "l2": disjoint_experts(rng)})
@@ -73,6 +74,7 @@ def clustered_experts(rng, noise=0.01):
     return [a, 1.25 * a + noise * rng.standard_normal(a.shape), b, 0.6 * b + noise * rng.standard_normal(b.shape), c]
 
 
+@pytest.mark.slow
 def test_selection_picks_the_planted_diverse_set_over_near_duplicates():
     rng = np.random.default_rng(3)
     tvs = dense_tree({"l1": clustered_experts(rng), "l2": clustered_experts(rng)})

@@ -64,6 +64,7 @@ def test_rank_collapse_known_answer():
     assert list(by_type) == ["block_*/fc"] and by_type["block_*/fc"].shape == (4, 2)
 
 
+@pytest.mark.slow
 def test_rank_collapse_matches_numpy_and_subspace_boost(random_tvs, random_curves):
     flat = ref.flat(jax.tree_util.tree_map(np.asarray, random_tvs))
     order = (2, 0, 1)
@@ -112,6 +113,7 @@ def test_rank_collapse_other_methods_and_errors(random_tvs):
         sb.rank_collapse(bad, progress=False)
 
 
+@pytest.mark.slow
 def test_rank_collapse_reads_attention_the_same_way_in_merge_and_spectra():
     rng = np.random.default_rng(1)
     tvs = jax.tree_util.tree_map(lambda x: jnp.stack([x, 0.5 * x[::-1], -x + 0.2]), vit_like_params(rng, layers=1))
@@ -138,6 +140,7 @@ def assert_png(path):
     assert data.startswith(PNG_MAGIC) and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_plots_write_png_and_json_matching_the_arrays(tmp_path, random_tvs, random_curves):
     names = ["a", "b", "c", "merged"]
     merged = sb.merge(random_tvs, "task_arithmetic")
@@ -183,6 +186,7 @@ def test_plots_write_png_and_json_matching_the_arrays(tmp_path, random_tvs, rand
         plots.plot_alignment(alignment, names, tmp_path / "bad.jpg")
 
 
+@pytest.mark.slow
 def test_analyze_command_from_npz_and_from_checkpoints(tmp_path, random_tvs, capsys):
     npz = tmp_path / "tvs.npz"
     save_task_vectors_npz(npz, random_tvs, names=["cars", "dtd", "svhn"])

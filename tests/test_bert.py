@@ -67,6 +67,7 @@ def _rewrite_weights(path, edit):
 # ----------------------------------------------------------------------------
 # Random weights: layout, parity, predicate
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_parity_with_torch(tiny_hf_dir):
     path, model = tiny_hf_dir
     converted = convert_checkpoint(path)
@@ -82,6 +83,7 @@ def test_tiny_parity_with_torch(tiny_hf_dir):
     np.testing.assert_allclose(pooled, ref_pooled, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_real_tokens():
     cfg = BertConfig(vocab_size=50, width=16, layers=2, heads=2, mlp_dim=24, max_positions=16)
     params = init_params(cfg, jax.random.key(1))
@@ -96,6 +98,7 @@ def test_padding_does_not_change_real_tokens():
                                np.asarray(mean_pool(short, jnp.asarray(mask[:, :4]))), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_matrix_predicate_and_attention_modes_read_bert():
     cfg = BertConfig(vocab_size=50, width=16, layers=2, heads=4, mlp_dim=24, max_positions=16)
     params = init_params(cfg)

@@ -20,6 +20,7 @@ def checkpoints(tmp_path, experts):
     return tmp_path, base, finetuned[:3], paths
 
 
+@pytest.mark.slow
 def test_merge_command_equals_library_call(checkpoints, capsys):
     tmp_path, base, finetuned, paths = checkpoints
     out = tmp_path / "merged"

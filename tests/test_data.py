@@ -145,6 +145,7 @@ def _smooth_image(rng, h, w, c):
 
 @pytest.mark.parametrize("h,w,c,size", [(28, 28, 1, 224), (300, 413, 3, 224), (47, 17, 3, 16), (64, 64, 3, 32),
                                         (33, 50, 3, 12), (96, 96, 3, 8)])
+@pytest.mark.slow
 def test_resize_and_center_crop_matches_pil(h, w, c, size):
     image = _smooth_image(np.random.default_rng(h * w), h, w, c)
     ours = preprocessing.resize_and_center_crop(image, size).numpy()

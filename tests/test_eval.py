@@ -81,6 +81,7 @@ def test_alpha_grids():
 # Evaluator
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("batch_size", [4, 16])
+@pytest.mark.slow
 def test_accuracy_against_an_independent_forward_pass(model, batch_size):
     params, heads, predict = model
     images = _images(N)
@@ -245,6 +246,7 @@ def test_encoder_config_and_find_checkpoint(tmp_path):
         sbeval.encoder_config("ViT-B/32", tmp_path)
 
 
+@pytest.mark.slow
 def test_eval_command(model, tmp_path, capsys, monkeypatch):
     from subboost.cli import main
     from subboost.streaming import save_safetensors

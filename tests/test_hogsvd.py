@@ -276,6 +276,7 @@ def test_matches_independent_numpy_implementation(method):
     np.testing.assert_allclose(np.asarray(result.sigma), sigma, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_stacked_batched_jit_and_project():
     rng = np.random.default_rng(6)
     stacked = jnp.asarray(rng.standard_normal((2, 3, 6, 4)), jnp.float32)  # (batch, N, m, n)
@@ -307,6 +308,7 @@ def tiny_tvs(rng, num=3):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), layers)
 
 
+@pytest.mark.slow
 def test_hogsvd_layers_matches_per_matrix_calls():
     rng = np.random.default_rng(8)
     tvs = tiny_tvs(rng)

@@ -71,6 +71,7 @@ def test_polar_factor_of_a_structurally_singular_matrix_has_a_large_residual():
 
 # beta = 0.02 runs the same code as 0.01 (and compiles anew), so the grid stops at 0.01.
 @pytest.mark.parametrize("num_tasks, beta", [(8, 0.0), (8, 0.01), (14, 0.01), (20, 0.01)])
+@pytest.mark.slow
 def test_agrees_with_svd_path_on_merged_task_vectors(num_tasks, beta):
     report = _assert_agrees_with_svd_path(_merged_tree(num_tasks, seed=num_tasks), beta)
     assert all(np.all(g.polar_residual < 1e-5) for g in report.groups)
@@ -82,6 +83,7 @@ def test_agrees_with_svd_path_on_random_matrices():
     assert max(int(g.iterations.max()) for g in report.groups) > 5
 
 
+@pytest.mark.slow
 def test_agrees_with_svd_path_in_index_mode():
     rng = np.random.default_rng(3)
     x = jnp.asarray(np.stack([synthetic_merged_matrix(rng, 64, 64, 8, task_rank=2) for _ in range(2)]))
@@ -90,6 +92,7 @@ def test_agrees_with_svd_path_in_index_mode():
     assert _relative_error(out, sb.subspace_boost(x, 0.05, mode="index")) <= TOL
 
 
+@pytest.mark.slow
 def test_rank_deficient_input_agrees_where_the_boost_is_unique(rng):
     """Documented behaviour: null-space directions are arbitrary; spectrum, row-space action and Grams are not."""
     low = rng.standard_normal((2, 80, 3)) @ rng.standard_normal((2, 3, 80))  # rank 3
@@ -111,6 +114,7 @@ def test_rank_deficient_input_agrees_where_the_boost_is_unique(rng):
         np.testing.assert_allclose(gram(got), gram(want), atol=1e-4 * scale**2)
 
 
+@pytest.mark.slow
 def test_structural_zero_falls_back_to_svd_and_is_reported():
     x = jnp.diag(jnp.array([4.0, 2.0, 1.0, 0.0]))
     out, report = sb.subspace_boost(x, 0.5, solver="polar", return_info=True)
@@ -150,6 +154,7 @@ def test_solver_choice_by_backend_shape_and_static_k():
     assert choose("auto", (768, 768), 0.02, "index", "tpu") == "polar"  # k = 15 fits
 
 
+@pytest.mark.slow
 def test_auto_on_cpu_is_the_svd_path_and_says_so(rng):
     tau = vit_like_params(rng)
     out, report = sb.subspace_boost(tau, 0.02, solver="auto", return_info=True)
@@ -158,6 +163,7 @@ def test_auto_on_cpu_is_the_svd_path_and_says_so(rng):
     assert np.all(np.isnan(report.groups[0].polar_residual))
 
 
+@pytest.mark.slow
 def test_dtype_in_equals_dtype_out(rng):
     dtypes = (jnp.bfloat16, jnp.float16, jnp.float32)
     tau = {jnp.dtype(d).name: {"kernel": jnp.asarray(rng.standard_normal((9, 12)), d)} for d in dtypes}
@@ -174,6 +180,7 @@ def test_dtype_in_equals_dtype_out(rng):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=bound)
 
 
+@pytest.mark.slow
 def test_float64_when_enabled(rng):
     with jax.enable_x64(True):
         x = rng.standard_normal((2, 30, 20))
@@ -183,6 +190,7 @@ def test_float64_when_enabled(rng):
         np.testing.assert_allclose(np.asarray(out), want, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_second_call_does_not_recompile_and_scales(rng):
     tau = vit_like_params(rng)
     boosting._boost_tree.clear_cache()
@@ -203,6 +211,7 @@ def test_report_names_every_matrix(rng):
     assert "polar" in report.summary()
 
 
+@pytest.mark.slow
 def test_batch_size_gives_the_same_result_and_report(rng):
     x = jnp.asarray(rng.standard_normal((5, 24, 18)), jnp.float32)  # chunks of 2: the last one padded
     whole, report = sb.subspace_boost(x, 0.02, solver="polar", return_info=True)

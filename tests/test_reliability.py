@@ -329,6 +329,7 @@ def test_bad_inputs_give_one_line_not_a_traceback(work, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "an").exists() and not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_truncated_orbax_data_prints_one_line_and_no_event_loop_noise(work, tmp_path):
     for data in (work / "e0").rglob("*"):
         if data.is_file() and data.parent.name == "d":
