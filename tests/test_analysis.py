@@ -91,6 +91,7 @@ def test_rank_collapse_matches_numpy_and_subspace_boost(random_tvs, random_curve
         assert random_curves.stable_rank_boosted[name][-1] == pytest.approx(float(value), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_rank_collapse_other_methods_and_errors(random_tvs):
     curves = sb.rank_collapse(random_tvs, "ties", counts=[3], beta=None, progress=False, k=0.5)
     direct = sb.stable_rank(sb.merge(random_tvs, "ties", k=0.5))

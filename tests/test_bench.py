@@ -125,6 +125,7 @@ def test_sample_bitmaps_identity_placement():
 # ----------------------------------------------------------------------------
 # Heads, sweep, evaluation
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_centroid_heads_match_heads_from_class_embeddings(rng):
     features = jnp.asarray(rng.standard_normal((2, 4, 3, 5)), jnp.float32)
     heads = bench_heads.centroid_heads(features, np.array([4, 3]), logit_scale=12.5)
@@ -250,6 +251,7 @@ def test_config_validation_and_training_key():
     assert training_key(tiny, 0) != training_key(dataclasses.replace(tiny, finetune_lr=1e-4), 0)
 
 
+@pytest.mark.slow
 def test_base_file_round_trip_checksum_and_refusals(tmp_path):
     from subboost.bench import base as bench_base
     from subboost.bench.model import init_encoder
@@ -268,6 +270,7 @@ def test_base_file_round_trip_checksum_and_refusals(tmp_path):
         bench_base.load_base(tmp_path / "missing.npz")
 
 
+@pytest.mark.slow
 def test_shipped_default_base_matches_its_checksum_and_the_default_model():
     from subboost.bench import base as bench_base
     from subboost.bench.model import init_encoder

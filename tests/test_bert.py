@@ -121,6 +121,7 @@ def test_matrix_predicate_and_attention_modes_read_bert():
 # ----------------------------------------------------------------------------
 # Converter: detection and bad inputs
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_convert_cli_and_load_model(tiny_hf_dir, tmp_path):
     from subboost.cli import main
 
@@ -203,6 +204,7 @@ def test_truncated_zip_names_the_archive(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written on error
 
 
+@pytest.mark.slow
 def test_load_model_errors(tmp_path):
     sb.save_params({"w": {"kernel": np.ones((2, 2), np.float32)}}, tmp_path / "bare")
     with pytest.raises(sb.SubboostError, match="no subboost.json"):
@@ -219,6 +221,7 @@ def test_load_model_errors(tmp_path):
 # ----------------------------------------------------------------------------
 # The real packaged weights (all-MiniLM-L6-v2; installed with the `text` extra)
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_packaged_minilm_matches_torch(tmp_path):
     from subboost.text_bench.tokenize import SentenceTokenizer
     from subboost.text_bench.weights import packaged_model_zip

@@ -193,6 +193,7 @@ def test_gelu_models(files, images):
 
 
 @pytest.mark.parametrize("name, task, normalize", [("head_MNIST.pt", "MNIST", True), ("head_SVHN.pt", "SVHN", True)])
+@pytest.mark.slow
 def test_heads_match_torch(files, images, name, task, normalize):
     encoder = convert_checkpoint(files.root / "encoder.pt")
     head = convert_checkpoint(files.root / name)

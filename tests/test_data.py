@@ -156,6 +156,7 @@ def test_resize_and_center_crop_matches_pil(h, w, c, size):
 
 
 @pytest.mark.parametrize("h,w,size", [(10, 15, 4), (15, 10, 4), (9, 14, 5), (20, 7, 6), (11, 11, 3)])
+@pytest.mark.slow
 def test_crop_geometry_follows_torchvision(h, w, size):
     # An image whose pixel value encodes its column: the crop shows which columns were kept.
     new_h, new_w = preprocessing.resized_shape(h, w, size)

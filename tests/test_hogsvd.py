@@ -211,6 +211,7 @@ def assert_same_decomposition(a, b, atol):
 
 
 @pytest.mark.parametrize("dtype,atol", [("float32", 2e-3), ("float64", 1e-9)])
+@pytest.mark.slow
 def test_classic_and_robust_agree_on_well_conditioned_inputs(dtype, atol):
     """Exact agreement (any pi) when the Q_i^T Q_i commute: N = 2 (the GSVD), or a planted shared basis.
 
@@ -227,6 +228,7 @@ def test_classic_and_robust_agree_on_well_conditioned_inputs(dtype, atol):
             assert_same_decomposition(sb.hogsvd(mats, "robust"), sb.hogsvd(mats, "classic"), atol)
 
 
+@pytest.mark.slow
 def test_robust_tends_to_classic_as_pi_vanishes():
     """General N = 4: the robust T with pi -> 0 is the classic problem; the gap shrinks like O(pi)."""
     rng = np.random.default_rng(4)
@@ -350,6 +352,7 @@ def test_bad_input_raises_clear_errors(mats, match):
         sb.hogsvd(mats)
 
 
+@pytest.mark.slow
 def test_bad_options_and_classic_requirements():
     rng = np.random.default_rng(9)
     good = [jnp.asarray(rng.standard_normal((5, 3)), jnp.float32) for _ in range(3)]
@@ -367,6 +370,7 @@ def test_bad_options_and_classic_requirements():
     sb.hogsvd([good[0], rank_one, good[2]])  # the robust method handles it
 
 
+@pytest.mark.slow
 def test_hogsvd_layers_bad_input_names_the_parameter():
     rng = np.random.default_rng(10)
     tvs = tiny_tvs(rng)

@@ -77,6 +77,7 @@ def test_agrees_with_svd_path_on_merged_task_vectors(num_tasks, beta):
     assert all(np.all(g.polar_residual < 1e-5) for g in report.groups)
 
 
+@pytest.mark.slow
 def test_agrees_with_svd_path_on_random_matrices():
     report = _assert_agrees_with_svd_path(_random_tree(seed=1), 0.01)
     # Flat top spectrum: the top triplets converge slowly, still no fallback.
@@ -126,6 +127,7 @@ def test_structural_zero_falls_back_to_svd_and_is_reported():
     assert "fell back to SVD: matrix" in report.summary()
 
 
+@pytest.mark.slow
 def test_cutoff_past_the_triplet_cap_falls_back_per_matrix(rng):
     # Random 80x80: cumsum reaches 0.7 near k = 40, past the cap of 32; the zero matrix does not.
     x = np.stack([rng.standard_normal((80, 80)), np.zeros((80, 80))]).astype(np.float32)
@@ -201,6 +203,7 @@ def test_second_call_does_not_recompile_and_scales(rng):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(3 * a, b, rtol=1e-4, atol=1e-4), first, second)
 
 
+@pytest.mark.slow
 def test_report_names_every_matrix(rng):
     tau = vit_like_params(rng)  # same shapes and options as above: no new compilation
     _, report = sb.subspace_boost(tau, 0.01, solver="polar", attention="per_head", return_info=True)

@@ -338,6 +338,7 @@ def rank_deficient_tree(rng) -> dict:
 
 
 @pytest.mark.parametrize("solver", ["svd", "polar"])
+@pytest.mark.slow
 def test_rank_rtol_keeps_the_null_space_at_zero(rng, solver):
     tau = rank_deficient_tree(rng)
     got, report = sb.subspace_boost(tau, 0.01, rank_rtol=1e-5, solver=solver, return_info=True)

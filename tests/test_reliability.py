@@ -263,6 +263,7 @@ def test_overflow_is_an_error_not_inf(tmp_path):
 
 
 # --- 10. bools are not numbers ------------------------------------------------------------
+@pytest.mark.slow
 def test_booleans_are_not_numbers(ckpts):
     root, base, experts = ckpts
     tvs = sb.task_vectors(base, experts)

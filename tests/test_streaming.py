@@ -114,6 +114,7 @@ def test_streaming_equals_in_memory_elementwise(setup, tmp_path, method, kwargs)
 
 @pytest.mark.parametrize("method, kwargs", [c for c in SVD_CASES if c[0] in sb.available_methods()],
                          ids=lambda v: str(v))
+@pytest.mark.slow
 def test_streaming_equals_in_memory_svd_methods(setup, tmp_path, method, kwargs):
     base, base_path, paths, experts = setup
     out = streaming.merge_from_checkpoints(base_path, paths, method=method, out=tmp_path / "out",
@@ -135,6 +136,7 @@ def test_streaming_dare_equals_in_memory(tmp_path, base_method):
     assert_trees_equal(in_memory(base, experts, "dare", kwargs), streaming.read_params(out))
 
 
+@pytest.mark.slow
 def test_streaming_boost_and_alpha_equal_in_memory(setup, tmp_path):
     base, base_path, paths, experts = setup
     boost = {"beta": 0.05, "attention": "full"}

@@ -104,6 +104,7 @@ def test_task_labels_follow_their_words():
 # ----------------------------------------------------------------------------
 # Boosting every beta from one SVD
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_boost_all_equals_subspace_boost():
     from subboost.models.bert import BertConfig, init_params
     from subboost.text_bench.pipeline import boost_candidates
