@@ -141,6 +141,7 @@ def test_bad_config_raises(fields, message):
         dataclasses.replace(get_config("tiny"), **fields)
 
 
+@pytest.mark.slow
 def test_unknown_config_and_bad_images():
     with pytest.raises(ValueError, match="unknown CLIP vision config 'ViT-H/99'"):
         get_config("ViT-H/99")

@@ -357,6 +357,7 @@ def test_rank_rtol_keeps_the_null_space_at_zero(rng, solver):
         assert "3 rank-deficient matrices (a, b, c)" in default.rank_warning()
 
 
+@pytest.mark.slow
 def test_rank_rtol_svd_and_polar_agree(rng):
     tau = rank_deficient_tree(rng)
     svd = sb.subspace_boost(tau, 0.01, rank_rtol=1e-5, solver="svd")

@@ -204,6 +204,7 @@ def test_radix_select_equals_bisection(tmp_path, k):
 
 
 # --- formats -------------------------------------------------------------------
+@pytest.mark.slow
 def test_orbax_experts_in_memory_base_and_chained_output(setup, tmp_path):
     base, base_path, paths, experts = setup
     orbax_paths = [sb.save_params(expert, tmp_path / f"orbax_{t}") for t, expert in enumerate(experts)]

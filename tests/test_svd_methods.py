@@ -251,6 +251,7 @@ def test_iso_cts_acts_on_the_pytorch_transpose_of_flax_kernels():
 
 # --- composition with boosting and the alpha sweep ---------------------------------------
 @pytest.mark.parametrize("method, kwargs", SVD_METHODS[:3])
+@pytest.mark.slow
 def test_composes_with_subspace_boost_and_alpha_sweep(method, kwargs):
     with jax.enable_x64(True):
         rng = np.random.default_rng(11)
