@@ -44,6 +44,7 @@ except ImportError:
 
 # %%
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -57,8 +58,11 @@ from subboost.bench import get_config, load_or_train
 from subboost.bench import evaluate as bench_eval
 from subboost.plots import plot_rank_collapse, plot_spectra_evolution
 
-OUT = Path("outputs/02_rank_collapse")  # figures (PNG + the numbers drawn, as JSON)
+# Figures (PNG + the numbers drawn, as JSON) go outside the source tree: to
+# $SUBBOOST_COLAB_OUTPUTS/02_rank_collapse, by default under the system's temporary directory.
+OUT = Path(os.environ.get("SUBBOOST_COLAB_OUTPUTS", Path(tempfile.gettempdir()) / "subboost_colabs")).expanduser() / "02_rank_collapse"
 OUT.mkdir(parents=True, exist_ok=True)
+print(f"figures go to {OUT}")
 
 # %% [markdown]
 # ## The tiny benchmark models

@@ -44,6 +44,7 @@ except ImportError:
 
 # %%
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -58,8 +59,11 @@ from subboost.alignment import mean_alignment
 from subboost.hogsvd import common_eigenvalue, isolated_eigenvalue
 from subboost.plots import plot_alignment, plot_gsv_distributions, pool_generalized_singular_values
 
-OUT = Path("outputs/03_hogsvd")  # figures (PNG + the numbers drawn, as JSON)
+# Figures (PNG + the numbers drawn, as JSON) go outside the source tree: to
+# $SUBBOOST_COLAB_OUTPUTS/03_hogsvd, by default under the system's temporary directory.
+OUT = Path(os.environ.get("SUBBOOST_COLAB_OUTPUTS", Path(tempfile.gettempdir()) / "subboost_colabs")).expanduser() / "03_hogsvd"
 OUT.mkdir(parents=True, exist_ok=True)
+print(f"figures go to {OUT}")
 
 # %% [markdown]
 # ## 1. A toy example with a known answer

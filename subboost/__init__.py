@@ -1,10 +1,20 @@
 """subboost: model merging with Subspace Boosting and HO-GSVD in JAX.
 
 Public API re-exports only; every name lives in a small module of its own.
+The top level holds the core: task vectors, merging, boosting, spectra,
+HO-GSVD, alignment, rank-collapse analysis, checkpoints and models.
+Applications are reached through their subpackages:
+
+- ``subboost.eval``: the paper suites' evaluator and alpha/beta search
+  (``Evaluator``, ``select_alpha_beta``, ``normalized_accuracies``, ...);
+- ``subboost.selection``: the one alpha/beta selection rule;
+- ``subboost.data``: task registry and tf.data pipelines;
+- ``subboost.bench``, ``subboost.text_bench``: the offline mini-benchmarks;
+- ``subboost.cli``, ``subboost.commands``: the command line.
 """
 
 from subboost import linalg, merging, tree
-from subboost.boosting import boost_singular_values, subspace_boost
+from subboost.boosting import BoostReport, GroupReport, boost_singular_values, subspace_boost
 from subboost.merging import available_methods, merge
 from subboost.merging.averaging import task_arithmetic, weight_averaging
 from subboost.merging.consensus import consensus
@@ -24,13 +34,73 @@ from subboost.models.loading import load_model
 from subboost.checkpoints import checkpoint_identity, checkpoint_info, load_experts, load_params, save_params
 from subboost import convert  # callable: sb.convert(src, dst, ...)
 from subboost.convert import convert_checkpoint
-from subboost import data  # task registry + tf.data pipelines (TensorFlow imported lazily)
-from subboost.eval import Evaluator, normalized_accuracies, select_alpha_beta, tune_tall_lambdas
 from subboost import sharding, streaming
 from subboost.streaming import merge_from_checkpoints
 from subboost import polar_boost
-from subboost.boosting import BoostReport, GroupReport
 from subboost.reference import reference_settings, reference_ties_k
 # --- end of re-exports ---
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # task vectors
+    "SubboostError",
+    "apply_task_vector",
+    "task_vectors",
+    # merging
+    "available_methods",
+    "consensus",
+    "dare",
+    "iso_c",
+    "iso_cts",
+    "lines",
+    "lines_scales",
+    "merge",
+    "task_arithmetic",
+    "ties",
+    "tsv",
+    "weight_averaging",
+    "reference_settings",
+    "reference_ties_k",
+    # boosting
+    "BoostReport",
+    "GroupReport",
+    "boost_singular_values",
+    "subspace_boost",
+    # matrix view of parameter trees
+    "MatrixLayout",
+    "default_is_matrix",
+    "matrix_plan",
+    "matrix_predicate",
+    # spectra, HO-GSVD, alignment, rank collapse
+    "energy_rank",
+    "spectra",
+    "stable_rank",
+    "HOGSVD",
+    "hogsvd",
+    "hogsvd_layers",
+    "alignment_matrix",
+    "generalized_singular_values",
+    "select_experts",
+    "total_alignment",
+    "RankCollapse",
+    "rank_collapse",
+    # checkpoints and models
+    "checkpoint_identity",
+    "checkpoint_info",
+    "convert",
+    "convert_checkpoint",
+    "load_experts",
+    "load_model",
+    "load_params",
+    "merge_from_checkpoints",
+    "save_params",
+    # submodules
+    "linalg",
+    "merging",
+    "models",
+    "polar_boost",
+    "sharding",
+    "streaming",
+    "tree",
+]

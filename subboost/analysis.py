@@ -19,6 +19,7 @@ spectra concentrate in fewer directions; boosting keeps them up.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,10 +29,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from subboost.boosting import BoostMode, boost_singular_values, check_boost_arguments
-from subboost.merging import merge
+from subboost.merging import METHODS, merge
 from subboost.spectra import energy_rank_from_singular_values, spectra, stable_rank_from_singular_values
 from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
 from subboost.tree import AttentionMode, PyTree
+
+__all__ = ["RankCollapse", "layer_type", "rank_collapse"]
 
 _LAYER_INDEX = re.compile(r"(?<=[_/])\d+(?=/|$)")
 
@@ -53,7 +56,8 @@ class RankCollapse:
       num_experts: the expert counts ``n`` analysed, ascending.
       order: the expert indices in merge order (the first ``n`` form ``tau_n``).
       method: the merge method; ``merge_kwargs`` its hyper-parameters.
-      beta, boost_mode: Subspace Boosting settings (``beta`` None: no boosting).
+      beta, mode: Subspace Boosting settings (``beta`` None: no boosting; ``mode`` as in
+        `subboost.subspace_boost`).
       fraction: the energy fraction of the energy rank.
       spectra: ``{module path: (len(num_experts), *members, r)}`` singular values, descending.
       stable_rank, energy_rank: ``{module path: (len(num_experts), *members)}``.
@@ -66,7 +70,7 @@ class RankCollapse:
     method: str
     merge_kwargs: dict[str, Any]
     beta: float | None
-    boost_mode: str
+    mode: str
     fraction: float
     spectra: dict[str, np.ndarray]
     stable_rank: dict[str, np.ndarray]
@@ -111,7 +115,7 @@ def rank_collapse(
     counts: Sequence[int] | None = None,
     order: Sequence[int] | None = None,
     beta: float | None = 0.01,
-    boost_mode: BoostMode = "cumsum",
+    mode: BoostMode = "cumsum",
     fraction: float = 0.95,
     attention: AttentionMode = "per_qkv",
     is_matrix: Callable | None = None,
@@ -129,9 +133,10 @@ def rank_collapse(
       order: merge order, a permutation of ``range(T)``; ``tau_n`` merges
         ``order[:n]`` (default: the given order).
       beta: Subspace Boosting cutoff for the boosted curves; ``None`` skips them.
-      boost_mode: ``"cumsum"`` or ``"index"`` (see `subboost.subspace_boost`).
+      mode: ``"cumsum"`` or ``"index"`` (see `subboost.subspace_boost`).
       fraction: energy fraction of the energy rank, in (0, 1].
-      attention, is_matrix: how matrices are read (see `subboost.tree`).
+      attention, is_matrix: how matrices are read (see `subboost.tree`), by the
+        spectra and by the merge when the method reads matrices (TSV-M, Iso).
       progress: show a tqdm bar over the counts.
 
     Returns:
@@ -141,17 +146,21 @@ def rank_collapse(
     order = _check_order(order, num)
     counts = _check_counts(counts, num)
     if beta is not None:
-        check_boost_arguments(beta, boost_mode)
+        check_boost_arguments(beta, mode)
     if not 0.0 < fraction <= 1.0:
         raise SubboostError(f"rank_collapse: fraction must be in (0, 1], got {fraction!r}.")
     check_floating(tvs, what="task vectors")
     check_finite(tvs, what="task vectors")
 
+    # The merge reads matrices the way the spectra do (methods that read matrices at all).
+    accepted = inspect.signature(METHODS[method]).parameters if method in METHODS else {}
+    reading = {k: v for k, v in (("attention", attention), ("is_matrix", is_matrix))
+               if k in accepted}
     per_count: list[dict[str, np.ndarray]] = []
     for n in tqdm(counts, desc=f"rank collapse ({method})", disable=not progress, leave=False):
         subset = jax.tree_util.tree_map(lambda x: x[np.asarray(order[:n])], tvs)
         try:
-            tau = merge(subset, method, validate=False, **merge_kwargs)
+            tau = merge(subset, method, validate=False, **reading, **merge_kwargs)
         except SubboostError as err:
             raise SubboostError(f"rank_collapse: merging the first {n} experts with {method!r} failed: {err}") from err
         per_count.append(jax.device_get(spectra(tau, attention=attention, is_matrix=is_matrix)))
@@ -167,7 +176,7 @@ def rank_collapse(
     stable, energy = metrics(s)
     s_boost = stable_boost = energy_boost = None
     if beta is not None:
-        s_boost = {k: np.asarray(boost_singular_values(v, beta=float(beta), mode=boost_mode)) for k, v in s.items()}
+        s_boost = {k: np.asarray(boost_singular_values(v, beta=float(beta), mode=mode)) for k, v in s.items()}
         stable_boost, energy_boost = metrics(s_boost)
     return RankCollapse(
         num_experts=counts,
@@ -175,7 +184,7 @@ def rank_collapse(
         method=method,
         merge_kwargs=dict(merge_kwargs),
         beta=None if beta is None else float(beta),
-        boost_mode=boost_mode,
+        mode=mode,
         fraction=float(fraction),
         spectra=s,
         stable_rank=stable,

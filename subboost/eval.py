@@ -15,7 +15,7 @@ on test)::
         for alpha in alphas:
             theta = theta_0 + alpha * tau_b          # boost(a tau) = a boost(tau)
             score = mean_t acc_t(theta, validation)
-    pick the first (beta, alpha) with the highest score
+    pick the first (beta, alpha) with the highest score   # `subboost.selection`
 
 Subspace Boosting commutes with positive scaling, so boosting once per beta
 serves the whole alpha sweep; no SVD runs inside the alpha loop.
@@ -43,7 +43,32 @@ import numpy as np
 
 from subboost.data.preprocessing import CLIP_MEAN, CLIP_STD, normalize_images
 from subboost.models.heads import ClassificationHead
+from subboost.selection import check_grid, choose
 from subboost.tree import PyTree
+
+__all__ = [
+    "ALPHA_METRICS",
+    "BETAS",
+    "LINEAR_ALPHAS",
+    "SVD_ALPHAS",
+    "TALL_LAMBDAS",
+    "DeviceSplit",
+    "Evaluator",
+    "SweepPoint",
+    "SweepResult",
+    "alpha_grid",
+    "code_version",
+    "encoder_config",
+    "find_checkpoint",
+    "head_num_classes",
+    "load_checkpoint",
+    "load_heads",
+    "normalized_accuracies",
+    "select_alpha_beta",
+    "selection_score",
+    "summarize",
+    "tune_tall_lambdas",
+]
 
 EncodeFn = Callable[[PyTree, jax.Array], jax.Array]
 
@@ -351,17 +376,7 @@ class SweepResult:
 
 
 def _check_grid(name: str, values: Sequence[Any], allow_none: bool = False) -> tuple:
-    values = tuple(values)
-    if not values:
-        raise ValueError(f"the {name} grid is empty.")
-    for v in values:
-        if v is None and allow_none:
-            continue
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or (name == "alpha" and v <= 0):
-            raise ValueError(f"bad {name} grid value {v!r}: {'alphas must be positive' if name == 'alpha' else 'betas must be finite numbers or None'}.")
-    if len(set(values)) != len(values):
-        raise ValueError(f"the {name} grid {list(values)} repeats values.")
-    return values
+    return check_grid(name, values, allow_none=allow_none, positive=name == "alpha")
 
 
 def select_alpha_beta(
@@ -390,7 +405,10 @@ def select_alpha_beta(
       description: the bar's label.
 
     Returns:
-      A `SweepResult`; ties go to the first point in (beta, alpha) grid order.
+      A `SweepResult`. The choice follows the library's one selection rule
+      (`subboost.selection.choose`): ties go to the first point in (beta,
+      alpha) grid order; the paper's grids are used as published, without
+      refinement.
     """
     from tqdm.auto import tqdm
 
@@ -402,20 +420,26 @@ def select_alpha_beta(
     score = score or (lambda accs: _mean(accs.values()))
     points: list[SweepPoint] = []
     bar = tqdm(total=len(alphas) * len(betas), desc=description, disable=not progress, leave=False)
-    for beta in betas:
+
+    def score_candidate(beta: float | None, grid: np.ndarray) -> list[float]:
         # boost(alpha * tau) = alpha * boost(tau): one boost per beta serves every alpha.
         boosted = tau if beta is None else subspace_boost(tau, beta=float(beta), **dict(boost_kwargs or {}))
-        for alpha in alphas:
+        values = []
+        for alpha in grid:
             accuracies = dict(evaluate(apply_task_vector(pretrained, boosted, alpha=float(alpha))))
             value = float(score(accuracies))
             if not math.isfinite(value):
                 raise ValueError(f"{description}: the validation score at alpha={alpha}, beta={beta} is {value}.")
             points.append(SweepPoint(float(alpha), None if beta is None else float(beta), accuracies, value))
+            values.append(value)
             bar.update()
             bar.set_postfix(best=f"{max(p.score for p in points):.4f}")
+        return values
+
+    choice = choose(score_candidate, betas, alphas=np.asarray(alphas, np.float64))
     bar.close()
-    best = max(points, key=lambda p: p.score)  # max() keeps the first of equal scores
-    return SweepResult(best.alpha, best.beta, best.score, tuple(points), tuple(map(float, alphas)),
+    return SweepResult(choice.alpha, choice.key if choice.key is None else float(choice.key), choice.score,
+                       tuple(points), tuple(map(float, alphas)),
                        tuple(None if b is None else float(b) for b in betas))
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: small parameter trees shaped like a CLIP ViT."""
+"""Shared fixtures: small parameter trees shaped like a CLIP ViT (built by `tests.trees`)."""
 
 from __future__ import annotations
 
@@ -7,45 +7,30 @@ try:  # torchvision must be loaded before TensorFlow in one process (the reverse
 except ImportError:
     pass
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import atexit
+import os
+import shutil
+import tempfile
 
+# One XLA compilation cache for the test session: notebook kernels, CLI and multi-device subprocesses, and
+# re-created jit wrappers of an identical program load the compiled executable instead of compiling it
+# again. It lives in a fresh temporary directory removed at exit, so nothing carries over between runs.
+# Set before JAX is imported (the subprocesses read the environment); a user's own setting wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="subboost-tests-xla-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-def vit_like_params(rng: np.random.Generator, *, width: int = 8, heads: int = 2, layers: int = 2,
-                    mlp: int = 16, dtype=np.float32, scale: float = 1.0) -> dict:
-    """A tiny scenic-CLIP-shaped parameter tree with random values."""
-    head_dim = width // heads
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
-    def normal(*shape):
-        return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")))
 
-    blocks = {}
-    for i in range(layers):
-        blocks[f"resblocks_{i}"] = {
-            "ln_1": {"scale": normal(width), "bias": normal(width)},
-            "attn": {
-                "query": {"kernel": normal(width, heads, head_dim), "bias": normal(heads, head_dim)},
-                "key": {"kernel": normal(width, heads, head_dim), "bias": normal(heads, head_dim)},
-                "value": {"kernel": normal(width, heads, head_dim), "bias": normal(heads, head_dim)},
-                "out": {"kernel": normal(heads, head_dim, width), "bias": normal(width)},
-            },
-            "ln_2": {"scale": normal(width), "bias": normal(width)},
-            "mlp": {
-                "c_fc": {"kernel": normal(width, mlp), "bias": normal(mlp)},
-                "c_proj": {"kernel": normal(mlp, width), "bias": normal(width)},
-            },
-        }
-    return {
-        "conv1": {"kernel": normal(2, 2, 3, width)},
-        "class_embedding": normal(width),
-        "positional_embedding": normal(5, width),
-        "ln_pre": {"scale": normal(width), "bias": normal(width)},
-        "transformer": blocks,
-        "ln_post": {"scale": normal(width), "bias": normal(width)},
-        "proj": normal(width, 4),
-    }
+from tests.trees import perturbed, vit_like_params  # noqa: E402,F401  (re-exported: `from tests.conftest import ...`)
 
 
 @pytest.fixture
@@ -57,8 +42,11 @@ def rng() -> np.random.Generator:
 def experts(rng):
     """(pretrained, [expert_1..expert_4]) with small task vectors."""
     base = vit_like_params(rng)
-    finetuned = [
-        jax.tree_util.tree_map(lambda p: p + jnp.asarray(0.1 * rng.standard_normal(p.shape), p.dtype), base)
-        for _ in range(4)
-    ]
-    return base, finetuned
+    return base, perturbed(base, rng, num=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_bench_cache(tmp_path_factory):
+    """One model cache for the session's tiny mini-benchmark models: trained once, by whichever test needs
+    them first (`tests/test_bench.py`'s tiny run or the notebooks of `tests/test_colabs.py`), then loaded."""
+    return tmp_path_factory.mktemp("tiny_bench_cache")

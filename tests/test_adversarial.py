@@ -160,6 +160,7 @@ def test_bad_input_gives_one_line_exit_2_and_changes_nothing(library, capsys, fa
 
 
 @pytest.mark.parametrize("command", ["merge", "boost", "convert", "analyze"])
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_leaves_nothing(library, tmp_path, capsys, monkeypatch, command):
     """An interrupt while computing or writing: one line, exit 130, no output, no hidden partial folder."""
     import orbax.checkpoint as ocp

@@ -10,13 +10,9 @@ import pytest
 import subboost as sb
 from subboost.alignment import alignment_from_sigma, mean_alignment
 from tests.test_hogsvd import numpy_robust
+from tests.trees import dense_tree
 
 N_COLS = 6  # columns (inputs) of every planted matrix
-
-
-def as_tvs(layers: dict[str, list[np.ndarray]]) -> dict:
-    """``{name: [A_1..A_T] (out, in)}`` -> stacked task vectors with Flax Dense kernels ``(T, in, out)``."""
-    return {name: {"kernel": jnp.asarray(np.stack([a.T for a in mats]), jnp.float32)} for name, mats in layers.items()}
 
 
 def disjoint_experts(rng, num=3, rank=2, rows=5, orthogonal=False):
@@ -30,13 +26,14 @@ def disjoint_experts(rng, num=3, rank=2, rows=5, orthogonal=False):
 def test_identical_experts_align_to_one():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((5, N_COLS)), rng.standard_normal((8, N_COLS))
-    tvs = as_tvs({"l1": [a, a, a], "l2": [b, b, b]})
+    tvs = dense_tree({"l1": [a, a, a], "l2": [b, b, b]})
     np.testing.assert_allclose(np.asarray(sb.alignment_matrix(tvs)), np.ones((3, 3)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_disjoint_planted_subspaces_align_near_zero_and_merged_reference_is_predicted():
     rng = np.random.default_rng(1)
-    tvs = as_tvs({"l1": disjoint_experts(rng), "l2": disjoint_experts(rng)})
+    tvs = dense_tree({"l1": disjoint_experts(rng), "l2": disjoint_experts(rng)})
     experts_only = np.asarray(sb.alignment_matrix(tvs))
     np.testing.assert_allclose(experts_only, np.eye(3), atol=2e-3)  # float32, cond(stack) ~ 1e2
     # merged = TA sum: its projected profile is 1 on every direction, so M(merged, t) = sqrt(|S_t| / n) = sqrt(2/6)
@@ -58,7 +55,7 @@ def test_alignment_matches_numpy_definition():
         _, sigma, _ = numpy_robust(mats, 1 / 3)
         p = sigma / np.linalg.norm(sigma, axis=1, keepdims=True)
         expected.append(p @ p.T)
-    tvs = as_tvs(layers)
+    tvs = dense_tree(layers)
     np.testing.assert_allclose(np.asarray(sb.alignment_matrix(tvs)), np.mean(expected, axis=0), atol=1e-4)
     sigmas = sb.generalized_singular_values(tvs)
     assert set(sigmas) == {"l1", "l2"} and sigmas["l1"].shape == (3, N_COLS)
@@ -77,9 +74,10 @@ def clustered_experts(rng, noise=0.01):
     return [a, 1.25 * a + noise * rng.standard_normal(a.shape), b, 0.6 * b + noise * rng.standard_normal(b.shape), c]
 
 
+@pytest.mark.slow
 def test_selection_picks_the_planted_diverse_set_over_near_duplicates():
     rng = np.random.default_rng(3)
-    tvs = as_tvs({"l1": clustered_experts(rng), "l2": clustered_experts(rng)})
+    tvs = dense_tree({"l1": clustered_experts(rng), "l2": clustered_experts(rng)})
     alignment = np.asarray(sb.alignment_matrix(tvs))
     assert alignment[0, 1] > 0.95 and alignment[2, 3] > 0.95
     assert alignment[[0, 0, 2], [2, 4, 4]].max() < 0.2
@@ -102,7 +100,7 @@ def test_selection_picks_the_planted_diverse_set_over_near_duplicates():
 
 def test_bad_input():
     rng = np.random.default_rng(4)
-    tvs = as_tvs({"l1": disjoint_experts(rng)})
+    tvs = dense_tree({"l1": disjoint_experts(rng)})
     alignment = np.eye(3)
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, 3\]"):
         sb.select_experts(None, k=4, alignment=alignment)

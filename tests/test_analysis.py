@@ -15,20 +15,9 @@ from subboost.analysis import layer_type
 from subboost.cli import main
 from subboost.commands.analyze import load_task_vectors_npz, save_task_vectors_npz
 from tests import numpy_reference as ref
+from tests.trees import dense_tree, vit_like_params
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def dense_tvs(layers: dict[str, list[np.ndarray]]) -> dict:
-    """``{"a/b": [A_1..A_T] (out, in)}`` -> nested stacked task vectors with Dense kernels ``(T, in, out)``."""
-    tree: dict = {}
-    for name, mats in layers.items():
-        node = tree
-        for part in name.split("/"):
-            node = node.setdefault(part, {})
-        node["kernel"] = jnp.asarray(np.stack([a.T for a in mats]), jnp.float32)
-        node["bias"] = jnp.zeros((len(mats), mats[0].shape[0]), jnp.float32)
-    return tree
 
 
 def collapsing_experts(num=4, n=6, c=2.0):
@@ -40,7 +29,7 @@ def collapsing_experts(num=4, n=6, c=2.0):
 @pytest.fixture(scope="module")
 def random_tvs():
     rng = np.random.default_rng(0)
-    return dense_tvs({
+    return dense_tree(bias=True, layers={
         f"block_{i}/{kind}": [rng.standard_normal(shape) for _ in range(3)]
         for i in range(2) for kind, shape in (("fc1", (6, 4)), ("fc2", (4, 6)))
     })
@@ -59,7 +48,7 @@ def test_layer_type():
 
 def test_rank_collapse_known_answer():
     experts = collapsing_experts()
-    tvs = dense_tvs({"block_0/fc": experts, "block_1/fc": experts})
+    tvs = dense_tree(bias=True, layers={"block_0/fc": experts, "block_1/fc": experts})
     curves = sb.rank_collapse(tvs, "task_arithmetic", beta=0.01, progress=False)
     assert curves.num_experts == (1, 2, 3, 4)
     counts = np.arange(1, 5)
@@ -75,6 +64,7 @@ def test_rank_collapse_known_answer():
     assert list(by_type) == ["block_*/fc"] and by_type["block_*/fc"].shape == (4, 2)
 
 
+@pytest.mark.slow
 def test_rank_collapse_matches_numpy_and_subspace_boost(random_tvs, random_curves):
     flat = ref.flat(jax.tree_util.tree_map(np.asarray, random_tvs))
     order = (2, 0, 1)
@@ -101,6 +91,7 @@ def test_rank_collapse_matches_numpy_and_subspace_boost(random_tvs, random_curve
         assert random_curves.stable_rank_boosted[name][-1] == pytest.approx(float(value), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_rank_collapse_other_methods_and_errors(random_tvs):
     curves = sb.rank_collapse(random_tvs, "ties", counts=[3], beta=None, progress=False, k=0.5)
     direct = sb.stable_rank(sb.merge(random_tvs, "ties", k=0.5))
@@ -123,6 +114,23 @@ def test_rank_collapse_other_methods_and_errors(random_tvs):
         sb.rank_collapse(bad, progress=False)
 
 
+@pytest.mark.slow
+def test_rank_collapse_reads_attention_the_same_way_in_merge_and_spectra():
+    rng = np.random.default_rng(1)
+    tvs = jax.tree_util.tree_map(lambda x: jnp.stack([x, 0.5 * x[::-1], -x + 0.2]), vit_like_params(rng, layers=1))
+    curves = sb.rank_collapse(tvs, "tsv", counts=[2], beta=0.01, mode="index", attention="full", progress=False)
+    subset = jax.tree_util.tree_map(lambda x: x[:2], tvs)
+    want = sb.spectra(sb.merge(subset, "tsv", attention="full"), attention="full")
+    other = sb.spectra(sb.merge(subset, "tsv", attention="per_qkv"), attention="full")
+    name = "transformer/resblocks_0/attn/qkv"
+    assert not np.allclose(np.asarray(other[name]), np.asarray(want[name]), atol=1e-4)  # the test can fail
+    for path, values in want.items():
+        np.testing.assert_allclose(curves.spectra[path][0], np.asarray(values), rtol=1e-5, atol=1e-6)
+    assert curves.mode == "index"
+    np.testing.assert_allclose(curves.spectra_boosted[name][0],
+                               np.asarray(sb.boost_singular_values(jnp.asarray(want[name]), 0.01, "index")), rtol=1e-6)
+
+
 def read_json(png_path) -> dict:
     with open(plots.json_path(png_path)) as f:
         return json.load(f)
@@ -133,6 +141,7 @@ def assert_png(path):
     assert data.startswith(PNG_MAGIC) and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_plots_write_png_and_json_matching_the_arrays(tmp_path, random_tvs, random_curves):
     names = ["a", "b", "c", "merged"]
     merged = sb.merge(random_tvs, "task_arithmetic")
@@ -178,6 +187,7 @@ def test_plots_write_png_and_json_matching_the_arrays(tmp_path, random_tvs, rand
         plots.plot_alignment(alignment, names, tmp_path / "bad.jpg")
 
 
+@pytest.mark.slow
 def test_analyze_command_from_npz_and_from_checkpoints(tmp_path, random_tvs, capsys):
     npz = tmp_path / "tvs.npz"
     save_task_vectors_npz(npz, random_tvs, names=["cars", "dtd", "svhn"])

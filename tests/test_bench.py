@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import chex
 import jax
@@ -21,11 +22,12 @@ import pytest
 
 import subboost as sb
 from subboost.bench import config as bench_config
-from subboost.bench import data as bench_data
-from subboost.bench import heads as bench_heads
+from subboost.bench import splits as bench_data
+from subboost.bench import centroid_heads as bench_heads
 from subboost.bench import tasks as bench_tasks
 from subboost.bench import evaluate as bench_eval
 from subboost.bench.finetune import finetune_experts
+from subboost.bench.cache import training_key
 from subboost.bench.pipeline import RESULT_FILES, prepare_out_dir, run_benchmark
 from subboost.bench.pretrain import chunk_sizes, pretrain
 from subboost.bench.report import markdown_tables, percent
@@ -123,6 +125,7 @@ def test_sample_bitmaps_identity_placement():
 # ----------------------------------------------------------------------------
 # Heads, sweep, evaluation
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_centroid_heads_match_heads_from_class_embeddings(rng):
     features = jnp.asarray(rng.standard_normal((2, 4, 3, 5)), jnp.float32)
     heads = bench_heads.centroid_heads(features, np.array([4, 3]), logit_scale=12.5)
@@ -186,6 +189,7 @@ def micro_models():
     return data, mixture
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_experts_are_independent(micro_models):
     data, mixture = micro_models
     first = pretrain(MICRO, mixture, seed=3, progress=False)
@@ -207,6 +211,7 @@ def test_training_is_deterministic_and_experts_are_independent(micro_models):
                                                               jax.tree_util.tree_leaves(deltas[1])))) > 0
 
 
+@pytest.mark.slow
 def test_evaluator_sweep_and_experts_agree_with_single_evaluations(micro_models, rng):
     data, _ = micro_models
     from subboost.bench.model import init_encoder
@@ -240,12 +245,13 @@ def test_config_validation_and_training_key():
     with pytest.raises(ValueError, match="unknown benchmark size"):
         bench_config.get_config("huge")
     tiny = bench_config.get_config("tiny")
-    assert tiny.training_key(0) == bench_config.get_config("tiny").training_key(0)
-    assert tiny.training_key(0) != tiny.training_key(1)
-    assert tiny.training_key(0) == dataclasses.replace(tiny, alphas=(0.1, 1.0), eval_batch=64).training_key(0)
-    assert tiny.training_key(0) != dataclasses.replace(tiny, finetune_lr=1e-4).training_key(0)
+    assert training_key(tiny, 0) == training_key(bench_config.get_config("tiny"), 0)
+    assert training_key(tiny, 0) != training_key(tiny, 1)
+    assert training_key(tiny, 0) == training_key(dataclasses.replace(tiny, alphas=(0.1, 1.0), eval_batch=64), 0)
+    assert training_key(tiny, 0) != training_key(dataclasses.replace(tiny, finetune_lr=1e-4), 0)
 
 
+@pytest.mark.slow
 def test_base_file_round_trip_checksum_and_refusals(tmp_path):
     from subboost.bench import base as bench_base
     from subboost.bench.model import init_encoder
@@ -264,6 +270,7 @@ def test_base_file_round_trip_checksum_and_refusals(tmp_path):
         bench_base.load_base(tmp_path / "missing.npz")
 
 
+@pytest.mark.slow
 def test_shipped_default_base_matches_its_checksum_and_the_default_model():
     from subboost.bench import base as bench_base
     from subboost.bench.model import init_encoder
@@ -275,7 +282,7 @@ def test_shipped_default_base_matches_its_checksum_and_the_default_model():
     expected = init_encoder(config.model, jax.random.key(0))
     chex.assert_trees_all_equal_shapes(encoder, jax.device_get(expected))
     assert 1.0 < scale <= 100.0
-    assert config.training_key(0) != dataclasses.replace(config, base=None).training_key(0)
+    assert training_key(config, 0) != training_key(dataclasses.replace(config, base=None), 0)
 
 
 def test_prepare_out_dir_refuses_foreign_directories(tmp_path):
@@ -304,29 +311,33 @@ def test_cli_demo_reports_user_errors(tmp_path, capsys):
 # The tiny pipeline, end to end
 # ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_bench_cache):
     out = tmp_path_factory.mktemp("demo")
     config = bench_config.get_config("tiny")
-    first = run_benchmark(config, seed=0, out_dir=out, progress=False, log=lambda _: None)
-    second = run_benchmark(config, seed=0, out_dir=out, progress=False, log=lambda _: None)
-    return config, out, first, second
+    cached = (tiny_bench_cache / training_key(config, 0) / "COMPLETE").is_file()  # the notebooks' tests may train first
+    first = run_benchmark(config, seed=0, out_dir=out, cache_dir=tiny_bench_cache, progress=False, log=lambda _: None)
+    second = run_benchmark(config, seed=0, out_dir=out, cache_dir=tiny_bench_cache, progress=False, log=lambda _: None)
+    return config, out, first, second, cached
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_writes_every_file(tiny_run):
-    config, out, first, _ = tiny_run
+    config, out, first, *_ = tiny_run
     for name in RESULT_FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert (out / "accuracy_vs_tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert [s["num_tasks"] for s in saved["settings"]] == list(config.task_counts)
-    cache = out / "cache" / first["training_key"]
+    cache = Path(first["cache_dir"])
+    assert cache.name == first["training_key"]
     assert (cache / "COMPLETE").is_file() and (cache / "base").is_dir()
     assert sorted(p.name for p in (cache / "experts").iterdir()) == sorted(bench_tasks.TASK_NAMES[: config.num_tasks])
 
 
+@pytest.mark.slow
 def test_tiny_quality_bars(tiny_run):
     """Every expert beats the pretrained model clearly on its own task; the pretrained model is far from perfect."""
-    _, _, results, _ = tiny_run
+    _, _, results, *_ = tiny_run
     pretrained = np.asarray(results["pretrained_test_accuracy"])
     experts = np.asarray(results["expert_test_accuracy"])
     chance = np.asarray([1 / t["num_classes"] for t in results["tasks"]])
@@ -335,8 +346,9 @@ def test_tiny_quality_bars(tiny_run):
     assert np.all(experts >= chance + 0.15)
 
 
+@pytest.mark.slow
 def test_tiny_tables_are_consistent_with_the_json(tiny_run):
-    _, out, results, _ = tiny_run
+    _, out, results, *_ = tiny_run
     experts = np.asarray(results["expert_test_accuracy"])
     pretrained = np.asarray(results["pretrained_test_accuracy"])
     table = (out / "results.md").read_text()
@@ -369,25 +381,28 @@ def test_tiny_tables_are_consistent_with_the_json(tiny_run):
     assert row and len(row.group(1).split("|")) == len(results["settings"])
 
 
+@pytest.mark.slow
 def test_tiny_experts_beat_the_pretrained_model_by_a_wide_margin(tiny_run):
     """Fact 1 of the calibration (issue 19): experts beat the pretrained model with heads clearly on average."""
-    _, _, results, _ = tiny_run
+    _, _, results, *_ = tiny_run
     gain = np.mean(results["expert_test_accuracy"]) - np.mean(results["pretrained_test_accuracy"])
     assert gain >= 0.15, gain
 
 
+@pytest.mark.slow
 def test_tiny_task_arithmetic_beats_pretrained_and_falls_with_more_experts(tiny_run):
     """Facts 2-3 in the same direction as CLIP: Task Arithmetic beats the pretrained model at the smallest
     task count, and its normalized accuracy falls as more experts are merged."""
-    _, _, results, _ = tiny_run
+    _, _, results, *_ = tiny_run
     first, last = results["settings"][0], results["settings"][-1]
     ta_first, ta_last = (s["methods"]["task_arithmetic"]["plain"] for s in (first, last))
     assert ta_first["normalized"] >= first["pretrained"]["normalized"] + 0.02, (ta_first, first["pretrained"])
     assert ta_last["normalized"] <= ta_first["normalized"] - 0.01, (ta_first["normalized"], ta_last["normalized"])
 
 
+@pytest.mark.slow
 def test_tiny_boost_sweep_and_regime_figures(tiny_run):
-    config, out, results, _ = tiny_run
+    config, out, results, *_ = tiny_run
     sweep = results["boost_sweep"]
     largest = results["settings"][-1]
     assert sweep["num_tasks"] == config.task_counts[-1] and sweep["betas"] == list(bench_config.SWEEP_BETAS)
@@ -420,7 +435,8 @@ def test_tiny_boost_sweep_and_regime_figures(tiny_run):
     assert (out / "boost_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_same_seed_same_tables(tiny_run):
-    _, _, first, second = tiny_run
-    assert not first["cache_hit"] and second["cache_hit"]
+    _, _, first, second, cached = tiny_run
+    assert first["cache_hit"] == cached and second["cache_hit"]
     assert markdown_tables(first) == markdown_tables(second)

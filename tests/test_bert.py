@@ -67,6 +67,7 @@ def _rewrite_weights(path, edit):
 # ----------------------------------------------------------------------------
 # Random weights: layout, parity, predicate
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_parity_with_torch(tiny_hf_dir):
     path, model = tiny_hf_dir
     converted = convert_checkpoint(path)
@@ -82,6 +83,7 @@ def test_tiny_parity_with_torch(tiny_hf_dir):
     np.testing.assert_allclose(pooled, ref_pooled, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_real_tokens():
     cfg = BertConfig(vocab_size=50, width=16, layers=2, heads=2, mlp_dim=24, max_positions=16)
     params = init_params(cfg, jax.random.key(1))
@@ -96,6 +98,7 @@ def test_padding_does_not_change_real_tokens():
                                np.asarray(mean_pool(short, jnp.asarray(mask[:, :4]))), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_matrix_predicate_and_attention_modes_read_bert():
     cfg = BertConfig(vocab_size=50, width=16, layers=2, heads=4, mlp_dim=24, max_positions=16)
     params = init_params(cfg)
@@ -118,6 +121,7 @@ def test_matrix_predicate_and_attention_modes_read_bert():
 # ----------------------------------------------------------------------------
 # Converter: detection and bad inputs
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_convert_cli_and_load_model(tiny_hf_dir, tmp_path):
     from subboost.cli import main
 
@@ -200,6 +204,7 @@ def test_truncated_zip_names_the_archive(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written on error
 
 
+@pytest.mark.slow
 def test_load_model_errors(tmp_path):
     sb.save_params({"w": {"kernel": np.ones((2, 2), np.float32)}}, tmp_path / "bare")
     with pytest.raises(sb.SubboostError, match="no subboost.json"):
@@ -216,6 +221,7 @@ def test_load_model_errors(tmp_path):
 # ----------------------------------------------------------------------------
 # The real packaged weights (all-MiniLM-L6-v2; installed with the `text` extra)
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_packaged_minilm_matches_torch(tmp_path):
     from subboost.text_bench.tokenize import SentenceTokenizer
     from subboost.text_bench.weights import packaged_model_zip

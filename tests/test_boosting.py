@@ -111,6 +111,7 @@ def test_second_call_does_not_recompile(rng):
     assert boosting._boost_tree._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_batch_size_bounds_work_without_changing_results(rng):
     tau = vit_like_params(rng, layers=3)
     jax.tree_util.tree_map(

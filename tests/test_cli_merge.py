@@ -6,7 +6,6 @@ import pytest
 
 import subboost as sb
 from subboost import cli
-from tests.conftest import vit_like_params
 
 
 @pytest.fixture
@@ -20,6 +19,7 @@ def checkpoints(tmp_path, experts):
     return tmp_path, base, finetuned[:3], paths
 
 
+@pytest.mark.slow
 def test_merge_command_equals_library_call(checkpoints, capsys):
     tmp_path, base, finetuned, paths = checkpoints
     out = tmp_path / "merged"

@@ -157,6 +157,7 @@ def files(tmp_path_factory):
     "name, layout", [("full.pt", "full CLIP model (text tower not converted)"), ("visual.pt", "visual tower"),
                      ("wrapped.pt", "full CLIP model (text tower not converted)")],
 )
+@pytest.mark.slow
 def test_open_clip_state_dict_matches_torch(files, images, name, layout):
     converted = convert_checkpoint(files.root / name, heads=2)
     assert converted.metadata["source"]["format"] == "open_clip"
@@ -165,6 +166,7 @@ def test_open_clip_state_dict_matches_torch(files, images, name, layout):
     assert_close(flax_features(converted, images), torch_features(files.model.encode_image, images))
 
 
+@pytest.mark.slow
 def test_pickled_image_encoder_loads_without_its_source(files, images):
     path = files.root / "encoder.pt"
     with pytest.raises(ModuleNotFoundError, match="src"):  # plain torch.load needs the codebase
@@ -176,6 +178,7 @@ def test_pickled_image_encoder_loads_without_its_source(files, images):
     assert_close(flax_features(converted, images), torch_features(files.model.encode_image, images))
 
 
+@pytest.mark.slow
 def test_gelu_models(files, images):
     reference = torch_features(files.gelu_model.encode_image, images)
     pickled = convert_checkpoint(files.root / "encoder_gelu.pt")
@@ -190,6 +193,7 @@ def test_gelu_models(files, images):
 
 
 @pytest.mark.parametrize("name, task, normalize", [("head_MNIST.pt", "MNIST", True), ("head_SVHN.pt", "SVHN", True)])
+@pytest.mark.slow
 def test_heads_match_torch(files, images, name, task, normalize):
     encoder = convert_checkpoint(files.root / "encoder.pt")
     head = convert_checkpoint(files.root / name)
@@ -202,6 +206,7 @@ def test_heads_match_torch(files, images, name, task, normalize):
     assert_close(np.asarray(logits), expected)
 
 
+@pytest.mark.slow
 def test_vit_b32_architecture_matches_torch(tmp_path):
     torch.manual_seed(0)
     visual = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).visual.eval()
@@ -217,6 +222,7 @@ def test_vit_b32_architecture_matches_torch(tmp_path):
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 @pytest.mark.parametrize("with_projection", [True, False])
+@pytest.mark.slow
 def test_hugging_face_matches_torch(tmp_path, images, act, with_projection):
     cls = transformers.CLIPVisionModelWithProjection if with_projection else transformers.CLIPVisionModel
     config = transformers.CLIPVisionConfig(
@@ -448,6 +454,7 @@ def test_cli_convert(files, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_full_hugging_face_clip_model(tmp_path, images):
     config = transformers.CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -468,6 +475,7 @@ def test_full_hugging_face_clip_model(tmp_path, images):
     assert_close(flax_features(converted, images), expected)
 
 
+@pytest.mark.slow
 def test_half_precision_sources_keep_or_cast_dtype(files, tmp_path, images):
     half = {k: v.half() for k, v in files.model.state_dict().items()}
     torch.save(half, tmp_path / "fp16.pt")  # OpenAI's original checkpoints are float16

@@ -145,6 +145,7 @@ def _smooth_image(rng, h, w, c):
 
 @pytest.mark.parametrize("h,w,c,size", [(28, 28, 1, 224), (300, 413, 3, 224), (47, 17, 3, 16), (64, 64, 3, 32),
                                         (33, 50, 3, 12), (96, 96, 3, 8)])
+@pytest.mark.slow
 def test_resize_and_center_crop_matches_pil(h, w, c, size):
     image = _smooth_image(np.random.default_rng(h * w), h, w, c)
     ours = preprocessing.resize_and_center_crop(image, size).numpy()
@@ -155,6 +156,7 @@ def test_resize_and_center_crop_matches_pil(h, w, c, size):
 
 
 @pytest.mark.parametrize("h,w,size", [(10, 15, 4), (15, 10, 4), (9, 14, 5), (20, 7, 6), (11, 11, 3)])
+@pytest.mark.slow
 def test_crop_geometry_follows_torchvision(h, w, size):
     # An image whose pixel value encodes its column: the crop shows which columns were kept.
     new_h, new_w = preprocessing.resized_shape(h, w, size)

@@ -211,6 +211,7 @@ def assert_same_decomposition(a, b, atol):
 
 
 @pytest.mark.parametrize("dtype,atol", [("float32", 2e-3), ("float64", 1e-9)])
+@pytest.mark.slow
 def test_classic_and_robust_agree_on_well_conditioned_inputs(dtype, atol):
     """Exact agreement (any pi) when the Q_i^T Q_i commute: N = 2 (the GSVD), or a planted shared basis.
 
@@ -227,6 +228,7 @@ def test_classic_and_robust_agree_on_well_conditioned_inputs(dtype, atol):
             assert_same_decomposition(sb.hogsvd(mats, method="robust"), sb.hogsvd(mats, method="classic"), atol)
 
 
+@pytest.mark.slow
 def test_robust_tends_to_classic_as_pi_vanishes():
     """General N = 4: the robust T with pi -> 0 is the classic problem; the gap shrinks like O(pi)."""
     rng = np.random.default_rng(4)
@@ -276,6 +278,7 @@ def test_matches_independent_numpy_implementation(method):
     np.testing.assert_allclose(np.asarray(result.sigma), sigma, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_stacked_batched_jit_and_project():
     rng = np.random.default_rng(6)
     stacked = jnp.asarray(rng.standard_normal((2, 3, 6, 4)), jnp.float32)  # (batch, N, m, n)
@@ -307,6 +310,7 @@ def tiny_tvs(rng, num=3):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), layers)
 
 
+@pytest.mark.slow
 def test_hogsvd_layers_matches_per_matrix_calls():
     rng = np.random.default_rng(8)
     tvs = tiny_tvs(rng)
@@ -348,6 +352,7 @@ def test_bad_input_raises_clear_errors(mats, match):
         sb.hogsvd(mats)
 
 
+@pytest.mark.slow
 def test_bad_options_and_classic_requirements():
     rng = np.random.default_rng(9)
     good = [jnp.asarray(rng.standard_normal((5, 3)), jnp.float32) for _ in range(3)]
@@ -365,6 +370,7 @@ def test_bad_options_and_classic_requirements():
     sb.hogsvd([good[0], rank_one, good[2]])  # the robust method handles it
 
 
+@pytest.mark.slow
 def test_hogsvd_layers_bad_input_names_the_parameter():
     rng = np.random.default_rng(10)
     tvs = tiny_tvs(rng)

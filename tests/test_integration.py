@@ -18,6 +18,7 @@ def test_nnx_state_paths_read_like_linen():
     assert set(ranks) == {"attn/query", "attn/key", "attn/value", "attn/out", "mlp"}
 
 
+@pytest.mark.slow
 def test_nnx_merge_equals_merge_of_plain_dicts():
     graphdef, state = nnx.split(example.Block(8, rngs=nnx.Rngs(0)), nnx.Param)
     experts = [example.finetune_like(state, s) for s in range(3)]
@@ -30,6 +31,7 @@ def test_nnx_merge_equals_merge_of_plain_dicts():
     np.testing.assert_allclose(model.mlp.kernel[...], state["mlp"]["kernel"][...] + 0.5 * tau_dict["mlp"]["kernel"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_scan_stacked_layers_boost_like_separate_layers():
     merged = example.merge_scan_stacked(num_layers=3, num_experts=2)
     assert merged["encoder"]["mlp"]["kernel"].shape == (3, 16, 64)
@@ -44,6 +46,7 @@ def test_scan_stacked_layers_boost_like_separate_layers():
     "method, kwargs",
     [("ties", {"k": 0.2}), ("tsv", {}), ("iso_cts", {}), ("dare", {"key": jax.random.key(0)})],
 )
+@pytest.mark.slow
 def test_merge_and_boost_inside_a_callers_jit(method, kwargs):
     """Training code calls subboost from its own jit: same result as eager (validation skipped while tracing)."""
     rng = np.random.default_rng(0)

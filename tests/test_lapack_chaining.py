@@ -113,6 +113,7 @@ def test_spectra_chain_their_groups():
 
 
 @pytest.mark.parametrize("solver", ["svd", "polar"])
+@pytest.mark.slow
 def test_boosting_chains_its_groups(solver):
     assert_chained(lambda t: sb.subspace_boost(t, beta=0.01, solver=solver), three_group_tree(), min_nodes=3)
 

@@ -71,6 +71,7 @@ def test_custom_pattern_big_vision_names():
     np.testing.assert_allclose(scaled["embedding"]["kernel"], 0.5)
 
 
+@pytest.mark.slow
 def test_stacked_task_vectors_and_dtype_kept(rng):
     tau = vit_like_params(rng, layers=2, dtype=jnp.bfloat16)
     stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, 2 * x]), tau)
@@ -87,6 +88,7 @@ def test_stacked_task_vectors_and_dtype_kept(rng):
 
 
 @pytest.mark.parametrize("method, kwargs", [("task_arithmetic", {}), ("ties", {"k": 0.3}), ("tsv", {}), ("iso_c", {})])
+@pytest.mark.slow
 def test_after_any_merge_commutes_with_boosting_and_sweeps_alpha(experts, method, kwargs):
     base, finetuned = experts
     tau = sb.merge(sb.task_vectors(base, finetuned), method, **kwargs)

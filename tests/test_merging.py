@@ -59,6 +59,7 @@ def test_consensus_known_answer(min_tasks, expected):
     np.testing.assert_allclose(sb.merge(tvs, "consensus", lambdas=0.5, min_tasks=min_tasks)["w"], expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_dare_drop_zero_is_task_arithmetic_and_rescales(experts):
     base, finetuned = experts
     tvs = sb.task_vectors(base, finetuned)

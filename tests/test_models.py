@@ -72,6 +72,7 @@ def _random_params(cfg, seed=0):
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 @pytest.mark.parametrize("mlp_dim", [None, 24])
+@pytest.mark.slow
 def test_forward_matches_numpy_reference(act, mlp_dim):
     cfg = dataclasses.replace(get_config("tiny"), act=act, mlp_dim=mlp_dim)
     params = _random_params(cfg)
@@ -81,6 +82,7 @@ def test_forward_matches_numpy_reference(act, mlp_dim):
     np.testing.assert_allclose(np.asarray(features), numpy_forward(params, cfg, images), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_activations_differ():
     cfg = get_config("tiny")
     params = _random_params(cfg)
@@ -139,6 +141,7 @@ def test_bad_config_raises(fields, message):
         dataclasses.replace(get_config("tiny"), **fields)
 
 
+@pytest.mark.slow
 def test_unknown_config_and_bad_images():
     with pytest.raises(ValueError, match="unknown CLIP vision config 'ViT-H/99'"):
         get_config("ViT-H/99")
@@ -166,6 +169,7 @@ def test_classification_head_normalises_then_projects():
     assert jax.tree_util.tree_map(jnp.shape, init) == {"kernel": (16, 5), "bias": (5,)}
 
 
+@pytest.mark.slow
 def test_heads_from_class_embeddings_known_answer():
     # orthogonal class embeddings of norms 2, 3, 4 -> unit rows, scaled by logit_scale
     emb = np.zeros((3, 4), np.float32)

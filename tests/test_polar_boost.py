@@ -10,26 +10,22 @@ from experiments.bench_boost import synthetic_merged_matrix
 from subboost import boosting, linalg, polar_boost
 from tests import numpy_reference as ref
 from tests.conftest import vit_like_params
+from tests.trees import dense_tree
 
 # (rows, cols) in PyTorch orientation: square, and wide (transposed, then QR-reduced as tall).
 SHAPES = [(64, 64), (40, 112)]
 TOL = 1e-3  # the acceptance bound: relative Frobenius error against the exact SVD path
 
 
-def _tree(matrices: dict[str, np.ndarray]) -> dict:
-    """Dense kernels ``(in, out)`` from PyTorch-oriented ``(out, in)`` matrices."""
-    return {name: {"kernel": jnp.asarray(w.T)} for name, w in matrices.items()}
-
-
 def _merged_tree(num_tasks: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return _tree({f"m{i}_{j}": synthetic_merged_matrix(rng, m, n, num_tasks, task_rank=2)
+    return dense_tree(dtype=None, layers={f"m{i}_{j}": synthetic_merged_matrix(rng, m, n, num_tasks, task_rank=2)
                   for i, (m, n) in enumerate(SHAPES) for j in range(2)})
 
 
 def _random_tree(seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return _tree({f"m{i}_{j}": rng.standard_normal((m, n)).astype(np.float32)
+    return dense_tree(dtype=None, layers={f"m{i}_{j}": rng.standard_normal((m, n)).astype(np.float32)
                   for i, (m, n) in enumerate(SHAPES) for j in range(2)})
 
 
@@ -75,17 +71,20 @@ def test_polar_factor_of_a_structurally_singular_matrix_has_a_large_residual():
 
 # beta = 0.02 runs the same code as 0.01 (and compiles anew), so the grid stops at 0.01.
 @pytest.mark.parametrize("num_tasks, beta", [(8, 0.0), (8, 0.01), (14, 0.01), (20, 0.01)])
+@pytest.mark.slow
 def test_agrees_with_svd_path_on_merged_task_vectors(num_tasks, beta):
     report = _assert_agrees_with_svd_path(_merged_tree(num_tasks, seed=num_tasks), beta)
     assert all(np.all(g.polar_residual < 1e-5) for g in report.groups)
 
 
+@pytest.mark.slow
 def test_agrees_with_svd_path_on_random_matrices():
     report = _assert_agrees_with_svd_path(_random_tree(seed=1), 0.01)
     # Flat top spectrum: the top triplets converge slowly, still no fallback.
     assert max(int(g.iterations.max()) for g in report.groups) > 5
 
 
+@pytest.mark.slow
 def test_agrees_with_svd_path_in_index_mode():
     rng = np.random.default_rng(3)
     x = jnp.asarray(np.stack([synthetic_merged_matrix(rng, 64, 64, 8, task_rank=2) for _ in range(2)]))
@@ -94,6 +93,7 @@ def test_agrees_with_svd_path_in_index_mode():
     assert _relative_error(out, sb.subspace_boost(x, beta=0.05, mode="index")) <= TOL
 
 
+@pytest.mark.slow
 def test_rank_deficient_input_agrees_where_the_boost_is_unique(rng):
     """Documented behaviour: null-space directions are arbitrary; spectrum, row-space action and Grams are not."""
     low = rng.standard_normal((2, 80, 3)) @ rng.standard_normal((2, 3, 80))  # rank 3
@@ -115,6 +115,7 @@ def test_rank_deficient_input_agrees_where_the_boost_is_unique(rng):
         np.testing.assert_allclose(gram(got), gram(want), atol=1e-4 * scale**2)
 
 
+@pytest.mark.slow
 def test_structural_zero_falls_back_to_svd_and_is_reported():
     x = jnp.diag(jnp.array([4.0, 2.0, 1.0, 0.0]))
     out, report = sb.subspace_boost(x, beta=0.5, solver="polar", return_info=True)
@@ -126,6 +127,7 @@ def test_structural_zero_falls_back_to_svd_and_is_reported():
     assert "fell back to SVD: matrix" in report.summary()
 
 
+@pytest.mark.slow
 def test_cutoff_past_the_triplet_cap_falls_back_per_matrix(rng):
     # Random 80x80: cumsum reaches 0.7 near k = 40, past the cap of 32; the zero matrix does not.
     x = np.stack([rng.standard_normal((80, 80)), np.zeros((80, 80))]).astype(np.float32)
@@ -154,6 +156,7 @@ def test_solver_choice_by_backend_shape_and_static_k():
     assert choose("auto", (768, 768), beta=0.02, mode="index", backend="tpu") == "polar"  # k = 15 fits
 
 
+@pytest.mark.slow
 def test_auto_on_cpu_is_the_svd_path_and_says_so(rng):
     tau = vit_like_params(rng)
     out, report = sb.subspace_boost(tau, beta=0.02, solver="auto", return_info=True)
@@ -162,6 +165,7 @@ def test_auto_on_cpu_is_the_svd_path_and_says_so(rng):
     assert np.all(np.isnan(report.groups[0].polar_residual))
 
 
+@pytest.mark.slow
 def test_dtype_in_equals_dtype_out(rng):
     dtypes = (jnp.bfloat16, jnp.float16, jnp.float32)
     tau = {jnp.dtype(d).name: {"kernel": jnp.asarray(rng.standard_normal((9, 12)), d)} for d in dtypes}
@@ -178,6 +182,7 @@ def test_dtype_in_equals_dtype_out(rng):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=bound)
 
 
+@pytest.mark.slow
 def test_float64_when_enabled(rng):
     with jax.enable_x64(True):
         x = rng.standard_normal((2, 30, 20))
@@ -187,6 +192,7 @@ def test_float64_when_enabled(rng):
         np.testing.assert_allclose(np.asarray(out), want, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_second_call_does_not_recompile_and_scales(rng):
     tau = vit_like_params(rng)
     boosting._boost_tree.clear_cache()
@@ -197,6 +203,7 @@ def test_second_call_does_not_recompile_and_scales(rng):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(3 * a, b, rtol=1e-4, atol=1e-4), first, second)
 
 
+@pytest.mark.slow
 def test_report_names_every_matrix(rng):
     tau = vit_like_params(rng)  # same shapes and options as above: no new compilation
     _, report = sb.subspace_boost(tau, beta=0.01, solver="polar", attention="per_head", return_info=True)
@@ -207,6 +214,7 @@ def test_report_names_every_matrix(rng):
     assert "polar" in report.summary()
 
 
+@pytest.mark.slow
 def test_batch_size_gives_the_same_result_and_report(rng):
     x = jnp.asarray(rng.standard_normal((5, 24, 18)), jnp.float32)  # chunks of 2: the last one padded
     whole, report = sb.subspace_boost(x, beta=0.02, solver="polar", return_info=True)

@@ -179,6 +179,7 @@ def sb_task_vectors(base: dict, experts: list[dict], convert) -> tuple:
 # open_clip: TSV-M, Iso-C, Iso-CTS, boosting under reference_settings
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("method, torch_fn", [("tsv", tsv_torch), ("iso_c", iso_c_torch), ("iso_cts", iso_cts_torch)])
+@pytest.mark.slow
 def test_svd_merges_match_every_2d_tensor_reference(open_clip_towers, method, torch_fn):
     base, experts = open_clip_towers
     tvs = task_vectors_of(base, experts)
@@ -193,6 +194,7 @@ def test_svd_merges_match_every_2d_tensor_reference(open_clip_towers, method, to
         assert default_error > 1e-2
 
 
+@pytest.mark.slow
 def test_full_attention_is_in_proj_weight(open_clip_towers):
     """attention="full" stacks q/k/v exactly as open_clip's in_proj_weight (one (3D, D) matrix)."""
     base, experts = open_clip_towers
@@ -206,6 +208,7 @@ def test_full_attention_is_in_proj_weight(open_clip_towers):
     np.testing.assert_allclose(got, s_want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_boost_matches_reference_port(open_clip_towers):
     base, experts = open_clip_towers
     tvs = task_vectors_of(base, experts)
@@ -269,6 +272,7 @@ def hf_towers():
     return config.to_dict(), base, experts
 
 
+@pytest.mark.slow
 def test_fusion_bench_iso_c_and_tsv_m_parity(hf_towers):
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c as fb_iso_c
     from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
@@ -334,6 +338,7 @@ def rank_deficient_tree(rng) -> dict:
 
 
 @pytest.mark.parametrize("solver", ["svd", "polar"])
+@pytest.mark.slow
 def test_rank_rtol_keeps_the_null_space_at_zero(rng, solver):
     tau = rank_deficient_tree(rng)
     got, report = sb.subspace_boost(tau, beta=0.01, rank_rtol=1e-5, solver=solver, return_info=True)
@@ -352,6 +357,7 @@ def test_rank_rtol_keeps_the_null_space_at_zero(rng, solver):
         assert "3 rank-deficient matrices (a, b, c)" in default.rank_warning()
 
 
+@pytest.mark.slow
 def test_rank_rtol_svd_and_polar_agree(rng):
     tau = rank_deficient_tree(rng)
     svd = sb.subspace_boost(tau, beta=0.01, rank_rtol=1e-5, solver="svd")
@@ -370,6 +376,7 @@ def test_bad_attn_beta_and_rank_rtol_are_named(rng):
         sb.subspace_boost(tau, beta=0.01, rank_rtol=0.0)
 
 
+@pytest.mark.slow
 def test_cli_warns_about_rank_deficient_matrices(rng, tmp_path, capsys):
     from subboost import cli
 
@@ -388,6 +395,7 @@ def test_cli_warns_about_rank_deficient_matrices(rng, tmp_path, capsys):
     assert worst_relative_error(boosted, want)[0] < RTOL
 
 
+@pytest.mark.slow
 def test_streaming_attn_beta_and_rank_rtol_equal_in_memory(rng, tmp_path):
     from subboost import streaming
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import subboost as sb
-from subboost import checkpoints, cli, streaming
+from subboost import cli, streaming
 from subboost.task_vectors import SubboostError
 from tests.conftest import vit_like_params
 
@@ -263,6 +263,7 @@ def test_overflow_is_an_error_not_inf(tmp_path):
 
 
 # --- 10. bools are not numbers ------------------------------------------------------------
+@pytest.mark.slow
 def test_booleans_are_not_numbers(ckpts):
     root, base, experts = ckpts
     tvs = sb.task_vectors(base, experts)
@@ -329,6 +330,7 @@ def test_bad_inputs_give_one_line_not_a_traceback(work, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "an").exists() and not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_truncated_orbax_data_prints_one_line_and_no_event_loop_noise(work, tmp_path):
     for data in (work / "e0").rglob("*"):
         if data.is_file() and data.parent.name == "d":

@@ -31,6 +31,7 @@ CLEAN = ",conventions=subboost,alpha_metric=absolute"
 TASKS = ("PCAM", "GTSRB", "EuroSAT")
 MODEL = get_config("tiny")
 MOCK_EXAMPLES = 12
+pytestmark = pytest.mark.slow  # whole suites end to end (checkpoints, tfds mock data, merges, sweeps)
 _encode = jax.jit(lambda p, x: CLIPVisionTransformer(MODEL).apply({"params": p}, x))
 
 

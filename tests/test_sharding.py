@@ -27,6 +27,7 @@ NUM_DEVICES = 8
 inner = pytest.mark.skipif(not os.environ.get(INNER), reason="runs in test_eight_device_suite's subprocess")
 
 
+@pytest.mark.slow
 def test_eight_device_suite():
     if os.environ.get(INNER):
         pytest.skip("already inside the subprocess")

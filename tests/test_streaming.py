@@ -104,6 +104,7 @@ SVD_CASES = [("tsv", {}), ("iso_c", {}), ("iso_cts", {})]
 
 
 @pytest.mark.parametrize("method, kwargs", ELEMENTWISE_CASES, ids=lambda v: str(v))
+@pytest.mark.slow
 def test_streaming_equals_in_memory_elementwise(setup, tmp_path, method, kwargs):
     base, base_path, paths, experts = setup
     out = streaming.merge_from_checkpoints(base_path, paths, method=method, out=tmp_path / "out",
@@ -113,6 +114,7 @@ def test_streaming_equals_in_memory_elementwise(setup, tmp_path, method, kwargs)
 
 @pytest.mark.parametrize("method, kwargs", [c for c in SVD_CASES if c[0] in sb.available_methods()],
                          ids=lambda v: str(v))
+@pytest.mark.slow
 def test_streaming_equals_in_memory_svd_methods(setup, tmp_path, method, kwargs):
     base, base_path, paths, experts = setup
     out = streaming.merge_from_checkpoints(base_path, paths, method=method, out=tmp_path / "out",
@@ -121,6 +123,7 @@ def test_streaming_equals_in_memory_svd_methods(setup, tmp_path, method, kwargs)
 
 
 @pytest.mark.parametrize("base_method", ["task_arithmetic", "ties"])
+@pytest.mark.slow
 def test_streaming_dare_equals_in_memory(tmp_path, base_method):
     rng = np.random.default_rng(1)
     base = tiny_params(rng)
@@ -133,6 +136,7 @@ def test_streaming_dare_equals_in_memory(tmp_path, base_method):
     assert_trees_equal(in_memory(base, experts, "dare", kwargs), streaming.read_params(out))
 
 
+@pytest.mark.slow
 def test_streaming_boost_and_alpha_equal_in_memory(setup, tmp_path):
     base, base_path, paths, experts = setup
     boost = {"beta": 0.05, "attention": "full"}
@@ -202,6 +206,7 @@ def test_radix_select_equals_bisection(tmp_path, k):
 
 
 # --- formats -------------------------------------------------------------------
+@pytest.mark.slow
 def test_orbax_experts_in_memory_base_and_chained_output(setup, tmp_path):
     base, base_path, paths, experts = setup
     orbax_paths = [sb.save_params(expert, tmp_path / f"orbax_{t}") for t, expert in enumerate(experts)]
@@ -279,6 +284,7 @@ def test_interrupted_run_leaves_nothing_and_rerun_works(setup, tmp_path, monkeyp
     assert_trees_equal(in_memory(base, experts, "task_arithmetic", {}), streaming.read_params(out))
 
 
+@pytest.mark.slow
 def test_killed_run_is_never_complete_and_is_cleaned_by_rerun(setup, tmp_path):
     base, base_path, paths, experts = setup
     script = textwrap.dedent(f"""

@@ -173,6 +173,7 @@ def test_iso_cts_space_sizes(m, n, num_tasks, fraction, expected):
 
 # --- random inputs against the numpy reference -------------------------------------
 @pytest.mark.parametrize("method, kwargs", SVD_METHODS)
+@pytest.mark.slow
 def test_float64_equals_numpy_reference(method, kwargs):
     """Generic random task vectors: the algorithm is the reference's, to float64 round-off.
 
@@ -208,6 +209,7 @@ def test_float32_matches_numpy_reference_to_1e5(method, kwargs):
 
 @pytest.mark.parametrize("attention", ["full", "per_head"])
 @pytest.mark.parametrize("method, kwargs", [SVD_METHODS[0], SVD_METHODS[2]])
+@pytest.mark.slow
 def test_attention_modes_match_numpy_per_matrix(method, kwargs, attention):
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
@@ -239,6 +241,7 @@ def test_iso_cts_acts_on_the_pytorch_transpose_of_flax_kernels():
 
 # --- composition with boosting and the alpha sweep ---------------------------------------
 @pytest.mark.parametrize("method, kwargs", SVD_METHODS[:3])
+@pytest.mark.slow
 def test_composes_with_subspace_boost_and_alpha_sweep(method, kwargs):
     with jax.enable_x64(True):
         rng = np.random.default_rng(11)
@@ -275,6 +278,7 @@ def test_boosting_leaves_the_flat_iso_c_spectrum_unchanged():
 
 # --- engine: batching, jit, dtypes --------------------------------------------------------
 @pytest.mark.parametrize("method, kwargs", [SVD_METHODS[0], SVD_METHODS[2]])
+@pytest.mark.slow
 def test_batch_size_does_not_change_the_result(method, kwargs):
     tvs = _stack(_random_task_vectors(3, method, kwargs), jnp.float32)
     whole = sb.merge(tvs, method, **kwargs)
@@ -283,6 +287,7 @@ def test_batch_size_does_not_change_the_result(method, kwargs):
 
 
 @pytest.mark.parametrize("attention", ["full", "per_head"])
+@pytest.mark.slow
 def test_batch_size_reads_scan_stacked_layers_and_heads(rng, attention):
     """The memory-lean path loads matrix j of a group straight from its leaf:
     here scan-stacked (T, layers, ...) kernels and, per head, layer j // heads."""
@@ -339,6 +344,7 @@ def test_second_call_does_not_recompile(method):
 
 
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+@pytest.mark.slow
 def test_dtype_in_equals_dtype_out_and_zero_stays_zero(method):
     params = vit_like_params(np.random.default_rng(0), dtype=jnp.bfloat16, **SHAPE)
     tvs = jax.tree_util.tree_map(lambda x: jnp.stack([x, x, -x]), params)

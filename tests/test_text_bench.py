@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -104,6 +103,7 @@ def test_task_labels_follow_their_words():
 # ----------------------------------------------------------------------------
 # Boosting every beta from one SVD
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_boost_all_equals_subspace_boost():
     from subboost.models.bert import BertConfig, init_params
     from subboost.text_bench.pipeline import boost_candidates
@@ -124,6 +124,7 @@ def test_boost_all_equals_subspace_boost():
 # ----------------------------------------------------------------------------
 # The tiny suite end to end
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_text_suite_end_to_end(tmp_path):
     from subboost.text_bench import run_text_benchmark
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from subboost.bench.config import SHIPPED_BASES, BenchConfig
-from subboost.bench.data import build_pretraining_mixture
+from subboost.bench.splits import build_pretraining_mixture
 from subboost.bench.pretrain import pretrain
 from subboost.bench.tasks import TASKS
 from subboost.tree import nest

@@ -1,7 +1,7 @@
 """On-disk cache of the trained models: orbax checkpoints keyed by the training config.
 
 Layout of ``<cache root>/<training key>/`` (the key is
-`BenchConfig.training_key`, a hash of every training setting, the seed and the
+`training_key`, a hash of every training setting, the seed and the
 training code)::
 
   base/                 pretrained encoder            (orbax PyTree checkpoint)
@@ -16,17 +16,51 @@ Each expert is its own checkpoint, so ``subboost merge --base .../base
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from subboost.bench import centroid_heads, finetune, model, pretrain, splits, tasks
+from subboost.bench.base import SHIPPED_BASES
+from subboost.bench.config import BenchConfig
+
 COMPLETE_MARKER = "COMPLETE"
+
+
+def source_key(header: dict[str, Any], modules: Sequence[ModuleType]) -> str:
+    """A suite's training key: ``sha256(json(header) + source of modules)[:16]``.
+
+    ``header`` holds the seed and the config fields that decide the trained
+    models; ``modules`` the generators and training code, so editing them
+    invalidates cached checkpoints. Shared by the vision and text suites.
+    """
+    blob = json.dumps(header, sort_keys=True) + "".join(inspect.getsource(m) for m in modules)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def training_key(config: BenchConfig, seed: int) -> str:
+    """Hash of everything that decides the trained base, heads and experts of the vision suite.
+
+    Includes the source of the task generators and training code, so editing
+    them invalidates cached checkpoints; a shipped base is identified by its checksum.
+    """
+    fields = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_", "steps_per_call", "base"))
+    }
+    if config.base is not None:
+        fields["base_sha256"] = SHIPPED_BASES.get(config.base)
+    return source_key({"seed": seed, "config": fields}, (tasks, splits, model, pretrain, finetune, centroid_heads))
 
 
 class ModelCache:

@@ -2,7 +2,7 @@
 
 Everything the benchmark does is decided here, so a run is described by its
 config and seed alone (they are written into ``results.json``). The part that
-decides the trained models (`BenchConfig.training_key`) keys the checkpoint
+decides the trained models (`subboost.bench.cache.training_key`) keys the checkpoint
 cache: changing an evaluation setting reuses the trained base and experts,
 changing a training setting retrains them.
 
@@ -23,9 +23,6 @@ boosting sweep and regime figures were added).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
 from subboost.models.clip_vit import CLIPVisionConfig
@@ -43,10 +40,6 @@ SWEEP_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 SHIPPED_BASES: dict[str, str] = {
     "default_seed0": "153d1b6737008db6d7d0e3b0ec1dcf7e56bcc4922932cc631ba5fc14809e3a51",
 }
-
-# The modules whose source decides the trained models (hashed into `BenchConfig.training_key`).
-TRAINING_MODULES: tuple[str, ...] = ("tasks", "data", "model", "pretrain", "finetune", "heads")
-_BENCH_DIR = Path(__file__).parent
 
 SWEEP_METHODS: tuple[str, ...] = ("task_arithmetic", "ties")
 
@@ -138,17 +131,7 @@ class BenchConfig:
     def __post_init__(self):
         from subboost.bench.tasks import TASKS
 
-        if not 1 <= self.num_tasks <= len(TASKS):
-            raise ValueError(f"BenchConfig.num_tasks must be in [1, {len(TASKS)}], got {self.num_tasks}.")
-        if not self.task_counts or any(not 1 <= k <= self.num_tasks for k in self.task_counts):
-            raise ValueError(f"BenchConfig.task_counts must lie in [1, num_tasks={self.num_tasks}], got {self.task_counts}.")
-        if list(self.task_counts) != sorted(set(self.task_counts)):
-            raise ValueError(f"BenchConfig.task_counts must be strictly increasing, got {self.task_counts}.")
-        if any(a <= 0 for a in self.alphas) or list(self.alphas) != sorted(set(self.alphas)):
-            raise ValueError(f"BenchConfig.alphas must be positive and strictly increasing, got {self.alphas}.")
-        for name in ("betas", "sweep_betas"):
-            if any(not 0.0 <= b <= 1.0 for b in getattr(self, name)):
-                raise ValueError(f"BenchConfig.{name} must lie in [0, 1], got {getattr(self, name)}.")
+        check_suite_settings(self, available_tasks=len(TASKS), betas=("betas", "sweep_betas"))
         if self.model.image_size != 16 or self.model.in_channels != 3:
             raise ValueError("BenchConfig.model must take 16x16 RGB images (the tasks' input space).")
         if self.head_shots > self.train_per_task // 10:
@@ -159,23 +142,24 @@ class BenchConfig:
         d["model"] = self.model.to_dict()
         return d
 
-    def training_key(self, seed: int) -> str:
-        """Hash of everything that decides the trained base, heads and experts.
 
-        Includes the source of the task generators and training code, so editing
-        them invalidates cached checkpoints.
-        """
-        fields = {
-            k: v
-            for k, v in self.to_dict().items()
-            if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_", "steps_per_call", "base"))
-        }
-        # The modules' text, read as files (the training modules import this one, not the reverse).
-        sources = "".join((_BENCH_DIR / f"{name}.py").read_text(encoding="utf-8") for name in TRAINING_MODULES)
-        if self.base is not None:  # a shipped base is identified by its checksum
-            fields["base_sha256"] = SHIPPED_BASES.get(self.base)
-        blob = json.dumps({"seed": seed, "config": fields}, sort_keys=True) + sources
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def check_suite_settings(config: Any, *, available_tasks: int, betas: tuple[str, ...] = ("betas",)) -> None:
+    """The checks every suite config shares: task counts, the alpha grid, the beta grids.
+
+    Raises ValueError naming the config class and field.
+    """
+    name = type(config).__name__
+    if not 1 <= config.num_tasks <= available_tasks:
+        raise ValueError(f"{name}.num_tasks must be in [1, {available_tasks}], got {config.num_tasks}.")
+    if not config.task_counts or any(not 1 <= k <= config.num_tasks for k in config.task_counts):
+        raise ValueError(f"{name}.task_counts must lie in [1, num_tasks={config.num_tasks}], got {config.task_counts}.")
+    if list(config.task_counts) != sorted(set(config.task_counts)):
+        raise ValueError(f"{name}.task_counts must be strictly increasing, got {config.task_counts}.")
+    if any(a <= 0 for a in config.alphas) or list(config.alphas) != sorted(set(config.alphas)):
+        raise ValueError(f"{name}.alphas must be positive and strictly increasing, got {config.alphas}.")
+    for field in betas:
+        if any(not 0.0 <= b <= 1.0 for b in getattr(config, field)):
+            raise ValueError(f"{name}.{field} must lie in [0, 1], got {getattr(config, field)}.")
 
 
 _MODELS = {

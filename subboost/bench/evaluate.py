@@ -17,28 +17,37 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.bench.heads import task_logits
+from subboost.bench.centroid_heads import task_logits
 from subboost.bench.model import make_encoder
 from subboost.models.clip_vit import CLIPVisionConfig
 
 _STATIC = ("model", "batch")
 
 
+def map_in_batches(fn: Callable[..., jax.Array], *arrays: jax.Array, batch: int) -> jax.Array:
+    """``fn`` over the leading axis of ``arrays``, ``batch`` rows per call (`jax.lax.map`; the last batch padded).
+
+    Memory stays bounded by one batch; the padding rows are dropped from the result. Shared by the
+    vision and text suites' evaluations.
+    """
+    n = arrays[0].shape[0]
+    batch = min(batch, n)
+    num_batches = math.ceil(n / batch)
+    padded = [jnp.pad(a, ((0, num_batches * batch - n),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(a.reshape((num_batches, batch) + a.shape[1:]) for a in padded))
+    return out.reshape((num_batches * batch,) + out.shape[2:])[:n]
+
+
 def features(params: dict, images: jax.Array, *, model: CLIPVisionConfig, batch: int) -> jax.Array:
     """``(N, H, W, C)`` -> ``(N, E)``, ``batch`` images per forward pass."""
     encode = make_encoder(model)
-    n = images.shape[0]
-    batch = min(batch, n)
-    num_batches = math.ceil(n / batch)
-    padded = jnp.pad(images, ((0, num_batches * batch - n),) + ((0, 0),) * (images.ndim - 1))
-    out = jax.lax.map(lambda x: encode(params, x), padded.reshape((num_batches, batch) + images.shape[1:]))
-    return out.reshape((num_batches * batch,) + out.shape[2:])[:n]
+    return map_in_batches(lambda x: encode(params, x), images, batch=batch)
 
 
 def _accuracies(params, images, labels, heads, *, model, batch):
@@ -70,7 +79,13 @@ def expert_accuracies(experts, images, labels, heads, *, model, batch):
     return jax.vmap(one)(experts, images, labels, heads)
 
 
+def sweep_alphas(accuracies_at: Callable[..., jax.Array], base, tau, alphas: Sequence[float], *data,
+                 **static) -> np.ndarray:
+    """``(A, T)``: ``accuracies_at(base, tau, alpha, *data, **static)`` for every alpha (one host sync)."""
+    rows = [accuracies_at(base, tau, jnp.float32(a), *data, **static) for a in alphas]
+    return np.asarray(jnp.stack(rows))
+
+
 def alpha_sweep(base, tau, alphas: Sequence[float], images, labels, heads, *, model, batch) -> np.ndarray:
     """``(A, T)`` accuracies of ``theta_0 + alpha * tau`` for every alpha (one host sync)."""
-    rows = [accuracies_at(base, tau, jnp.float32(a), images, labels, heads, model=model, batch=batch) for a in alphas]
-    return np.asarray(jnp.stack(rows))
+    return sweep_alphas(accuracies_at, base, tau, alphas, images, labels, heads, model=model, batch=batch)

@@ -1,6 +1,6 @@
 """Fine-tuning one expert per task: the encoder only, the task's head frozen.
 
-For task ``t`` with frozen head ``(W_t, b_t)`` (`subboost.bench.heads`):
+For task ``t`` with frozen head ``(W_t, b_t)`` (`subboost.bench.centroid_heads`):
 
     loss_t(theta) = mean_i cross_entropy( normalise(f_theta(x_i)) @ W_t + b_t , y_i )
 
@@ -21,8 +21,8 @@ import optax
 from tqdm.auto import tqdm
 
 from subboost.bench.config import BenchConfig
-from subboost.bench.data import SuiteData
-from subboost.bench.heads import task_logits
+from subboost.bench.splits import SuiteData
+from subboost.bench.centroid_heads import task_logits
 from subboost.bench.model import add_pixel_noise, make_encoder
 from subboost.bench.pretrain import chunk_sizes
 

@@ -1,8 +1,8 @@
 """The whole mini-benchmark, end to end: data -> base -> heads -> experts -> merges -> report.
 
-1. Generate the tasks' splits and the pretraining mixture (`subboost.bench.tasks`, `.data`).
+1. Generate the tasks' splits and the pretraining mixture (`subboost.bench.tasks`, `.splits`).
 2. Pretrain the ViT CLIP-style on coarse captions (`.pretrain`), build the frozen
-   zero-shot-like heads (`.heads`), fine-tune one expert per task (`.finetune`);
+   zero-shot-like heads (`.centroid_heads`), fine-tune one expert per task (`.finetune`);
    base, heads and experts are cached as orbax checkpoints under
    ``<cache dir>/<training key>`` and reused when the training config matches (`.cache`).
 3. For each number of experts ``T`` in ``config.task_counts`` (the first ``T``
@@ -25,6 +25,7 @@ reason.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import platform
 import time
@@ -38,12 +39,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import subboost as sb
-from subboost.bench.cache import ModelCache
+from subboost.bench.cache import ModelCache, training_key
 from subboost.bench.config import SVD_BATCH_SIZE, BenchConfig
-from subboost.bench.data import SuiteData, build_pretraining_mixture, build_suite
+from subboost.bench.splits import SuiteData, build_pretraining_mixture, build_suite
 from subboost.bench import evaluate as bench_eval
 from subboost.bench.finetune import finetune_experts
-from subboost.bench.heads import build_heads, take_tasks
+from subboost.bench.centroid_heads import build_heads, take_tasks
 from subboost.bench.model import make_encoder
 from subboost.bench.base import load_shipped_base
 from subboost.bench.pretrain import PretrainResult, pretrain
@@ -220,7 +221,7 @@ def load_or_train(
 ) -> BenchModels:
     """Generates the data, then loads base, heads and experts from ``cache_dir`` or trains and caches them.
 
-    The cache entry is ``cache_dir/<config.training_key(seed)>``: any change to a
+    The cache entry is ``cache_dir/<training_key(config, seed)>``: any change to a
     training setting or to the generators' and trainers' source trains anew.
     """
     timings: dict[str, float] = {}
@@ -229,7 +230,7 @@ def load_or_train(
     data = build_suite(tasks, train=config.train_per_task, val=config.val_per_task, test=config.test_per_task,
                        seed=seed, progress=progress)
     timings["data_s"] = time.perf_counter() - start
-    cache = ModelCache(Path(cache_dir).expanduser(), config.training_key(seed))
+    cache = ModelCache(Path(cache_dir).expanduser(), training_key(config, seed))
     if cache.complete():
         start = time.perf_counter()
         base, heads, experts, meta = cache.load()
@@ -245,32 +246,70 @@ def load_or_train(
     return BenchModels(config, data, base, heads, experts, meta, cache.dir, False, timings)
 
 
-def evaluate_merges(
-    config: BenchConfig,
-    data: SuiteData,
-    *,
-    base: dict,
-    heads: dict,
-    experts: dict,
-    expert_test: np.ndarray,
-    num_tasks: int,
-    seed: int,
-    bar: tqdm,
-) -> dict[str, Any]:
-    """Every merge method, plain and boosted, on the first ``num_tasks`` experts."""
-    heads_t = jax.tree_util.tree_map(jnp.asarray, take_tasks(heads, num_tasks))
-    val_images, val_labels = jnp.asarray(data.val.images[:num_tasks]), jnp.asarray(data.val.labels[:num_tasks])
-    test_images, test_labels = jnp.asarray(data.test.images[:num_tasks]), jnp.asarray(data.test.labels[:num_tasks])
-    tvs = task_vectors_of(base, experts, num_tasks)
-    reference = expert_test[:num_tasks]
+@dataclasses.dataclass(frozen=True)
+class MergeSetting:
+    """Everything the merges at one task count share: the trained models and the first ``num_tasks`` tasks.
 
-    static = {"model": config.model, "batch": config.eval_batch}
+    `evaluate_merges` and `boost_sweep` take one of these instead of a long keyword list.
 
-    def evaluate(tau, alphas):
-        return bench_eval.alpha_sweep(base, tau, alphas, val_images, val_labels, heads_t, **static)
+    Attributes:
+      config: the benchmark size; data: every task's splits.
+      base, heads, experts: the trained models (experts stacked over all tasks).
+      expert_test: each expert's test accuracy on its own task, ``(num_all_tasks,)``.
+      num_tasks: how many experts (the first ones) are merged.
+      seed: the run seed (DARE's key).
+    """
+
+    config: BenchConfig
+    data: SuiteData
+    base: dict
+    heads: dict
+    experts: dict
+    expert_test: np.ndarray
+    num_tasks: int
+    seed: int
+
+    @functools.cached_property
+    def _device_splits(self) -> tuple[dict, tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        n = self.num_tasks
+        heads_t = jax.tree_util.tree_map(jnp.asarray, take_tasks(self.heads, n))
+        val = jnp.asarray(self.data.val.images[:n]), jnp.asarray(self.data.val.labels[:n])
+        test = jnp.asarray(self.data.test.images[:n]), jnp.asarray(self.data.test.labels[:n])
+        return heads_t, val, test
+
+    @property
+    def reference(self) -> np.ndarray:
+        """The merged experts' own test accuracies (denominators of the normalized accuracy)."""
+        return self.expert_test[: self.num_tasks]
+
+    @functools.cached_property
+    def task_vectors(self) -> dict:
+        """The first ``num_tasks`` experts' task vectors, stacked (computed once)."""
+        return task_vectors_of(self.base, self.experts, self.num_tasks)
+
+    def merge(self, method: str) -> dict:
+        return sb.merge(self.task_vectors, method=method, **method_kwargs(self.config, method, self.seed))
+
+    def _sweep(self, tau, alphas, split) -> np.ndarray:
+        heads_t = self._device_splits[0]
+        return bench_eval.alpha_sweep(self.base, tau, alphas, *split, heads_t, model=self.config.model,
+                                      batch=self.config.eval_batch)
+
+    def validation(self, tau, alphas) -> np.ndarray:
+        """``(A, T)`` validation accuracies of ``theta_0 + alpha tau`` (the `select` evaluate function)."""
+        return self._sweep(tau, alphas, self._device_splits[1])
+
+    def test(self, tau, alpha: float) -> np.ndarray:
+        """``(T,)`` test accuracies of ``theta_0 + alpha tau``."""
+        return self._sweep(tau, [alpha], self._device_splits[2])[0]
+
+
+def evaluate_merges(setting: MergeSetting, *, bar: tqdm) -> dict[str, Any]:
+    """Every merge method, plain and boosted, on the first ``setting.num_tasks`` experts."""
+    config, num_tasks, reference = setting.config, setting.num_tasks, setting.reference
 
     def report(tau, selection) -> dict[str, Any]:
-        test = bench_eval.alpha_sweep(base, tau, [selection.alpha], test_images, test_labels, heads_t, **static)[0]
+        test = setting.test(tau, selection.alpha)
         return {
             "alpha": selection.alpha,
             "beta": selection.candidate,
@@ -288,14 +327,14 @@ def evaluate_merges(
         bar.set_postfix_str(f"{num_tasks} tasks: {method}")
         fixed_alpha = config.fixed_alphas.get(method)
         try:
-            tau = sb.merge(tvs, method=method, **method_kwargs(config, method, seed))
+            tau = setting.merge(method)
         except SubboostError as err:
             results[method] = {"status": "n/a", "reason": str(err)}
             bar.update(1)
             continue
-        plain = select(evaluate, {None: tau}, alphas=config.alphas, fixed_alpha=fixed_alpha)
+        plain = select(setting.validation, {None: tau}, alphas=config.alphas, fixed_alpha=fixed_alpha)
         boosted_candidates, equivalent, cutoffs = boost_candidates(tau, config.betas)
-        boosted = select(evaluate, boosted_candidates, alphas=config.alphas, fixed_alpha=fixed_alpha)
+        boosted = select(setting.validation, boosted_candidates, alphas=config.alphas, fixed_alpha=fixed_alpha)
         results[method] = {
             "status": "ok",
             "hyper_parameters": {k: v for k, v in config.method_kwargs.get(method, {}).items()},
@@ -311,18 +350,7 @@ def evaluate_merges(
     return results
 
 
-def boost_sweep(
-    config: BenchConfig,
-    data: SuiteData,
-    *,
-    base: dict,
-    heads: dict,
-    experts: dict,
-    expert_test: np.ndarray,
-    num_tasks: int,
-    seed: int,
-    progress: bool = True,
-) -> dict[str, Any]:
+def boost_sweep(setting: MergeSetting, *, progress: bool = True) -> dict[str, Any]:
     """Accuracy against boosting strength: each method of ``config.sweep_methods`` boosted at every beta
     of ``config.sweep_betas`` (beta = 1 leaves the spectrum as it is), alpha tuned on validation per beta.
     Betas with the same cutoff index on every matrix give the same boosted task vector and share one row.
@@ -330,22 +358,13 @@ def boost_sweep(
     Returns ``{method: [{"beta", "alpha", "alpha_on_edge", "val_accuracy", "absolute", "normalized",
     "mean_cutoff_index", "stable_rank"}, ...]}`` (one entry per beta, in grid order).
     """
-    heads_t = jax.tree_util.tree_map(jnp.asarray, take_tasks(heads, num_tasks))
-    val_images, val_labels = jnp.asarray(data.val.images[:num_tasks]), jnp.asarray(data.val.labels[:num_tasks])
-    test_images, test_labels = jnp.asarray(data.test.images[:num_tasks]), jnp.asarray(data.test.labels[:num_tasks])
-    tvs = task_vectors_of(base, experts, num_tasks)
-    reference = expert_test[:num_tasks]
-    static = {"model": config.model, "batch": config.eval_batch}
-
-    def evaluate(tau, alphas):
-        return bench_eval.alpha_sweep(base, tau, alphas, val_images, val_labels, heads_t, **static)
-
+    config, reference = setting.config, setting.reference
     methods = [m for m in config.sweep_methods if m in methods_to_run(config)]
     sweep: dict[str, Any] = {}
-    with tqdm(total=len(methods) * len(config.sweep_betas), desc=f"boosting sweep ({num_tasks} tasks)", unit="beta",
-              disable=not progress, leave=False) as bar:
+    with tqdm(total=len(methods) * len(config.sweep_betas), desc=f"boosting sweep ({setting.num_tasks} tasks)",
+              unit="beta", disable=not progress, leave=False) as bar:
         for method in methods:
-            tau = sb.merge(tvs, method=method, **method_kwargs(config, method, seed))
+            tau = setting.merge(method)
             cutoffs = cutoff_indices(tau, config.sweep_betas)
             rows = []
             for beta in config.sweep_betas:
@@ -355,8 +374,8 @@ def boost_sweep(
                     bar.update(1)
                     continue
                 boosted = sb.subspace_boost(tau, beta=beta, batch_size=SVD_BATCH_SIZE)
-                choice = select(evaluate, {beta: boosted}, alphas=config.alphas)
-                test = bench_eval.alpha_sweep(base, boosted, [choice.alpha], test_images, test_labels, heads_t, **static)[0]
+                choice = select(setting.validation, {beta: boosted}, alphas=config.alphas)
+                test = setting.test(boosted, choice.alpha)
                 rows.append({
                     "beta": beta,
                     "alpha": choice.alpha,
@@ -421,8 +440,8 @@ def run_benchmark(
               disable=not progress, leave=False) as bar:
         for num_tasks in config.task_counts:
             start = time.perf_counter()
-            merged = evaluate_merges(config, data, base=base, heads=heads, experts=experts,
-                                     expert_test=expert_test, num_tasks=num_tasks, seed=seed, bar=bar)
+            merged = evaluate_merges(MergeSetting(config, data, base, heads, experts, expert_test, num_tasks, seed),
+                                     bar=bar)
             zs, ex = pretrained_test[:num_tasks], expert_test[:num_tasks]
             settings.append({
                 "num_tasks": num_tasks,
@@ -436,8 +455,8 @@ def run_benchmark(
 
     start = time.perf_counter()
     largest = config.task_counts[-1]
-    sweep = boost_sweep(config, data, base=base, heads=heads, experts=experts, expert_test=expert_test,
-                        num_tasks=largest, seed=seed, progress=progress)
+    sweep = boost_sweep(MergeSetting(config, data, base, heads, experts, expert_test, largest, seed),
+                        progress=progress)
     timings["boost_sweep_s"] = time.perf_counter() - start
     start = time.perf_counter()
     probe = linear_probe_accuracy(base, data, model=config.model, batch=config.eval_batch, seed=seed)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost.bench import evaluate as bench_eval
-from subboost.bench.data import SuiteData
+from subboost.bench.splits import SuiteData
 from subboost.bench.tasks import add_noise
 from subboost.models.clip_vit import CLIPVisionConfig
 from subboost.models.heads import l2_normalize

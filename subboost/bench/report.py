@@ -8,6 +8,7 @@ test accuracy. Every number is formatted from ``results.json`` by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 METHOD_NAMES = {
@@ -42,24 +43,42 @@ def method_names(results: dict[str, Any]) -> list[str]:
     return names
 
 
-def accuracy_table(results: dict[str, Any]) -> str:
+def ok_entry(setting: dict[str, Any], method: str) -> dict[str, Any] | None:
+    """The method's entry at one task count, or None where it did not run (n/a)."""
+    entry = setting["methods"].get(method)
+    return entry if entry is not None and entry["status"] == "ok" else None
+
+
+def settings_header(results: dict[str, Any], suffix: str = "", align: str = "---:") -> list[str]:
+    """The header of a table with one column per task count."""
     settings = results["settings"]
-    header = "| method | " + " | ".join(f"{s['num_tasks']} tasks" for s in settings) + " |"
-    lines = [header, "|---|" + "---:|" * len(settings)]
-    lines.append("| Pretrained + heads | " + " | ".join(cell(s["pretrained"]) for s in settings) + " |")
-    lines.append("| Fine-tuned experts | " + " | ".join(cell(s["experts"]) for s in settings) + " |")
+    return ["| method | " + " | ".join(f"{s['num_tasks']} tasks{suffix}" for s in settings) + " |",
+            "|---|" + f"{align}|" * len(settings)]
+
+
+def _cells(results: dict[str, Any], method: str, render: Callable[[dict[str, Any]], str]) -> str:
+    return " | ".join("n/a" if (e := ok_entry(s, method)) is None else render(e) for s in results["settings"])
+
+
+def method_rows(results: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> list[str]:
+    """One row per method: ``render(entry)`` per task count, ``n/a`` where the method did not run."""
+    return [f"| {method_label(m)} | {_cells(results, m, render)} |" for m in method_names(results)]
+
+
+def accuracy_rows(results: dict[str, Any], render: Callable[[dict[str, Any]], str] = cell) -> list[str]:
+    """Pretrained, experts, then every method plain and boosted (``*``: alpha at the edge of its grid)."""
+    settings = results["settings"]
+    lines = ["| Pretrained + heads | " + " | ".join(render(s["pretrained"]) for s in settings) + " |",
+             "| Fine-tuned experts | " + " | ".join(render(s["experts"]) for s in settings) + " |"]
     for method in method_names(results):
-        for variant, label in (("plain", method_label(method)), ("boosted", f"{method_label(method)} + boost")):
-            cells = []
-            for s in settings:
-                entry = s["methods"].get(method)
-                if entry is None or entry["status"] != "ok":
-                    cells.append("n/a")
-                    continue
-                mark = "*" if entry[variant]["alpha_on_edge"] else ""
-                cells.append(cell(entry[variant]) + mark)
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for variant, suffix in (("plain", ""), ("boosted", " + boost")):
+            marked = lambda e, v=variant: render(e[v]) + ("*" if e[v]["alpha_on_edge"] else "")  # noqa: E731
+            lines.append(f"| {method_label(method)}{suffix} | {_cells(results, method, marked)} |")
+    return lines
+
+
+def accuracy_table(results: dict[str, Any]) -> str:
+    return "\n".join(settings_header(results) + accuracy_rows(results))
 
 
 def _betas(boosted: dict[str, Any]) -> str:
@@ -73,39 +92,19 @@ def _betas(boosted: dict[str, Any]) -> str:
     return f"{boosted['beta']:g}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
+def alpha_mark(entry: dict[str, Any]) -> str:
+    """The chosen alpha, ``*`` when at the edge of its grid."""
+    return f"{entry['alpha']:.3g}{'*' if entry['alpha_on_edge'] else ''}"
+
+
 def choices_table(results: dict[str, Any]) -> str:
-    settings = results["settings"]
-    lines = ["| method | " + " | ".join(f"{s['num_tasks']} tasks: alpha / beta" for s in settings) + " |",
-             "|---|" + "---|" * len(settings)]
-    for method in method_names(results):
-        cells = []
-        for s in settings:
-            entry = s["methods"].get(method)
-            if entry is None or entry["status"] != "ok":
-                cells.append("n/a")
-                continue
-            plain, boosted = entry["plain"], entry["boosted"]
-            cells.append(f"{plain['alpha']:.3g}{'*' if plain['alpha_on_edge'] else ''}"
-                         f" ; boost {boosted['alpha']:.3g}{'*' if boosted['alpha_on_edge'] else ''}"
-                         f" / {_betas(boosted)}")
-        lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(settings_header(results, ": alpha / beta", "---") + method_rows(
+        results, lambda e: f"{alpha_mark(e['plain'])} ; boost {alpha_mark(e['boosted'])} / {_betas(e['boosted'])}"))
 
 
-def stable_rank_table(results: dict[str, Any]) -> str:
-    settings = results["settings"]
-    lines = ["| method | " + " | ".join(f"{s['num_tasks']} tasks" for s in settings) + " |",
-             "|---|" + "---:|" * len(settings)]
-    for method in method_names(results):
-        cells = []
-        for s in settings:
-            entry = s["methods"].get(method)
-            if entry is None or entry["status"] != "ok":
-                cells.append("n/a")
-                continue
-            cells.append(f"{entry['plain']['stable_rank']:.2f} -> {entry['boosted']['stable_rank']:.2f}")
-        lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def stable_rank_table(results: dict[str, Any], digits: int = 2) -> str:
+    return "\n".join(settings_header(results) + method_rows(
+        results, lambda e: f"{e['plain']['stable_rank']:.{digits}f} -> {e['boosted']['stable_rank']:.{digits}f}"))
 
 
 def per_task_table(results: dict[str, Any]) -> str:

@@ -1,18 +1,14 @@
-"""Choosing alpha (and beta) on the validation split.
+"""Choosing alpha (and beta) on the validation split of the mini-benchmarks.
 
 For each merged task vector the candidates are ``{None: tau}`` (no boosting)
 or ``{beta: boost(tau, beta)}`` for every beta of the grid (boosting commutes
 with the scaling by alpha, so one boost per beta serves the whole alpha sweep).
-Selection maximises the mean validation accuracy over the merged tasks:
-
-1. every candidate on the coarse log grid ``alphas`` (one vmapped call each);
-2. the best (candidate, alpha) pair, ties to the earlier one;
-3. refinement: that candidate at ``alpha * 2^(-1/2)`` and ``alpha * 2^(1/2)``;
-   the best of the three wins (ties keep the coarse value).
-
-A choice at either end of the coarse grid is flagged (``alpha_on_edge``): the
-optimum may lie outside the grid. Methods with a fixed alpha skip 1-3 and only
-choose among the candidates.
+Selection maximises the mean validation accuracy over the merged tasks by the
+library's one rule (`subboost.selection`): every candidate on the coarse log
+grid ``alphas`` (one vmapped call each), ties to the earlier (candidate,
+alpha), then refinement at ``alpha * 2^(-1/2)`` and ``alpha * 2^(1/2)`` (ties
+keep the coarse value). A choice at either end of the coarse grid is flagged
+(``alpha_on_edge``). Methods with a fixed alpha only choose among the candidates.
 """
 
 from __future__ import annotations
@@ -22,6 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from subboost.selection import choose
+
+__all__ = ["REFINE_FACTORS", "Selection", "select"]
 
 # evaluate(task vector, alphas (A,)) -> validation accuracies (A, T)
 EvaluateFn = Callable[[Any, np.ndarray], np.ndarray]
@@ -60,20 +60,6 @@ def select(
     grid = np.asarray([fixed_alpha] if fixed_alpha is not None else alphas, np.float32)
     if grid.size == 0:
         raise ValueError("select needs a non-empty alpha grid.")
-    best = None  # (val, candidate, index)
-    for candidate, tau in candidates.items():
-        scores = np.asarray(evaluate(tau, grid)).mean(axis=1)
-        index = int(np.argmax(scores))
-        if best is None or scores[index] > best[0]:
-            best = (float(scores[index]), candidate, index)
-    val, candidate, index = best
-    alpha = float(grid[index])
-    evaluations = len(candidates) * grid.size
-    if fixed_alpha is not None:
-        return Selection(candidate, alpha, False, val, evaluations)
-    refined = np.asarray([alpha * f for f in REFINE_FACTORS], np.float32)
-    scores = np.asarray(evaluate(candidates[candidate], refined)).mean(axis=1)
-    if scores.max() > val:
-        alpha, val = float(refined[int(np.argmax(scores))]), float(scores.max())
-    on_edge = index in (0, grid.size - 1)
-    return Selection(candidate, alpha, on_edge, val, evaluations + refined.size)
+    choice = choose(lambda key, a: np.asarray(evaluate(candidates[key], a)).mean(axis=1), list(candidates),
+                    alphas=grid, refine_factors=() if fixed_alpha is not None else REFINE_FACTORS)
+    return Selection(choice.key, choice.alpha, choice.alpha_on_edge, choice.score, choice.evaluations)

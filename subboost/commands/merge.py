@@ -22,7 +22,6 @@ import jax
 
 import subboost as sb
 from subboost.boosting import BOOST_MODES
-from subboost.task_vectors import SubboostError
 from subboost.tree import ATTENTION_MODES
 
 

@@ -12,10 +12,10 @@ TSV-M, Iso-C: element-wise and SVD-based): every stage of the pipeline, for CI.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
-import json
 from typing import Any
+
+from subboost.bench.config import check_suite_settings
+
 
 # Log-spaced alpha grid 0.125 .. 2 (refined by 2^(+-1/2) around the best; edges flagged).
 DEFAULT_ALPHAS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -81,16 +81,7 @@ class TextBenchConfig:
     def __post_init__(self):
         from subboost.text_bench.tasks import TASKS
 
-        if not 1 <= self.num_tasks <= len(TASKS):
-            raise ValueError(f"TextBenchConfig.num_tasks must be in [1, {len(TASKS)}], got {self.num_tasks}.")
-        if not self.task_counts or any(not 1 <= k <= self.num_tasks for k in self.task_counts):
-            raise ValueError(f"TextBenchConfig.task_counts must lie in [1, num_tasks={self.num_tasks}], got {self.task_counts}.")
-        if list(self.task_counts) != sorted(set(self.task_counts)):
-            raise ValueError(f"TextBenchConfig.task_counts must be strictly increasing, got {self.task_counts}.")
-        if any(a <= 0 for a in self.alphas) or list(self.alphas) != sorted(set(self.alphas)):
-            raise ValueError(f"TextBenchConfig.alphas must be positive and strictly increasing, got {self.alphas}.")
-        if any(not 0.0 <= b <= 1.0 for b in self.betas):
-            raise ValueError(f"TextBenchConfig.betas must lie in [0, 1], got {self.betas}.")
+        check_suite_settings(self, available_tasks=len(TASKS))
         if self.head_shots * 4 > self.train_per_task:
             raise ValueError(f"TextBenchConfig.head_shots={self.head_shots} is too many for train_per_task={self.train_per_task}.")
         if self.layers is not None and self.layers < 1:
@@ -101,14 +92,14 @@ class TextBenchConfig:
 
     def training_key(self, seed: int, weights_sha256: str) -> str:
         """Hash of everything that decides the heads and experts (incl. the generators' and trainers' source)."""
-        from subboost.text_bench import data, finetune, heads, model, tasks, tokenize
+        from subboost.bench.cache import source_key
+        from subboost.text_bench import finetune, model, prototype_heads, splits, tasks, tokenize
 
         fields = {k: v for k, v in self.to_dict().items()
                   if k.startswith(("layers", "num_tasks", "train_", "finetune_", "head_", "max_length", "logit_",
                                    "steps_per_call"))}
-        sources = "".join(inspect.getsource(m) for m in (tasks, data, model, finetune, heads, tokenize))
-        blob = json.dumps({"seed": seed, "weights": weights_sha256, "config": fields}, sort_keys=True) + sources
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return source_key({"seed": seed, "weights": weights_sha256, "config": fields},
+                          (tasks, splits, model, finetune, prototype_heads, tokenize))
 
 
 CONFIGS: dict[str, TextBenchConfig] = {

@@ -10,15 +10,15 @@ evaluates expert ``t`` on task ``t``. Sentences go through the encoder ``batch``
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subboost.bench.evaluate import map_in_batches, sweep_alphas
 from subboost.models.bert import BertConfig
-from subboost.text_bench.heads import task_logits
+from subboost.text_bench.prototype_heads import task_logits
 from subboost.text_bench.model import make_embedder, with_encoder
 
 _STATIC = ("model", "batch")
@@ -27,14 +27,7 @@ _STATIC = ("model", "batch")
 def features(params: dict, ids: jax.Array, mask: jax.Array, *, model: BertConfig, batch: int) -> jax.Array:
     """``(N, L)`` -> ``(N, width)`` mean-pooled embeddings, ``batch`` sentences per forward pass."""
     embed = make_embedder(model)
-    n = ids.shape[0]
-    batch = min(batch, n)
-    num_batches = math.ceil(n / batch)
-    pad = ((0, num_batches * batch - n), (0, 0))
-    ids = jnp.pad(ids, pad).reshape(num_batches, batch, -1)
-    mask = jnp.pad(mask, pad).reshape(num_batches, batch, -1)
-    out = jax.lax.map(lambda xs: embed(params, xs[0], xs[1]), (ids, mask))
-    return out.reshape(num_batches * batch, -1)[:n]
+    return map_in_batches(lambda i, m: embed(params, i, m), ids, mask, batch=batch)
 
 
 def _accuracies(params, ids, mask, labels, heads, *, model, batch):
@@ -68,6 +61,4 @@ def expert_accuracies(base, experts, ids, mask, labels, heads, *, model, batch) 
 
 def alpha_sweep(base, tau, alphas: Sequence[float], ids, mask, labels, heads, *, model, batch) -> np.ndarray:
     """``(A, T)`` accuracies of ``theta_0 + alpha * tau`` for every alpha (one host sync)."""
-    rows = [accuracies_at(base, tau, jnp.float32(a), ids, mask, labels, heads, model=model, batch=batch)
-            for a in alphas]
-    return np.asarray(jnp.stack(rows))
+    return sweep_alphas(accuracies_at, base, tau, alphas, ids, mask, labels, heads, model=model, batch=batch)

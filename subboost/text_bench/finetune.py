@@ -1,6 +1,6 @@
 """Fine-tuning one expert per task: the transformer blocks only; embeddings and head frozen.
 
-For task ``t`` with frozen prototype head ``(W_t, b_t)`` (`subboost.text_bench.heads`):
+For task ``t`` with frozen prototype head ``(W_t, b_t)`` (`subboost.text_bench.prototype_heads`):
 
     loss_t(theta) = mean_i cross_entropy( normalise(meanpool(f_theta(x_i))) @ W_t + b_t , y_i )
 
@@ -21,7 +21,7 @@ import optax
 from tqdm.auto import tqdm
 
 from subboost.models.bert import BertConfig
-from subboost.text_bench.heads import task_logits
+from subboost.text_bench.prototype_heads import task_logits
 from subboost.text_bench.model import make_embedder, with_encoder
 
 

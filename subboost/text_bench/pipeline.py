@@ -40,9 +40,9 @@ from subboost.bench.sweep import select
 from subboost.task_vectors import SubboostError
 from subboost.text_bench import evaluate as text_eval
 from subboost.text_bench.config import SVD_BATCH_SIZE, TextBenchConfig
-from subboost.text_bench.data import Split, build_suite
+from subboost.text_bench.splits import Split, build_suite
 from subboost.text_bench.finetune import finetune_experts
-from subboost.text_bench.heads import build_heads, take_tasks
+from subboost.text_bench.prototype_heads import build_heads, take_tasks
 from subboost.text_bench.model import make_embedder
 from subboost.text_bench.regime import boosted_stable_rank, cutoffs_from_spectra, regime, stable_rank_of
 from subboost.text_bench.tasks import TASKS

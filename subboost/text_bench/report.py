@@ -8,69 +8,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from subboost.bench.report import method_label, method_names, percent
-
-
-def _header(results, suffix: str = "", align: str = "---:") -> list[str]:
-    settings = results["settings"]
-    return ["| method | " + " | ".join(f"{s['num_tasks']} tasks{suffix}" for s in settings) + " |",
-            "|---|" + f"{align}|" * len(settings)]
-
-
-def _ok(setting, method):
-    entry = setting["methods"].get(method)
-    return entry if entry is not None and entry["status"] == "ok" else None
+from subboost.bench import report as bench_report
+from subboost.bench.report import (accuracy_rows, alpha_mark, cell, method_label, method_rows, percent,
+                                   settings_header)
 
 
 def accuracy_table(results: dict[str, Any], field: str | None = None) -> str:
     """``field=None``: ``abs (norm)`` cells; ``"absolute"`` / ``"normalized"``: one number per cell."""
-    def cell(entry):
-        if field is None:
-            return f"{percent(entry['absolute'])} ({percent(entry['normalized'])})"
-        return percent(entry[field])
-
-    settings = results["settings"]
-    lines = _header(results)
-    lines.append("| Pretrained + heads | " + " | ".join(cell(s["pretrained"]) for s in settings) + " |")
-    lines.append("| Fine-tuned experts | " + " | ".join(cell(s["experts"]) for s in settings) + " |")
-    for method in method_names(results):
-        for variant, label in (("plain", method_label(method)), ("boosted", f"{method_label(method)} + boost")):
-            cells = []
-            for s in settings:
-                entry = _ok(s, method)
-                cells.append("n/a" if entry is None else cell(entry[variant]) + ("*" if entry[variant]["alpha_on_edge"] else ""))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    render = cell if field is None else (lambda entry: percent(entry[field]))
+    return "\n".join(settings_header(results) + accuracy_rows(results, render))
 
 
 def choices_table(results: dict[str, Any]) -> str:
-    lines = _header(results, ": alpha ; boosted alpha / beta (k)", "---")
-    for method in method_names(results):
-        cells = []
-        for s in results["settings"]:
-            entry = _ok(s, method)
-            if entry is None:
-                cells.append("n/a")
-                continue
-            p, b = entry["plain"], entry["boosted"]
-            twins = [x for x in b.get("equivalent_betas", []) if x != b["beta"]]
-            beta = f"{b['beta']:g}" + ("=" + "=".join(f"{x:g}" for x in twins) if twins else "")
-            cells.append(f"{p['alpha']:.3g}{'*' if p['alpha_on_edge'] else ''} ; "
-                         f"{b['alpha']:.3g}{'*' if b['alpha_on_edge'] else ''} / {beta} (k {b['mean_cutoff_index']:.1f})")
-        lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def render(entry: dict[str, Any]) -> str:
+        b = entry["boosted"]
+        twins = [x for x in b.get("equivalent_betas", []) if x != b["beta"]]
+        beta = f"{b['beta']:g}" + ("=" + "=".join(f"{x:g}" for x in twins) if twins else "")
+        return f"{alpha_mark(entry['plain'])} ; {alpha_mark(b)} / {beta} (k {b['mean_cutoff_index']:.1f})"
+
+    return "\n".join(settings_header(results, ": alpha ; boosted alpha / beta (k)", "---") + method_rows(results, render))
 
 
 def stable_rank_table(results: dict[str, Any]) -> str:
-    lines = _header(results)
-    for method in method_names(results):
-        cells = []
-        for s in results["settings"]:
-            entry = _ok(s, method)
-            cells.append("n/a" if entry is None else
-                         f"{entry['plain']['stable_rank']:.1f} -> {entry['boosted']['stable_rank']:.1f}")
-        lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return bench_report.stable_rank_table(results, digits=1)
 
 
 def regime_table(results: dict[str, Any]) -> str:

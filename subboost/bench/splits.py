@@ -109,7 +109,7 @@ def few_shot_examples(task_index: int, data: SuiteData, shots: int) -> np.ndarra
     """``(MAX_CLASSES, shots, H, W, 3)`` clean training images, ``shots`` per class (zeros for absent classes).
 
     The first ``shots`` training examples of each class: what a zero-shot head
-    is built from (see `subboost.bench.heads`).
+    is built from (see `subboost.bench.centroid_heads`).
     """
     labels = data.train.labels[task_index]
     out = np.zeros((MAX_CLASSES, shots) + data.train.images.shape[2:], np.float32)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.bench.data import SuiteData, few_shot_examples
+from subboost.bench.splits import SuiteData, few_shot_examples
 from subboost.bench.tasks import add_noise
 from subboost.models.heads import l2_normalize
 
