@@ -294,24 +294,16 @@ class MatrixPlan:
             rows = block.shape[-2] // n_fused
             for j, leaf_id in enumerate(member.leaf_ids):
                 x = block[..., j * rows : (j + 1) * rows, :] if n_fused > 1 else block
-                if layout.kind == "dense":
-                    x = jnp.swapaxes(x, -1, -2)
-                elif layout.kind == "matrix":
+                if layout.kind == "matrix":
                     pass
-                elif layout.kind == "attn_in":
+                elif layout.kind == "attn_in" and member.attention == "per_head":
                     embed, heads, head_dim = core
-                    if member.attention == "per_head":
-                        x = x.reshape(lead_shape + (-1, heads, head_dim, embed))
-                        x = jnp.moveaxis(x, -1, -3)
-                    else:
-                        x = jnp.swapaxes(x, -1, -2)
-                else:
+                    x = jnp.moveaxis(x.reshape(lead_shape + (-1, heads, head_dim, embed)), -1, -3)
+                elif layout.kind == "attn_out" and member.attention == "per_head":
                     heads, head_dim, embed = core
-                    if member.attention == "per_head":
-                        x = x.reshape(lead_shape + (-1, heads, embed, head_dim))
-                        x = jnp.swapaxes(x, -1, -2)
-                    else:
-                        x = jnp.swapaxes(x, -1, -2)
+                    x = jnp.swapaxes(x.reshape(lead_shape + (-1, heads, embed, head_dim)), -1, -2)
+                else:  # dense, or a whole attention matrix: (out, in) -> (in, out); the reshape below splits heads
+                    x = jnp.swapaxes(x, -1, -2)
                 out[leaf_id] = x.reshape(lead_shape + member.leaf_shape)
         return out
 

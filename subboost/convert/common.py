@@ -149,8 +149,8 @@ def vision_tower(src: TensorSource, config: CLIPVisionConfig, names: Mapping[str
     """The Flax CLIP vision tower's parameters around its ``blocks`` (already converted).
 
     ``names`` maps ``conv1``, ``class_embedding``, ``positional_embedding``, ``ln_pre`` and
-    ``ln_post`` to the source's keys; ``proj`` is the projection's key (read as
-    ``(width, embed_dim)``) or the projection itself.
+    ``ln_post`` to the source's keys (its other entries are `vision_blocks`'); ``proj`` is the
+    projection's key (read as ``(width, embed_dim)``) or the projection itself.
     """
     w = config.width
     return {
@@ -162,6 +162,27 @@ def vision_tower(src: TensorSource, config: CLIPVisionConfig, names: Mapping[str
         "ln_post": layer_norm(src, names["ln_post"], w),
         "proj": src.get(proj, (w, config.embed_dim)) if isinstance(proj, str) else proj,
     }
+
+
+def vision_blocks(src: TensorSource, config: CLIPVisionConfig, names: Mapping[str, str], *,
+                  attention: Callable[..., dict]) -> dict:
+    """The Flax tower's ``transformer`` parameters, ``{"resblocks_{i}": ...}`` for every block.
+
+    ``names`` maps ``resblocks`` (the blocks' key prefix, before the index) and, within
+    a block, ``ln_1``, ``attn``, ``ln_2``, ``c_fc`` and ``c_proj`` to the source's keys;
+    ``attention(src, key, config=config)`` reads one block's attention.
+    """
+    w, m = config.width, config.hidden_dim
+    blocks = {}
+    for i in range(config.layers):
+        b = f"{names['resblocks']}{i}."
+        blocks[f"resblocks_{i}"] = {
+            "ln_1": layer_norm(src, b + names["ln_1"], w),
+            "attn": attention(src, b + names["attn"], config=config),
+            "ln_2": layer_norm(src, b + names["ln_2"], w),
+            "mlp": {"c_fc": dense(src, b + names["c_fc"], w, m), "c_proj": dense(src, b + names["c_proj"], m, w)},
+        }
+    return blocks
 
 
 def separate_attention(src: TensorSource, key: str, names: Mapping[str, str], config: Any) -> dict:

@@ -14,6 +14,7 @@ the pooled ``post_layernorm`` output, reproduced with ``proj = I`` (``embed_dim 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,11 +26,10 @@ from subboost.convert.common import (
     ConversionError,
     TensorSource,
     count_blocks,
-    dense,
     file_record,
-    layer_norm,
     resolve_config,
     separate_attention,
+    vision_blocks,
     vision_tower,
 )
 from subboost.models.clip_vit import LN_EPS, CLIPVisionConfig
@@ -113,10 +113,11 @@ def load_dir(path: Path) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     return tensors, [file_record(path / "config.json")] + [file_record(f) for f in files]
 
 
-# Where the Flax tower's non-block parameters sit in a Hugging Face CLIPVisionModel.
+# Where the Flax tower's parameters sit in a Hugging Face CLIPVisionModel (block entries within a block).
 HF_NAMES = {"conv1": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
             "positional_embedding": "embeddings.position_embedding.weight", "ln_pre": "pre_layrnorm",
-            "ln_post": "post_layernorm"}
+            "ln_post": "post_layernorm", "resblocks": "encoder.layers.", "ln_1": "layer_norm1",
+            "attn": "self_attn", "ln_2": "layer_norm2", "c_fc": "mlp.fc1", "c_proj": "mlp.fc2"}
 
 
 def convert_state_dict(
@@ -159,16 +160,8 @@ def convert_state_dict(
                 raise ConversionError(f"{source}: config.json says {name}={value} but the weights have {inferred[name]}.")
     cfg, notes = resolve_config(inferred, source=source, config=config, hints=hints, overrides=overrides)
     src = TensorSource(tensors, source=source, prefix=prefix, what="Hugging Face CLIP vision model")
-    w, m = cfg.width, cfg.hidden_dim
-    blocks = {}
-    for i in range(cfg.layers):
-        b = f"encoder.layers.{i}."
-        blocks[f"resblocks_{i}"] = {
-            "ln_1": layer_norm(src, b + "layer_norm1", w),
-            "attn": separate_attention(src, b + "self_attn", ATTENTION_NAMES, cfg),
-            "ln_2": layer_norm(src, b + "layer_norm2", w),
-            "mlp": {"c_fc": dense(src, b + "mlp.fc1", w, m), "c_proj": dense(src, b + "mlp.fc2", m, w)},
-        }
+    w = cfg.width
+    blocks = vision_blocks(src, cfg, HF_NAMES, attention=functools.partial(separate_attention, names=ATTENTION_NAMES))
     if projection is not None:
         proj = np.ascontiguousarray(src.get("visual_projection.weight", (cfg.embed_dim, w), prefix=outer).T)
     else:

@@ -22,10 +22,9 @@ from subboost.convert.common import (
     ConversionError,
     TensorSource,
     count_blocks,
-    dense,
     fused_attention,
-    layer_norm,
     resolve_config,
+    vision_blocks,
     vision_tower,
 )
 from subboost.models.clip_vit import CLIPVisionConfig
@@ -84,9 +83,11 @@ def infer_architecture(tensors: Mapping[str, np.ndarray], prefix: str, source: s
     }
 
 
-# Where the Flax tower's non-block parameters sit in an open_clip visual tower (the same names).
+# Where the Flax tower's parameters sit in an open_clip visual tower (mostly the same names).
 OPEN_CLIP_NAMES = {"conv1": "conv1.weight", "class_embedding": "class_embedding",
-                   "positional_embedding": "positional_embedding", "ln_pre": "ln_pre", "ln_post": "ln_post"}
+                   "positional_embedding": "positional_embedding", "ln_pre": "ln_pre", "ln_post": "ln_post",
+                   "resblocks": "transformer.resblocks.", "ln_1": "ln_1", "attn": "attn", "ln_2": "ln_2",
+                   "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj"}
 
 
 def convert_state_dict(
@@ -104,16 +105,7 @@ def convert_state_dict(
     inferred = infer_architecture(tensors, prefix, source)
     cfg, notes = resolve_config(inferred, source=source, config=config, hints=hints, overrides=overrides)
     src = TensorSource(tensors, source=source, prefix=prefix, what=f"open_clip {what}")
-    w, m = cfg.width, cfg.hidden_dim
-    blocks = {}
-    for i in range(cfg.layers):
-        b = f"transformer.resblocks.{i}."
-        blocks[f"resblocks_{i}"] = {
-            "ln_1": layer_norm(src, b + "ln_1", w),
-            "attn": fused_attention(src, b + "attn", cfg),
-            "ln_2": layer_norm(src, b + "ln_2", w),
-            "mlp": {"c_fc": dense(src, b + "mlp.c_fc", w, m), "c_proj": dense(src, b + "mlp.c_proj", m, w)},
-        }
+    blocks = vision_blocks(src, cfg, OPEN_CLIP_NAMES, attention=fused_attention)
     params = vision_tower(src, cfg, OPEN_CLIP_NAMES, blocks=blocks, proj="proj")
     ignored: list[str] = []
     if prefix.endswith("visual."):  # a full CLIP model: its text tower is known and left out

@@ -29,21 +29,16 @@ SVDs of Iso-CTS run batched over layers and tasks together.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from subboost import linalg
-from subboost.merging.averaging import expert_mean
-from subboost.merging.tsv import (
-    check_batch_size,
-    check_matrices_fit_tasks,
-    concatenate_task_triplets,
-    orthogonalise,
-)
+from subboost.merging.tsv import concatenate_task_triplets, merge_task_matrices, orthogonalise
 from subboost.task_vectors import SubboostError
-from subboost.tree import AttentionMode, PyTree, map_matrices, matrix_plan
+from subboost.tree import AttentionMode, PyTree
 from subboost.validation import check_real
 
 
@@ -149,9 +144,8 @@ def iso_c(
       Array([[2., 0.],
              [0., 2.]], dtype=float32)
     """
-    check_batch_size(batch_size, "iso_c")
-    return map_matrices(iso_c_matrices, tvs, non_matrix=expert_mean, lead_ndim=1, is_matrix=is_matrix,
-                        attention=attention, batch_size=batch_size)
+    return merge_task_matrices(iso_c_matrices, tvs, what="iso_c", attention=attention, is_matrix=is_matrix,
+                               batch_size=batch_size)
 
 
 def iso_cts(
@@ -185,21 +179,12 @@ def iso_cts(
         its parameter path and shape.
     """
     check_common_space_fraction(common_space_fraction)
-    check_batch_size(batch_size, "iso_cts")
-    num_tasks = jax.tree_util.tree_leaves(tvs)[0].shape[0]
-    plan = matrix_plan(tvs, lead_ndim=1, is_matrix=is_matrix, attention=attention)
-    check_matrices_fit_tasks(
-        plan,
-        num_tasks,
-        what="iso_cts",
-        rule=lambda m, n: _iso_cts_size_problem(m, n, num_tasks, common_space_fraction),
-    )
-    return map_matrices(
-        lambda x: iso_cts_matrices(x, common_space_fraction=common_space_fraction),
+    return merge_task_matrices(
+        functools.partial(iso_cts_matrices, common_space_fraction=common_space_fraction),
         tvs,
-        non_matrix=expert_mean,
-        lead_ndim=1,
-        is_matrix=is_matrix,
+        what="iso_cts",
+        rule=functools.partial(_iso_cts_size_problem, fraction=common_space_fraction),
         attention=attention,
+        is_matrix=is_matrix,
         batch_size=batch_size,
     )

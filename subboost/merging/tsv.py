@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from subboost import linalg
 from subboost.merging.averaging import expert_mean
 from subboost.task_vectors import SubboostError
-from subboost.tree import AttentionMode, MatrixPlan, PyTree, map_matrices, matrix_plan
+from subboost.tree import AttentionMode, PyTree, map_matrices, matrix_plan
 from subboost.validation import check_int
 
 
@@ -100,27 +100,45 @@ def tsv_matrices(x: jax.Array) -> jax.Array:
     return linalg.reconstruct(*tsv_factors(x)).astype(x.dtype)
 
 
-def check_matrices_fit_tasks(
-    plan: MatrixPlan,
-    num_tasks: int,
+def merge_task_matrices(
+    kernel: Callable[[jax.Array], jax.Array],
+    tvs: PyTree,
     *,
     what: str,
-    rule: Callable[[int, int], str | None],
-) -> None:
-    """Raises for the first matrix ``rule(m, n)`` objects to, naming its parameter path and shape.
+    attention: AttentionMode,
+    is_matrix: Callable | None,
+    batch_size: int | None,
+    rule: Callable[[int, int, int], str | None] | None = None,
+) -> PyTree:
+    """``kernel`` on every matrix group ``(G, T, m, n)`` of stacked task vectors, the mean over tasks elsewhere.
 
-    ``rule`` returns ``None`` when an ``m x n`` matrix is fine, else the reason.
+    The shared body of the SVD merges (TSV-M, Iso-C, Iso-CTS). Checks
+    ``batch_size``, then every matrix against ``rule(m, n, T)`` (``None`` when an
+    ``m x n`` matrix suits T tasks, else the reason), raising `SubboostError`
+    for the first one it objects to, naming its parameter path and shape.
     """
-    for member in plan.members:
-        m, n, _ = member.group
-        reason = rule(m, n)
-        if reason is not None:
-            path = plan.paths[member.leaf_ids[0]]
-            raise SubboostError(
-                f"{what}: parameter {path!r} (shape {member.leaf_shape}, read as {m}x{n} "
-                f"(out, in) matrices with attention={member.attention!r}) {reason} "
-                f"for T = {num_tasks} tasks."
-            )
+    check_batch_size(batch_size, what)
+    if rule is not None:
+        num_tasks = jax.tree_util.tree_leaves(tvs)[0].shape[0]
+        plan = matrix_plan(tvs, lead_ndim=1, is_matrix=is_matrix, attention=attention)
+        for member in plan.members:
+            m, n, _ = member.group
+            reason = rule(m, n, num_tasks)
+            if reason is not None:
+                path = plan.paths[member.leaf_ids[0]]
+                raise SubboostError(
+                    f"{what}: parameter {path!r} (shape {member.leaf_shape}, read as {m}x{n} "
+                    f"(out, in) matrices with attention={member.attention!r}) {reason} "
+                    f"for T = {num_tasks} tasks."
+                )
+    return map_matrices(kernel, tvs, non_matrix=expert_mean, lead_ndim=1, is_matrix=is_matrix,
+                        attention=attention, batch_size=batch_size)
+
+
+def _tsv_size_problem(m: int, n: int, num_tasks: int) -> str | None:
+    if tsv_rank(m, n, num_tasks) > 0:
+        return None
+    return f"has min(m, n) = {min(m, n)}: too few rows/columns for floor(min(m, n) / T) >= 1"
 
 
 def check_batch_size(batch_size: int | None, what: str) -> None:
@@ -164,16 +182,5 @@ def tsv(
       Array([[3., 0.],
              [0., 2.]], dtype=float32)
     """
-    check_batch_size(batch_size, "tsv")
-    num_tasks = jax.tree_util.tree_leaves(tvs)[0].shape[0]
-    plan = matrix_plan(tvs, lead_ndim=1, is_matrix=is_matrix, attention=attention)
-    check_matrices_fit_tasks(
-        plan,
-        num_tasks,
-        what="tsv",
-        rule=lambda m, n: None
-        if tsv_rank(m, n, num_tasks) > 0
-        else f"has min(m, n) = {min(m, n)}: too few rows/columns for floor(min(m, n) / T) >= 1",
-    )
-    return map_matrices(tsv_matrices, tvs, non_matrix=expert_mean, lead_ndim=1, is_matrix=is_matrix,
-                        attention=attention, batch_size=batch_size)
+    return merge_task_matrices(tsv_matrices, tvs, what="tsv", rule=_tsv_size_problem, attention=attention,
+                               is_matrix=is_matrix, batch_size=batch_size)

@@ -37,18 +37,18 @@ not treat them as matrices: merge methods combine them entry-wise.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from subboost.models.config import ArchitectureConfig
+
 BERT_ACTIVATIONS: tuple[str, ...] = ("gelu",)
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ArchitectureConfig):
     """Architecture of a BERT encoder.
 
     Attributes:
@@ -74,31 +74,14 @@ class BertConfig:
     act: str = "gelu"
 
     def __post_init__(self):
-        for name in ("vocab_size", "width", "layers", "heads", "mlp_dim", "max_positions", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}.")
-        if self.width % self.heads:
-            raise ValueError(f"BertConfig: width {self.width} is not divisible by heads {self.heads}.")
+        self.check_positive_ints(
+            ("vocab_size", "width", "layers", "heads", "mlp_dim", "max_positions", "type_vocab_size")
+        )
+        self.check_heads_divide_width()
         if not self.layer_norm_eps > 0:
             raise ValueError(f"BertConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}.")
         if self.act not in BERT_ACTIVATIONS:
             raise ValueError(f"BertConfig.act must be one of {BERT_ACTIVATIONS}, got {self.act!r}.")
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> BertConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"BertConfig: unknown fields {unknown}; known: {sorted(fields)}.")
-        return cls(**d)
 
 
 # all-MiniLM-L6-v2 (sentence-transformers), the BERT the `text` extra installs.

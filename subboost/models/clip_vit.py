@@ -31,19 +31,20 @@ Parameter tree (matching scenic's CLIP layout, so scenic checkpoints load)::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from subboost.models.config import ArchitectureConfig
+
 ACTIVATIONS: tuple[str, ...] = ("quick_gelu", "gelu")
 LN_EPS = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(ArchitectureConfig):
     """Architecture of a CLIP image tower.
 
     Attributes:
@@ -71,24 +72,16 @@ class CLIPVisionConfig:
     mlp_dim: int | None = None
 
     def __post_init__(self):
-        for name in ("image_size", "patch_size", "width", "layers", "heads", "embed_dim", "in_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"CLIPVisionConfig.{name} must be a positive integer, got {value!r}.")
+        self.check_positive_ints(("image_size", "patch_size", "width", "layers", "heads", "embed_dim", "in_channels"))
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"CLIPVisionConfig: image_size {self.image_size} is not divisible by patch_size {self.patch_size}."
             )
-        if self.width % self.heads:
-            raise ValueError(f"CLIPVisionConfig: width {self.width} is not divisible by heads {self.heads}.")
+        self.check_heads_divide_width()
         if self.act not in ACTIVATIONS:
             raise ValueError(f"CLIPVisionConfig.act must be one of {ACTIVATIONS}, got {self.act!r}.")
         if self.mlp_dim is not None and (not isinstance(self.mlp_dim, int) or self.mlp_dim <= 0):
             raise ValueError(f"CLIPVisionConfig.mlp_dim must be a positive integer or None, got {self.mlp_dim!r}.")
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
 
     @property
     def hidden_dim(self) -> int:
@@ -103,17 +96,6 @@ class CLIPVisionConfig:
     def num_tokens(self) -> int:
         """Patches plus the class token."""
         return self.grid_size**2 + 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CLIPVisionConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"CLIPVisionConfig: unknown fields {unknown}; known: {sorted(fields)}.")
-        return cls(**d)
 
 
 _CONFIGS: dict[str, CLIPVisionConfig] = {
