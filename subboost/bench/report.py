@@ -107,10 +107,13 @@ def stable_rank_table(results: dict[str, Any], digits: int = 2) -> str:
         results, lambda e: f"{e['plain']['stable_rank']:.{digits}f} -> {e['boosted']['stable_rank']:.{digits}f}"))
 
 
-def per_task_table(results: dict[str, Any]) -> str:
-    lines = ["| task | classes | pretrained + heads | expert |", "|---|---:|---:|---:|"]
+def per_task_table(results: dict[str, Any], *, text_columns: tuple[str, ...] = ()) -> str:
+    """Per task: classes, any ``text_columns`` of its record, pretrained + heads and expert test accuracy."""
+    lines = ["| " + " | ".join(["task", "classes", *text_columns, "pretrained + heads", "expert"]) + " |",
+             "|---|---:|" + "---|" * len(text_columns) + "---:|---:|"]
     for task, zs, ex in zip(results["tasks"], results["pretrained_test_accuracy"], results["expert_test_accuracy"]):
-        lines.append(f"| {task['name']} | {task['num_classes']} | {percent(zs)} | {percent(ex)} |")
+        cells = [task["name"], str(task["num_classes"]), *(str(task[c]) for c in text_columns), percent(zs), percent(ex)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -217,8 +220,13 @@ def markdown_tables(results: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def wall_time_line(results: dict[str, Any], *, cached: str = "reused cached models",
+                   trained: str = "trained the models") -> str:
+    """The run's wall time, and whether it trained its models or reused cached ones."""
+    cache = cached if results["cache_hit"] else trained
+    return f"\nWall time {results['timings'].get('total_s', float('nan')):.0f} s ({cache}).\n"
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     """`markdown_tables` plus the run's wall time."""
-    timings = results["timings"]
-    cache = "reused cached models" if results["cache_hit"] else "trained the models"
-    return markdown_tables(results) + f"\nWall time {timings.get('total_s', float('nan')):.0f} s ({cache}).\n"
+    return markdown_tables(results) + wall_time_line(results)

@@ -14,22 +14,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from subboost.bench.config import check_suite_settings
+# The merge methods' hyper-parameters are the vision suite's (REFERENCE.md defaults).
+from subboost.bench.config import DEFAULT_FIXED_ALPHAS, DEFAULT_METHOD_KWARGS, check_suite_settings
 
 
 # Log-spaced alpha grid 0.125 .. 2 (refined by 2^(+-1/2) around the best; edges flagged).
 DEFAULT_ALPHAS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
 DEFAULT_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)  # the paper's grid
-SVD_BATCH_SIZE = 1  # one matrix per LAPACK call (see subboost.bench.config: avoids a 2-thread deadlock)
-DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {
-    "ties": {"k": 0.2},
-    "dare": {"p": 0.9},
-    "consensus": {"min_tasks": 2, "lambdas": 0.4},
-    "tsv": {"batch_size": SVD_BATCH_SIZE},
-    "iso_c": {"batch_size": SVD_BATCH_SIZE},
-    "iso_cts": {"batch_size": SVD_BATCH_SIZE},
-}
-DEFAULT_FIXED_ALPHAS: dict[str, float] = {"weight_averaging": 1.0}
 # Temperature of the frozen cosine-prototype heads: fixed, not tuned (20 is the scale
 # sentence-transformers uses for cosine-similarity losses).
 LOGIT_SCALE = 20.0

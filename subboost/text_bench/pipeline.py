@@ -39,7 +39,8 @@ from subboost.bench.pipeline import methods_to_run, prepare_out_dir
 from subboost.bench.sweep import select
 from subboost.task_vectors import SubboostError
 from subboost.text_bench import evaluate as text_eval
-from subboost.text_bench.config import SVD_BATCH_SIZE, TextBenchConfig
+from subboost.bench.config import SVD_BATCH_SIZE
+from subboost.text_bench.config import TextBenchConfig
 from subboost.text_bench.splits import Split, build_suite
 from subboost.text_bench.finetune import finetune_experts
 from subboost.text_bench.prototype_heads import build_heads, take_tasks

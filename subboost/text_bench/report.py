@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from subboost.bench import report as bench_report
-from subboost.bench.report import (accuracy_rows, alpha_mark, cell, method_label, method_rows, percent,
+from subboost.bench.report import (accuracy_rows, alpha_mark, cell, method_rows, percent,
                                    settings_header)
 
 
@@ -55,10 +55,8 @@ def regime_table(results: dict[str, Any]) -> str:
 
 
 def per_task_table(results: dict[str, Any]) -> str:
-    lines = ["| task | classes | example | pretrained + heads | expert |", "|---|---:|---|---:|---:|"]
-    for task, zs, ex in zip(results["tasks"], results["pretrained_test_accuracy"], results["expert_test_accuracy"]):
-        lines.append(f"| {task['name']} | {task['num_classes']} | {task['example']} | {percent(zs)} | {percent(ex)} |")
-    return "\n".join(lines)
+    """Per task: classes, an example sentence, pretrained + heads and expert test accuracy."""
+    return bench_report.per_task_table(results, text_columns=("example",))
 
 
 def markdown_tables(results: dict[str, Any]) -> str:
@@ -98,14 +96,13 @@ def markdown_tables(results: dict[str, Any]) -> str:
         "",
         per_task_table(results),
     ]
-    notes = [f"- {method_label(m)} at {s['num_tasks']} tasks: n/a ({e['reason']})"
-             for s in results["settings"] for m, e in s["methods"].items() if e["status"] != "ok"]
+    notes = bench_report.unavailable_notes(results)
     if notes:
         parts += ["", "Not run:", *notes]
     return "\n".join(parts) + "\n"
 
 
 def markdown_report(results: dict[str, Any]) -> str:
-    timings = results["timings"]
-    cache = "reused cached experts" if results["cache_hit"] else "fine-tuned the experts"
-    return markdown_tables(results) + f"\nWall time {timings.get('total_s', float('nan')):.0f} s ({cache}).\n"
+    """`markdown_tables` plus the run's wall time."""
+    return markdown_tables(results) + bench_report.wall_time_line(
+        results, cached="reused cached experts", trained="fine-tuned the experts")
