@@ -153,7 +153,7 @@ def rank_collapse(
     check_finite(tvs, what="task vectors")
 
     # The merge reads matrices the way the spectra do (methods that read matrices at all).
-    accepted = inspect.signature(METHODS[method]).parameters if method in METHODS else {}
+    accepted = inspect.signature(METHODS[method].fn).parameters if method in METHODS else {}
     reading = {k: v for k, v in (("attention", attention), ("is_matrix", is_matrix))
                if k in accepted}
     per_count: list[dict[str, np.ndarray]] = []

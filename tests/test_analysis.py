@@ -128,7 +128,7 @@ def test_rank_collapse_reads_attention_the_same_way_in_merge_and_spectra():
         np.testing.assert_allclose(curves.spectra[path][0], np.asarray(values), rtol=1e-5, atol=1e-6)
     assert curves.mode == "index"
     np.testing.assert_allclose(curves.spectra_boosted[name][0],
-                               np.asarray(sb.boost_singular_values(jnp.asarray(want[name]), 0.01, "index")), rtol=1e-6)
+                               np.asarray(sb.boost_singular_values(jnp.asarray(want[name]), beta=0.01, mode="index")), rtol=1e-6)
 
 
 def read_json(png_path) -> dict:
