@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from subboost.compilation import can_flatten, flat_merge
 from subboost.merging.averaging import task_arithmetic, weight_averaging
 from subboost.merging.consensus import consensus
 from subboost.merging.dare import dare
@@ -47,6 +48,7 @@ def register(name: str, fn: Callable[..., PyTree], check: Callable[[dict[str, An
     if check is not None:
         _CHECKS[name] = check
     _jitted.cache_clear()
+    _jitted_flat.cache_clear()
 
 
 def available_methods() -> tuple[str, ...]:
@@ -99,6 +101,11 @@ def _jitted(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
     return jax.jit(METHODS[name], static_argnames=static_names)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_flat(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
+    return jax.jit(functools.partial(flat_merge, METHODS[name]), static_argnames=static_names)
+
+
 def merge(
     tvs: PyTree,
     method: str = "task_arithmetic",
@@ -143,7 +150,10 @@ def merge(
         from subboost.sharding import merge_on_mesh
 
         return merge_on_mesh(tvs, method, mesh=mesh, **kwargs)
-    merged = _jitted(method, static_names)(tvs, **kwargs)
+    if can_flatten(fn, tvs, kwargs):  # one (T, N) leaf: a much smaller program, the same result
+        merged = _jitted_flat(method, static_names)(tvs, **kwargs)
+    else:
+        merged = _jitted(method, static_names)(tvs, **kwargs)
     if validate:  # e.g. a float16 sum of large task vectors overflows to inf
         check_finite(merged, what=f"{method}: the merged task vector (overflow in its dtype?)")
     return merged

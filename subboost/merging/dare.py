@@ -23,10 +23,28 @@ def drop_and_rescale(tvs: PyTree, *, key: jax.Array, p: float) -> PyTree:
     leaves, treedef = jax.tree_util.tree_flatten(tvs)
     keys = jax.random.split(key, len(leaves))
     out = []
-    for x, k in zip(leaves, keys):
-        keep = jax.random.bernoulli(k, 1.0 - p, x.shape)
+    for x, keep in zip(leaves, keep_masks(keys, [x.shape for x in leaves], 1.0 - p)):
         out.append(jnp.where(keep, x / jnp.asarray(1.0 - p, x.dtype), jnp.zeros_like(x)).astype(x.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def keep_masks(keys: jax.Array, shapes: list[tuple[int, ...]], keep_probability: float) -> list[jax.Array]:
+    """``[bernoulli(keys[i], keep_probability, shapes[i]) for i]``, one vmapped draw per distinct shape.
+
+    The same masks as the per-leaf loop, bit for bit (a vmapped threefry draw is
+    the per-key draw), but the program holds one random generator per shape
+    instead of one per leaf: a transformer's many same-shaped layers compile once.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(i)
+    masks: list[jax.Array | None] = [None] * len(shapes)
+    for shape, members in groups.items():
+        draw = jax.vmap(lambda k, shape=shape: jax.random.bernoulli(k, keep_probability, shape))
+        drawn = draw(keys[jnp.asarray(members)]) if len(members) > 1 else draw(keys[members[0]][None])
+        for j, i in enumerate(members):
+            masks[i] = drawn[j]
+    return masks
 
 
 def dare(
