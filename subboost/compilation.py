@@ -22,6 +22,7 @@ The cache is trusted code: never point it at a directory others can write to.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -111,6 +112,7 @@ FLATTEN_MAX_BYTES = 1 << 29  # 512 MiB of stacked task vectors
 def _flattenable_methods() -> dict:
     from subboost.merging.averaging import task_arithmetic, weight_averaging
     from subboost.merging.consensus import consensus
+    from subboost.merging.dare import dare
     from subboost.merging.ties import ties
 
     def global_trim(kwargs) -> bool:
@@ -119,8 +121,11 @@ def _flattenable_methods() -> dict:
     def consensus_ok(kwargs) -> bool:
         return kwargs.get("base", "task_arithmetic") == "task_arithmetic" or global_trim(kwargs)
 
+    def dare_ok(kwargs) -> bool:
+        return kwargs.get("base", "task_arithmetic") == "task_arithmetic" or global_trim(kwargs)
+
     return {weight_averaging: lambda kwargs: True, task_arithmetic: lambda kwargs: True,
-            ties: global_trim, consensus: consensus_ok}
+            ties: global_trim, consensus: consensus_ok, dare: dare_ok}
 
 
 def can_flatten(fn, tvs, kwargs: dict) -> bool:
@@ -138,6 +143,13 @@ def can_flatten(fn, tvs, kwargs: dict) -> bool:
     return sum(x.size * x.dtype.itemsize for x in leaves) <= FLATTEN_MAX_BYTES
 
 
+def _dare_bases() -> dict:
+    from subboost.merging.averaging import task_arithmetic
+    from subboost.merging.ties import ties
+
+    return {"task_arithmetic": task_arithmetic, "ties": ties}
+
+
 def flat_merge(fn, tvs, **kwargs):
     """``fn`` applied to the leaves of ``tvs`` concatenated into one ``(T, N)`` leaf, split back into the tree.
 
@@ -147,6 +159,10 @@ def flat_merge(fn, tvs, **kwargs):
     import jax
     import jax.numpy as jnp
 
+    dare_module = importlib.import_module("subboost.merging.dare")
+    if fn is dare_module.dare:  # DARE's masks are drawn per leaf (its random stream), its base merge flat
+        tvs = dare_module.drop_and_rescale(tvs, key=kwargs.pop("key"), p=kwargs.pop("p", 0.9))
+        fn = _dare_bases()[kwargs.pop("base", "task_arithmetic")]
     leaves, treedef = jax.tree_util.tree_flatten(tvs)
     num_tasks = leaves[0].shape[0]
     flat = jnp.concatenate([x.reshape(num_tasks, -1) for x in leaves], axis=1)

@@ -45,6 +45,8 @@ CASES = [
     ("ties", {"k": 0.2}),
     ("ties", {"k": 0.5, "merge": "sum"}),
     ("consensus", {"k": 2, "lambdas": 0.4}),
+    ("dare", {"key": jax.random.key(1), "p": 0.5}),
+    ("dare", {"key": jax.random.key(2), "p": 0.3, "base": "ties", "k": 0.4}),
     ("consensus", {"k": 1, "lambdas": 0.3, "base": "ties", "ties_k": 0.3, "mask_from": "merged", "merge": "sum"}),
 ]
 
@@ -97,14 +99,21 @@ def old_drop_and_rescale(tvs, *, key, p):
 
 
 @pytest.mark.parametrize("num_tasks", [1, 4])
-def test_dare_masks_drawn_per_shape_are_the_per_leaf_masks(num_tasks):
+def test_dare_masks_drawn_at_once_are_the_per_leaf_masks(num_tasks):
     tvs = random_tvs(num_tasks, seed=3)
-    for seed, p in ((0, 0.9), (5, 0.3)):
-        key = jax.random.key(seed)
+    for key, p in ((jax.random.key(0), 0.9), (jax.random.PRNGKey(5), 0.3)):  # typed and raw uint32 keys
         want = old_drop_and_rescale(tvs, key=key, p=p)
         assert_trees_equal(jax.jit(lambda t, k: dare_module.drop_and_rescale(t, key=k, p=p))(tvs, key), want)
         assert_trees_equal(sb.merge(tvs, "dare", key=key, p=p),
                            jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), want))
+
+
+def test_dare_masks_grouped_by_shape_are_the_per_leaf_masks(monkeypatch):
+    monkeypatch.setattr(dare_module, "ONE_DRAW_MAX_ENTRIES", 0)  # the path for large trees
+    tvs = random_tvs(3, seed=4)
+    key = jax.random.key(9)
+    want = old_drop_and_rescale(tvs, key=key, p=0.6)
+    assert_trees_equal(jax.jit(lambda t, k: dare_module.drop_and_rescale(t, key=k, p=0.6))(tvs, key), want)
 
 
 # ----------------------------------------------------------------------------
