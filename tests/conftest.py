@@ -7,6 +7,12 @@ try:  # torchvision must be loaded before TensorFlow in one process (the reverse
 except ImportError:
     pass
 
+import os
+
+# The CLI turns on JAX's persistent compilation cache in ~/.cache (issue 17); tests calling
+# `subboost.cli.main` in-process must not write there (tests/test_compilation.py tests the cache).
+os.environ.setdefault("SUBBOOST_COMPILE_CACHE", "0")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
