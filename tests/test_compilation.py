@@ -64,7 +64,8 @@ def test_flat_merge_is_the_per_leaf_merge_bit_for_bit(method, kwargs, num_tasks)
     if method == "consensus" and kwargs["k"] > num_tasks:
         pytest.skip("consensus k > T")
     tvs = random_tvs(num_tasks, seed=num_tasks)
-    assert compilation.can_flatten(METHODS[method], tvs, kwargs)
+    runs_ties = method == "ties" or kwargs.get("base") == "ties"
+    assert compilation.can_flatten(METHODS[method], tvs, kwargs) == runs_ties  # flat where it pays
     per_leaf = jax.jit(lambda t: METHODS[method](t, **kwargs))(tvs)  # the program merge() compiled before
     flat = jax.jit(lambda t: compilation.flat_merge(METHODS[method], t, **kwargs))(tvs)
     assert_trees_equal(flat, per_leaf)
@@ -73,20 +74,24 @@ def test_flat_merge_is_the_per_leaf_merge_bit_for_bit(method, kwargs, num_tasks)
 
 def test_flat_merge_in_bfloat16_is_the_per_leaf_merge():
     tvs = random_tvs(4, seed=7, dtype=jnp.bfloat16)
-    for method, kwargs in (CASES[2], CASES[-1]):
+    for method, kwargs in CASES[2:]:
         per_leaf = jax.jit(lambda t: METHODS[method](t, **kwargs))(tvs)
-        assert_trees_equal(sb.merge(tvs, method, **kwargs), per_leaf)
+        assert_trees_equal(jax.jit(lambda t: compilation.flat_merge(METHODS[method], t, **kwargs))(tvs), per_leaf)
 
 
-def test_per_leaf_scope_mixed_dtypes_and_large_trees_keep_the_per_leaf_program(monkeypatch):
+def test_per_leaf_scope_mixed_dtypes_large_trees_and_light_methods_keep_the_per_leaf_program(monkeypatch):
     tvs = random_tvs(3, seed=1)
     assert not compilation.can_flatten(METHODS["ties"], tvs, {"scope": "per_leaf"})
     assert not compilation.can_flatten(METHODS["consensus"], tvs, {"base": "ties", "scope": "per_leaf"})
+    assert not compilation.can_flatten(METHODS["dare"], tvs, {"base": "ties", "scope": "per_leaf"})
     assert not compilation.can_flatten(METHODS["tsv"], tvs, {})
+    for light in ("weight_averaging", "task_arithmetic", "consensus", "dare"):  # no TIES inside
+        assert not compilation.can_flatten(METHODS[light], tvs, {"key": None} if light == "dare" else {})
     mixed = {**tvs, "d": tvs["d"].astype(jnp.bfloat16)}
-    assert not compilation.can_flatten(METHODS["task_arithmetic"], mixed, {})
+    assert not compilation.can_flatten(METHODS["ties"], mixed, {})
+    assert compilation.can_flatten(METHODS["ties"], tvs, {})
     monkeypatch.setattr(compilation, "FLATTEN_MAX_BYTES", 16)
-    assert not compilation.can_flatten(METHODS["task_arithmetic"], tvs, {})
+    assert not compilation.can_flatten(METHODS["ties"], tvs, {})
 
 
 def old_drop_and_rescale(tvs, *, key, p):
