@@ -183,3 +183,14 @@ def test_a_second_process_with_a_warm_cache_compiles_nothing_new(tmp_path):
     assert off["dir"] == "None" and off["hits"] == 0
     flag_off = run_child(tmp_path, str(cache), flag="off")  # --no-compile-cache wins over the variable
     assert flag_off["dir"] == "None" and flag_off["hits"] == 0
+
+
+def test_cli_turns_the_cache_on_unless_told_not_to(tmp_path, monkeypatch):
+    from subboost import cli
+
+    calls = []
+    monkeypatch.setattr(compilation, "setup_cli_compile_cache", lambda *, enabled: calls.append(enabled))
+    bad_seed = ["demo", "--size", "tiny", "--seed", "-1", "--out", str(tmp_path / "out")]  # fails before any work
+    assert cli.main(bad_seed) == 2
+    assert cli.main(["--no-compile-cache", *bad_seed]) == 2
+    assert calls == [True, False]
