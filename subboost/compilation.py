@@ -108,7 +108,7 @@ def setup_cli_compile_cache(*, enabled: bool = True) -> Path | None:
 # threshold, its sign vote) an exact integer count over all parameters. The
 # concatenation is a copy of the task vectors, so trees above `FLATTEN_MAX_BYTES`
 # keep the per-leaf program (their compile time is paid back by their run time).
-FLATTEN_MAX_BYTES = 1 << 29  # 512 MiB of stacked task vectors
+FLATTEN_MAX_BYTES = 1 << 26  # 64 MiB of stacked task vectors: where compile time, not run time, dominates
 
 
 def _flattenable_methods() -> dict:
