@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not use the persistent XLA compilation cache (default: on, in "
+                             "$XDG_CACHE_HOME/subboost/jax; SUBBOOST_COMPILE_CACHE=0 or =DIR also sets it)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -45,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from subboost.compilation import setup_cli_compile_cache
+
+    setup_cli_compile_cache(enabled=not args.no_compile_cache)  # before anything compiles
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:

@@ -12,6 +12,10 @@ import os
 import shutil
 import tempfile
 
+# The CLI turns on JAX's persistent compilation cache in ~/.cache (issue 17); tests calling
+# `subboost.cli.main` in-process must not write there (tests/test_compilation.py tests the cache).
+os.environ.setdefault("SUBBOOST_COMPILE_CACHE", "0")
+
 # One XLA compilation cache for the test session: notebook kernels, CLI and multi-device subprocesses, and
 # re-created jit wrappers of an identical program load the compiled executable instead of compiling it
 # again. It lives in a fresh temporary directory removed at exit, so nothing carries over between runs.

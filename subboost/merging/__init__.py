@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from subboost.compilation import can_flatten
 from subboost.merging.averaging import task_arithmetic, weight_averaging
 from subboost.merging.consensus import consensus
 from subboost.merging.dare import dare
@@ -24,6 +25,7 @@ from subboost.merging.registry import (
     MergeMethod,
     check_arguments,
     jitted,
+    jitted_flat,
     method_record,
     register,
 )
@@ -81,7 +83,10 @@ def merge(
 
         return merge_on_mesh(tvs, method, mesh=mesh, jitted=jitted(method, static_names), matrix_kernel=record.matrix_kernel,
                              hyper_parameters=kwargs, dynamic=DYNAMIC_ARGUMENTS)
-    merged = jitted(method, static_names)(tvs, **kwargs)
+    if can_flatten(record.fn, tvs, kwargs):  # one (T, N) leaf: a much smaller program, the same result
+        merged = jitted_flat(method, static_names)(tvs, **kwargs)
+    else:
+        merged = jitted(method, static_names)(tvs, **kwargs)
     if validate:  # e.g. a float16 sum of large task vectors overflows to inf
         check_finite(merged, what=f"{method}: the merged task vector (overflow in its dtype?)")
     return merged

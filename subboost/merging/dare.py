@@ -39,8 +39,29 @@ def drop_and_rescale(tvs: PyTree, *, key: jax.Array, p: float) -> PyTree:
     """
     leaves, treedef = jax.tree_util.tree_flatten(tvs)
     keys = jax.random.split(key, len(leaves))
-    out = [drop(x, keep_mask(k, p=p, shape=x.shape), p=p) for x, k in zip(leaves, keys)]
+    out = [drop(x, keep, p=p) for x, keep in zip(leaves, keep_masks(keys, [x.shape for x in leaves], 1.0 - p))]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def keep_masks(keys: jax.Array, shapes: list[tuple[int, ...]], keep_probability: float) -> list[jax.Array]:
+    """``[bernoulli(keys[i], keep_probability, shapes[i]) for i]``, one vmapped draw per distinct shape.
+
+    The same masks as the per-leaf loop, bit for bit (a vmapped threefry draw is
+    the per-key draw), but the program holds one random generator per shape
+    instead of one per leaf: a transformer's many same-shaped layers compile once.
+    """
+    if _one_draw_applies(keys, shapes):
+        return _keep_masks_one_draw(keys, shapes, keep_probability)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(i)
+    masks: list[jax.Array | None] = [None] * len(shapes)
+    for shape, members in groups.items():
+        draw = jax.vmap(lambda k, shape=shape: jax.random.bernoulli(k, keep_probability, shape))
+        drawn = draw(keys[jnp.asarray(members)]) if len(members) > 1 else draw(keys[members[0]][None])
+        for j, i in enumerate(members):
+            masks[i] = drawn[j]
+    return masks
 
 
 def dare(
@@ -65,3 +86,47 @@ def dare(
     if base == "ties":
         return ties(dropped, **base_kwargs)
     return task_arithmetic(dropped, **base_kwargs)
+
+
+# At most this many entries in all are drawn by `_keep_masks_one_draw` (it holds four uint32 arrays of them).
+ONE_DRAW_MAX_ENTRIES = 1 << 25
+
+
+def _one_draw_applies(keys: jax.Array, shapes: list[tuple[int, ...]]) -> bool:
+    import math
+
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(keys)) if typed else jax.config.jax_default_prng_impl
+    sizes = [math.prod(shape) for shape in shapes]
+    return (impl == "threefry2x32" and jax.config.jax_threefry_partitionable and not jax.config.jax_enable_x64
+            and len(shapes) > 1 and sum(sizes) <= ONE_DRAW_MAX_ENTRIES and max(sizes) < 2**32)
+
+
+def _keep_masks_one_draw(keys: jax.Array, shapes: list[tuple[int, ...]], keep_probability: float) -> list[jax.Array]:
+    """`keep_masks` as one threefry hash over every entry of every leaf (float32, partitionable threefry).
+
+    ``bernoulli(key, q, shape)`` is ``uniform(key, shape) < q``; its uniform comes
+    from ``threefry2x32(key, i)`` of each entry's row-major index ``i`` (high and
+    low 32-bit words), the two output words xor-ed, the top 23 bits made a float in
+    [1, 2), minus 1. Hashing every leaf's (key, index) pairs in one call gives the
+    same bits as one call per leaf; `tests/test_compilation.py` checks it bit for bit.
+    """
+    import math
+
+    from jax.extend.random import threefry2x32_p
+
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(keys) if typed else keys
+    sizes = [math.prod(shape) for shape in shapes]
+    key_hi = jnp.concatenate([jnp.broadcast_to(data[i, 0], (n,)) for i, n in enumerate(sizes)])
+    key_lo = jnp.concatenate([jnp.broadcast_to(data[i, 1], (n,)) for i, n in enumerate(sizes)])
+    index_lo = jnp.concatenate([jnp.arange(n, dtype=jnp.uint32) for n in sizes])
+    bits_hi, bits_lo = threefry2x32_p.bind(key_hi, key_lo, jnp.zeros_like(index_lo), index_lo)
+    mantissa = jax.lax.shift_right_logical(bits_hi ^ bits_lo, jnp.uint32(32 - 23)) | jnp.uint32(0x3F800000)
+    uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1.0)
+    keep = uniform < jnp.float32(keep_probability)
+    masks, offset = [], 0
+    for shape, n in zip(shapes, sizes):
+        masks.append(keep[offset:offset + n].reshape(shape))
+        offset += n
+    return masks

@@ -196,6 +196,7 @@ def register(method: MergeMethod) -> MergeMethod:
     """Adds (or replaces) a merge method's record; returns it."""
     METHODS[method.name] = method
     jitted.cache_clear()
+    jitted_flat.cache_clear()
     return method
 
 
@@ -222,6 +223,15 @@ def check_arguments(name: str, kwargs: Mapping[str, Any], num_tasks: int) -> Mer
 def jitted(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
     """``jax.jit`` of the method with ``static_names`` static, cached per method and names."""
     return jax.jit(METHODS[name].fn, static_argnames=static_names)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_flat(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
+    """`jitted` of the method on its leaves concatenated into one ``(T, N)`` leaf
+    (`subboost.compilation.flat_merge`: the same result from a much smaller program)."""
+    from subboost.compilation import flat_merge
+
+    return jax.jit(functools.partial(flat_merge, METHODS[name].fn), static_argnames=static_names)
 
 
 def _simple(name: str, fn: Callable, **fields: Any) -> MergeMethod:
