@@ -72,6 +72,7 @@ def test_flat_merge_is_the_per_leaf_merge_bit_for_bit(method, kwargs, num_tasks)
     assert_trees_equal(sb.merge(tvs, method, **kwargs), per_leaf)
 
 
+@pytest.mark.slow
 def test_flat_merge_in_bfloat16_is_the_per_leaf_merge():
     tvs = random_tvs(4, seed=7, dtype=jnp.bfloat16)
     for method, kwargs in CASES[2:]:
@@ -103,6 +104,7 @@ def old_drop_and_rescale(tvs, *, key, p):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_tasks", [1, 4])
 def test_dare_masks_drawn_at_once_are_the_per_leaf_masks(num_tasks):
     tvs = random_tvs(num_tasks, seed=3)
@@ -113,6 +115,7 @@ def test_dare_masks_drawn_at_once_are_the_per_leaf_masks(num_tasks):
                            jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), want))
 
 
+@pytest.mark.slow
 def test_dare_masks_grouped_by_shape_are_the_per_leaf_masks(monkeypatch):
     monkeypatch.setattr(dare_module, "ONE_DRAW_MAX_ENTRIES", 0)  # the path for large trees
     tvs = random_tvs(3, seed=4)
@@ -171,6 +174,7 @@ def run_child(tmp_path, env_cache: str, flag: str = "on") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_second_process_with_a_warm_cache_compiles_nothing_new(tmp_path):
     cache = tmp_path / "jax-cache"
     cold = run_child(tmp_path, str(cache))

@@ -167,6 +167,7 @@ def test_crop_geometry_follows_torchvision(h, w, size):
     np.testing.assert_array_equal(out, ramp[top : top + size, left : left + size])
 
 
+@pytest.mark.slow
 def test_normalisation_of_constant_images_is_exact():
     image = np.full((5, 9, 3), 200, np.uint8)
     crop = preprocessing.resize_and_center_crop(image, 4).numpy()

@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from subboost.commands.common import add_command, add_merge_method_arguments
 from subboost.task_vectors import SubboostError, num_experts
 from subboost.tree import ATTENTION_MODES, PyTree, leaves_with_paths
 
@@ -274,20 +275,13 @@ def run_analyze(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     import subboost as sb
 
-    parser = subparsers.add_parser(
-        "analyze", help="HO-GSVD alignment and rank-collapse figures (PNG + JSON)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "analyze", help="HO-GSVD alignment and rank-collapse figures (PNG + JSON)", doc=__doc__)
     parser.add_argument("experts", nargs="+", help="expert checkpoints, or one .npz of stacked task vectors")
     parser.add_argument("--base", default=None, help="pretrained checkpoint (required for checkpoints)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier analysis files in --out")
     parser.add_argument("--names", default=None, help="comma-separated expert names (default: file names)")
-    parser.add_argument("--method", default="task_arithmetic",
-                        help=f"merge method: {', '.join(sb.available_methods())}")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="merge hyper-parameter, e.g. --param k=0.2 (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for DARE")
+    add_merge_method_arguments(parser, methods=sb.available_methods())
     parser.add_argument("--beta", type=float, default=0.01, help="Subspace Boosting cutoff of the boosted curves")
     parser.add_argument("--no-boost", action="store_true", help="skip the boosted curves")
     parser.add_argument("--hogsvd-method", choices=("robust", "classic"), default="robust",

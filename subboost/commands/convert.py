@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 
+from subboost.commands.common import add_command
+
 
 def run_convert(args: argparse.Namespace) -> int:
     from subboost.convert import convert
@@ -50,10 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from subboost.convert import FORMATS
     from subboost.models.clip_vit import ACTIVATIONS, available_configs
 
-    parser = subparsers.add_parser(
-        "convert", help="convert a PyTorch / Hugging Face CLIP checkpoint or head to a subboost checkpoint",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "convert", help="convert a PyTorch / Hugging Face CLIP checkpoint or head to a subboost checkpoint", doc=__doc__)
     parser.add_argument("src", help=".pt/.bin file, Hugging Face model directory, or .zip of a BERT directory")
     parser.add_argument("dst", help="output checkpoint directory (must not exist unless --overwrite)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="source format (default: detect)")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 
+from subboost.commands.common import add_command
+
 
 def run_demo(args: argparse.Namespace) -> int:
     from subboost.bench.config import get_config
@@ -73,10 +75,7 @@ def run_text_demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="run the offline mini-benchmark (generated tasks, trained experts, all merges)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "demo", help="run the offline mini-benchmark (generated tasks, trained experts, all merges)", doc=__doc__)
     parser.add_argument("--suite", choices=("vision", "text"), default="vision",
                         help="vision: generated images, a ViT pretrained here (default); "
                              "text: generated sentences, experts fine-tuned from all-MiniLM-L6-v2")

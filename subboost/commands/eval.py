@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from subboost.commands.common import add_command
+
 
 def read_expert_accuracies(path: str, split: str) -> dict[str, float]:
     """``{task: accuracy}`` from a JSON file: a flat mapping, or run_suite's ``reference.json``."""
@@ -117,10 +119,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval", help="accuracy of an image-encoder checkpoint on benchmark tasks",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "eval", help="accuracy of an image-encoder checkpoint on benchmark tasks", doc=__doc__)
     parser.add_argument("checkpoint", help="encoder checkpoint (orbax directory or .safetensors file)")
     parser.add_argument("--backbone", default=None,
                         help="ViT-B/32, ViT-B/16, ViT-L/14 or tiny (default: what the checkpoint records)")

@@ -22,6 +22,7 @@ import jax
 
 import subboost as sb
 from subboost.boosting import BOOST_MODES
+from subboost.commands.common import add_command, add_merge_method_arguments
 from subboost.tree import ATTENTION_MODES
 
 
@@ -167,24 +168,15 @@ def run_boost(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    merge = subparsers.add_parser(
-        "merge", help="merge expert checkpoints (optionally with Subspace Boosting)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    merge = add_command(subparsers, "merge", help="merge expert checkpoints (optionally with Subspace Boosting)", doc=__doc__)
     merge.add_argument("experts", nargs="+", help="expert checkpoint directories")
     merge.add_argument("--base", required=True, help="pretrained checkpoint directory")
-    merge.add_argument("--method", default="task_arithmetic", help=f"one of {', '.join(sb.available_methods())}")
-    merge.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                       help="method hyper-parameter, e.g. --param k=0.2 (repeatable)")
+    add_merge_method_arguments(merge, methods=sb.available_methods())
     merge.add_argument("--alpha", type=float, default=1.0, help="scaling of the merged task vector")
-    merge.add_argument("--seed", type=int, default=0, help="PRNG seed for DARE")
     _add_boost_flags(merge, required=False)
     merge.set_defaults(func=run_merge)
 
-    boost = subparsers.add_parser(
-        "boost", help="apply Subspace Boosting to a merged checkpoint",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    boost = add_command(subparsers, "boost", help="apply Subspace Boosting to a merged checkpoint", doc=__doc__)
     boost.add_argument("merged", help="merged checkpoint directory")
     boost.add_argument("--base", required=True, help="pretrained checkpoint directory")
     _add_boost_flags(boost, required=True)
