@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import subboost as sb
-from subboost import boosting
 from tests import numpy_reference as ref
 from tests.conftest import vit_like_params
+from tests.tracing import count_traces
 
 
 def _svals(x):
@@ -105,10 +105,11 @@ def test_float64_when_enabled(rng):
 
 def test_second_call_does_not_recompile(rng):
     tau = vit_like_params(rng)
-    boosting._boost_tree.clear_cache()
+    tripled = jax.tree_util.tree_map(lambda x: 3 * x, tau)
     sb.subspace_boost(tau, beta=0.01)
-    sb.subspace_boost(jax.tree_util.tree_map(lambda x: 3 * x, tau), beta=0.01)
-    assert boosting._boost_tree._cache_size() == 1
+    with count_traces() as traces:
+        sb.subspace_boost(tripled, beta=0.01)
+    assert not traces
 
 
 @pytest.mark.slow

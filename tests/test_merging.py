@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import subboost as sb
-from subboost import merging
+from tests.tracing import count_traces
 from tests import numpy_reference as ref
 
 
@@ -106,13 +106,15 @@ def test_methods_match_numpy_on_random_experts(experts, method, kwargs, referenc
 def test_second_call_does_not_recompile(experts, method):
     base, finetuned = experts
     tvs = sb.task_vectors(base, finetuned)
-    jitted = merging.jitted(method, ())
-    before = jitted._cache_size()
+    doubled = jax.tree_util.tree_map(lambda x: 2 * x, tvs)
+    fewer = jax.tree_util.tree_map(lambda x: x[1:], tvs)
     sb.merge(tvs, method)
-    after_first = jitted._cache_size()
-    sb.merge(jax.tree_util.tree_map(lambda x: 2 * x, tvs), method)
-    assert after_first - before <= 1
-    assert jitted._cache_size() == after_first
+    with count_traces() as second:
+        sb.merge(doubled, method)
+    assert not second
+    with count_traces() as fewer_tasks:  # the counter sees a new program: one expert fewer
+        sb.merge(fewer, method)
+    assert fewer_tasks
 
 
 @pytest.mark.parametrize("method", ["weight_averaging", "task_arithmetic", "ties", "consensus"])
