@@ -24,7 +24,7 @@ import subboost as sb
 from subboost.bench import config as bench_config
 from subboost.bench import splits as bench_data
 from subboost.bench import centroid_heads as bench_heads
-from subboost.bench import tasks as bench_tasks
+from subboost.bench import generators as bench_tasks
 from subboost.bench import evaluate as bench_eval
 from subboost.bench.finetune import finetune_experts
 from subboost.bench.cache import training_key

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from subboost import data as sbdata  # noqa: E402
-from subboost.data import pipeline, preprocessing  # noqa: E402
+from subboost.data import input_pipeline, preprocessing  # noqa: E402
 
 MOCK_EXAMPLES = 12
 SMALL = 8  # preprocessing resolution in most tests; the 224 path runs on two images only
@@ -109,7 +109,7 @@ def test_registry_class_counts_match_tfds_metadata(name):
 def test_splits_carved_from_train_are_disjoint_and_cover_it(name, n):
     task = sbdata.get_task(name)
     from_train = [s for s in sbdata.SPLITS if task.splits[s].split("[")[0] == "train"]
-    ranges = sorted(pipeline.slice_bounds(task.splits[s], n)[1:] for s in from_train)
+    ranges = sorted(input_pipeline.slice_bounds(task.splits[s], n)[1:] for s in from_train)
     if len(from_train) > 1:  # carved: consecutive, non-overlapping, covering 0..n
         assert ranges[0][0] == 0 and ranges[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
@@ -120,9 +120,9 @@ def test_splits_carved_from_train_are_disjoint_and_cover_it(name, n):
 
 
 def test_carve_out_sizes():
-    assert pipeline.slice_bounds("train[90%:]", 1000) == ("train", 900, 1000)
-    assert pipeline.slice_bounds("train[60%:80%]", 31500) == ("train", 18900, 25200)
-    assert pipeline.slice_bounds("valid", 5) == ("valid", 0, 5)
+    assert input_pipeline.slice_bounds("train[90%:]", 1000) == ("train", 900, 1000)
+    assert input_pipeline.slice_bounds("train[60%:80%]", 31500) == ("train", 18900, 25200)
+    assert input_pipeline.slice_bounds("valid", 5) == ("valid", 0, 5)
 
 
 # ----------------------------------------------------------------------------
@@ -253,12 +253,12 @@ def test_local_labels_order_and_slicing(local_dir):
 def test_ppm_images_decode_exactly(local_dir, tmp_path):
     array = np.random.default_rng(3).integers(0, 256, (5, 6, 3), dtype=np.uint8)
     _write_image(tmp_path / "x.ppm", array)
-    np.testing.assert_array_equal(pipeline._decode_ppm((tmp_path / "x.ppm").read_bytes()), array)
-    np.testing.assert_array_equal(pipeline._decode_file(str(tmp_path / "x.ppm")).numpy(), array)
+    np.testing.assert_array_equal(input_pipeline._decode_ppm((tmp_path / "x.ppm").read_bytes()), array)
+    np.testing.assert_array_equal(input_pipeline._decode_file(str(tmp_path / "x.ppm")).numpy(), array)
     with pytest.raises(ValueError, match="truncated PNM image"):
-        pipeline._decode_ppm(b"P6\n4 4\n255\n" + bytes(5))
+        input_pipeline._decode_ppm(b"P6\n4 4\n255\n" + bytes(5))
     with pytest.raises(ValueError, match="truncated PNM header"):
-        pipeline._decode_ppm(b"P6\n4 ")
+        input_pipeline._decode_ppm(b"P6\n4 ")
 
 
 def test_missing_local_data_says_where_to_put_it(tmp_path):

@@ -8,6 +8,6 @@ models alone (the notebooks start from it).
 
 from subboost.bench.config import BenchConfig, get_config
 from subboost.bench.pipeline import BenchModels, load_or_train, run_benchmark
-from subboost.bench.tasks import TASK_NAMES, TASKS, Task, generate, get_tasks
+from subboost.bench.generators import TASK_NAMES, TASKS, Task, generate, get_tasks
 
 __all__ = ["BenchConfig", "BenchModels", "TASKS", "TASK_NAMES", "Task", "generate", "get_config", "get_tasks", "load_or_train", "run_benchmark"]

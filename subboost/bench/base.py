@@ -24,7 +24,7 @@ import numpy as np
 from subboost.bench.config import SHIPPED_BASES, BenchConfig
 from subboost.bench.splits import build_pretraining_mixture
 from subboost.bench.pretrain import pretrain
-from subboost.bench.tasks import TASKS
+from subboost.bench.generators import TASKS
 from subboost.tree import nest
 
 BASES_DIR = Path(__file__).parent / "bases"

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from subboost.bench import centroid_heads, finetune, model, pretrain, splits, tasks
+from subboost.bench import centroid_heads, finetune, generators, model, pretrain, splits
 from subboost.bench.base import SHIPPED_BASES
 from subboost.bench.config import BenchConfig
 
@@ -60,7 +60,7 @@ def training_key(config: BenchConfig, seed: int) -> str:
     }
     if config.base is not None:
         fields["base_sha256"] = SHIPPED_BASES.get(config.base)
-    return source_key({"seed": seed, "config": fields}, (tasks, splits, model, pretrain, finetune, centroid_heads))
+    return source_key({"seed": seed, "config": fields}, (generators, splits, model, pretrain, finetune, centroid_heads))
 
 
 class ModelCache:

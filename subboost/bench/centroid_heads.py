@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost.bench.splits import SuiteData, few_shot_examples
-from subboost.bench.tasks import add_noise
+from subboost.bench.generators import add_noise
 from subboost.models.heads import l2_normalize
 
 PAD_BIAS = -1e9

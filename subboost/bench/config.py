@@ -129,7 +129,7 @@ class BenchConfig:
     sweep_methods: tuple[str, ...] = SWEEP_METHODS
 
     def __post_init__(self):
-        from subboost.bench.tasks import TASKS
+        from subboost.bench.generators import TASKS
 
         check_suite_settings(self, available_tasks=len(TASKS), betas=("betas", "sweep_betas"))
         if self.model.image_size != 16 or self.model.in_channels != 3:

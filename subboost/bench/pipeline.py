@@ -1,6 +1,6 @@
 """The whole mini-benchmark, end to end: data -> base -> heads -> experts -> merges -> report.
 
-1. Generate the tasks' splits and the pretraining mixture (`subboost.bench.tasks`, `.splits`).
+1. Generate the tasks' splits and the pretraining mixture (`subboost.bench.generators`, `.splits`).
 2. Pretrain the ViT CLIP-style on coarse captions (`.pretrain`), build the frozen
    zero-shot-like heads (`.centroid_heads`), fine-tune one expert per task (`.finetune`);
    base, heads and experts are cached as orbax checkpoints under
@@ -50,7 +50,7 @@ from subboost.bench.base import load_shipped_base
 from subboost.bench.pretrain import PretrainResult, pretrain
 from subboost.bench.regime import linear_probe_accuracy, task_vector_geometry
 from subboost.bench.sweep import select
-from subboost.bench.tasks import TASKS
+from subboost.bench.generators import TASKS
 from subboost.boosting import cutoff_index
 from subboost.task_vectors import SubboostError
 
@@ -412,7 +412,7 @@ def run_benchmark(
       progress: show progress bars.
       log: receives one-line progress messages.
     """
-    from subboost.bench.plots import plot_accuracy, plot_boost_sweep, plot_stable_rank
+    from subboost.bench.figures import plot_accuracy, plot_boost_sweep, plot_stable_rank
     from subboost.bench.report import markdown_report
 
     total_start = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np
 
 from subboost.bench import evaluate as bench_eval
 from subboost.bench.splits import SuiteData
-from subboost.bench.tasks import add_noise
+from subboost.bench.generators import add_noise
 from subboost.models.clip_vit import CLIPVisionConfig
 from subboost.models.heads import l2_normalize
 

@@ -2,7 +2,7 @@
 
 Training splits are stored clean (training adds each task's pixel noise afresh
 per step); evaluation splits hold their fixed noisy images. Everything is
-float32 in ``[0, 1]``; `subboost.bench.tasks.normalise` maps to model input.
+float32 in ``[0, 1]``; `subboost.bench.generators.normalise` maps to model input.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from subboost.bench.tasks import MAX_CLASSES, Task, coarse_labels, generate, num_coarse_labels
+from subboost.bench.generators import MAX_CLASSES, Task, coarse_labels, generate, num_coarse_labels
 
 
 @dataclasses.dataclass(frozen=True)

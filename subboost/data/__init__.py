@@ -2,11 +2,11 @@
 
 ``tasks``: the task registry (`TASKS`, `SUITES`, `get_task`, `suite_tasks`);
 ``preprocessing``: CLIP resize / center crop / normalisation;
-``pipeline``: tf.data splits as numpy batches or in-memory arrays.
+``input_pipeline``: tf.data splits as numpy batches or in-memory arrays.
 TensorFlow is imported only when a pipeline is built (the ``data`` extra).
 """
 
-from subboost.data.pipeline import (
+from subboost.data.input_pipeline import (
     default_data_dir,
     local_files,
     numpy_batches,

@@ -33,7 +33,7 @@ class TextBenchConfig:
     Attributes:
       name: ``"tiny"`` or ``"default"``.
       layers: transformer blocks of the pretrained encoder kept (None: all).
-      num_tasks: tasks used (the first ones of `tasks.TASKS`).
+      num_tasks: tasks used (the first ones of `generators.TASKS`).
       task_counts: numbers of experts merged (prefixes of the task order).
       train_per_task, val_per_task, test_per_task: sentences per task and split.
       head_shots: sentences per class whose pretrained embeddings make the frozen prototype head.
@@ -70,7 +70,7 @@ class TextBenchConfig:
     betas: tuple[float, ...] = DEFAULT_BETAS
 
     def __post_init__(self):
-        from subboost.text_bench.tasks import TASKS
+        from subboost.text_bench.generators import TASKS
 
         check_suite_settings(self, available_tasks=len(TASKS))
         if self.head_shots * 4 > self.train_per_task:
@@ -84,13 +84,13 @@ class TextBenchConfig:
     def training_key(self, seed: int, weights_sha256: str) -> str:
         """Hash of everything that decides the heads and experts (incl. the generators' and trainers' source)."""
         from subboost.bench.cache import source_key
-        from subboost.text_bench import finetune, model, prototype_heads, splits, tasks, tokenize
+        from subboost.text_bench import finetune, generators, model, prototype_heads, splits, tokenize
 
         fields = {k: v for k, v in self.to_dict().items()
                   if k.startswith(("layers", "num_tasks", "train_", "finetune_", "head_", "max_length", "logit_",
                                    "steps_per_call"))}
         return source_key({"seed": seed, "weights": weights_sha256, "config": fields},
-                          (tasks, splits, model, finetune, prototype_heads, tokenize))
+                          (generators, splits, model, finetune, prototype_heads, tokenize))
 
 
 CONFIGS: dict[str, TextBenchConfig] = {

@@ -1,7 +1,7 @@
 """The text suite end to end: weights -> tasks -> heads -> experts -> merges -> report.
 
 1. Convert the packaged all-MiniLM-L6-v2 weights (`weights.load_pretrained`), generate
-   and tokenise the tasks (`tasks`, `data`).
+   and tokenise the tasks (`generators`, `splits`).
 2. Build the frozen prototype heads from the pretrained embeddings (`heads`) and
    fine-tune one expert per task (`finetune`); base, heads and experts are cached as
    orbax checkpoints under ``<cache dir>/<training key>`` (`subboost.bench.cache`).
@@ -46,7 +46,7 @@ from subboost.text_bench.finetune import finetune_experts
 from subboost.text_bench.prototype_heads import build_heads, take_tasks
 from subboost.text_bench.model import make_embedder
 from subboost.text_bench.regime import boosted_stable_rank, cutoffs_from_spectra, regime, stable_rank_of
-from subboost.text_bench.tasks import TASKS
+from subboost.text_bench.generators import TASKS
 from subboost.text_bench.weights import load_pretrained, packaged_model_zip
 
 RESULT_FILES = ("results.json", "results.md", "accuracy_vs_tasks.png", "stable_rank_vs_tasks.png")
@@ -202,7 +202,7 @@ def run_text_benchmark(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Runs the text suite and writes its results; returns the ``results.json`` content."""
-    from subboost.text_bench.plots import plot_accuracy, plot_stable_rank
+    from subboost.text_bench.figures import plot_accuracy, plot_stable_rank
     from subboost.text_bench.report import markdown_report
 
     total_start = time.perf_counter()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from subboost.text_bench.tasks import TextTask, generate
+from subboost.text_bench.generators import TextTask, generate
 from subboost.text_bench.tokenize import SentenceTokenizer
 
 
