@@ -122,7 +122,7 @@ def test_files_and_provenance(first_run):
     assert cell["family"] == "random_tiny" and cell["backbone"] == "tiny" and cell["method"] == "consensus"
     assert cell["tasks"] == ["PCAM", "GTSRB"] and cell["suite"] == "PCAM,GTSRB"
     merge = cell["hyper_parameters"]["merge"]
-    assert merge["k"] == 2 and cell["hyper_parameters"]["beta"] is None
+    assert merge["min_tasks"] == 2 and cell["hyper_parameters"]["beta"] is None
     assert set(merge["tall_lambdas"]) == {"PCAM", "GTSRB"} and set(merge["tall_lambdas"].values()) <= {0.2, 0.4}
     assert merge["lambdas"] == [merge["tall_lambdas"]["PCAM"], merge["tall_lambdas"]["GTSRB"]]
     assert merge["tall_alpha"] in (0.5, 1.0)
