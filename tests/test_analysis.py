@@ -46,6 +46,7 @@ def test_layer_type():
     assert layer_type("encoder/fc2") == "encoder/fc2"
 
 
+@pytest.mark.slow
 def test_rank_collapse_known_answer():
     experts = collapsing_experts()
     tvs = dense_tree(bias=True, layers={"block_0/fc": experts, "block_1/fc": experts})

@@ -137,6 +137,7 @@ def test_cache_directory_from_flag_and_environment(tmp_path, monkeypatch):
     assert compilation.resolve_cache_dir(enabled=False, environ={"SUBBOOST_COMPILE_CACHE": str(tmp_path)}) is None
 
 
+@pytest.mark.slow
 def test_importing_subboost_leaves_jax_config_alone():
     code = "import jax, subboost, subboost.cli; print(jax.config.jax_compilation_cache_dir)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}

@@ -12,6 +12,7 @@ from experiments import integrate_training_code as example
 from tests import numpy_reference as ref
 
 
+@pytest.mark.slow
 def test_nnx_state_paths_read_like_linen():
     _, state = nnx.split(example.Block(8, rngs=nnx.Rngs(0)), nnx.Param)
     ranks = sb.stable_rank(state)

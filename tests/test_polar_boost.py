@@ -56,6 +56,7 @@ def test_qdwh_schedule_ends_in_halley_steps_and_checks_its_bound():
         polar_boost.qdwh_schedule(0.0, 1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(30, 30), (20, 50)])
 def test_polar_factor_matches_numpy(rng, shape):
     x = rng.standard_normal((2,) + shape) @ np.diag(np.geomspace(1, 1e-4, shape[1]))  # kappa ~ 1e4

@@ -225,6 +225,7 @@ def test_attention_modes_match_numpy_per_matrix(method, kwargs, attention):
 
 
 # --- orientation --------------------------------------------------------------------
+@pytest.mark.slow
 def test_iso_cts_acts_on_the_pytorch_transpose_of_flax_kernels():
     with jax.enable_x64(True):
         rng = np.random.default_rng(5)
@@ -318,6 +319,7 @@ def _count_svds(jaxpr) -> int:
     return count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, svds_per_group", [("tsv", 3), ("iso_c", 1), ("iso_cts", 4)])
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_one_batched_svd_per_group_whatever_the_depth(method, svds_per_group, batch_size):

@@ -92,6 +92,7 @@ def test_user_predicate_and_bad_layout_errors():
         sbtree.matrix_plan(params, attention="heads")
 
 
+@pytest.mark.slow
 def test_map_groups_gives_the_same_result_whole_chunked_and_on_a_mesh(rng):
     """Every strategy of the primitive hands ``fn`` the same matrices: gather's, in group order
     (per-head matrices of stacked task vectors: the loader's most involved reading)."""
