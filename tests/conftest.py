@@ -50,7 +50,22 @@ def experts(rng):
 
 
 @pytest.fixture(scope="session")
-def tiny_bench_cache(tmp_path_factory):
-    """One model cache for the session's tiny mini-benchmark models: trained once, by whichever test needs
-    them first (`tests/test_bench.py`'s tiny run or the notebooks of `tests/test_colabs.py`), then loaded."""
-    return tmp_path_factory.mktemp("tiny_bench_cache")
+def tiny_bench_cache(tmp_path_factory, request):
+    """One model cache holding the tiny mini-benchmark's trained models (seed 0), trained once per test run.
+
+    Its users (`tests/test_bench.py`'s tiny run, the notebooks of `tests/test_colabs.py`) load them. Under
+    pytest-xdist the workers share one directory and a file lock: the first worker trains, the others wait
+    and load, so the ~100 s of training is not paid once per worker.
+    """
+    from filelock import FileLock
+
+    from subboost.bench.config import get_config
+    from subboost.bench.pipeline import load_or_train
+
+    worker = getattr(request.config, "workerinput", None)
+    root = tmp_path_factory.getbasetemp()
+    cache = (root.parent if worker else root) / "tiny_bench_cache"
+    with FileLock(f"{cache}.lock"):
+        cache.mkdir(exist_ok=True)
+        load_or_train(get_config("tiny"), seed=0, cache_dir=cache, progress=False, log=lambda _: None)
+    return cache
