@@ -72,10 +72,18 @@ def disagreement(cosines: np.ndarray, names: Sequence[str]) -> dict[str, float]:
 
 
 def trend(results: dict[str, Any], method: str, variant: str) -> float | None:
-    """Change in normalized accuracy (points) between the last two task counts (negative: still degrading)."""
-    values = [s["methods"][method][variant]["normalized"] for s in results["settings"]
-              if s["methods"].get(method, {}).get("status") == "ok"]
-    return 100 * (values[-1] - values[-2]) if len(values) >= 2 else None
+    """Change in normalized accuracy (points) between the last two task counts (negative: still degrading);
+    None when the method could not run at either."""
+    entries = [s["methods"].get(method, {}) for s in results["settings"][-2:]]
+    if len(entries) < 2 or any(e.get("status") != "ok" for e in entries):
+        return None
+    return 100 * (entries[1][variant]["normalized"] - entries[0][variant]["normalized"])
+
+
+def over_zero_shot(results: dict[str, Any], method: str, variant: str) -> list[float | None]:
+    """Normalized accuracy minus the zero-shot model's (points), per task count (None where n/a)."""
+    return [100 * (s["methods"][method][variant]["normalized"] - s["pretrained_normalized"])
+            if s["methods"].get(method, {}).get("status") == "ok" else None for s in results["settings"]]
 
 
 def run(config: BenchConfig, *, out_dir: str | Path, cache_dir: str | Path, seed: int = 0, overwrite: bool = False,
@@ -132,6 +140,13 @@ def markdown(results: dict[str, Any]) -> str:
             step = results["trend_last_step"][method][variant]
             label = method_label(method) + (" + boost" if variant == "boosted" else "")
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {'n/a' if step is None else f'{step:+.1f}'} |")
+    lines += ["", "Normalized accuracy minus the zero-shot model's (points): what merging adds over the base.", "",
+              "| method | " + " | ".join(f"T={n}" for n in counts) + " |", "|---" * (len(counts) + 1) + "|"]
+    for method in results["config"]["methods"]:
+        for variant in ("plain", "boosted"):
+            label = method_label(method) + (" + boost" if variant == "boosted" else "")
+            lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:+.1f}"
+                                                      for v in over_zero_shot(results, method, variant)) + " |")
     lines += ["", "Disagreement: mean pairwise cosine of the task vectors among the merged experts.", "",
               "| T | all pairs | same family | across families | max |", "|---|---|---|---|---|"]
     for s in results["settings"]:

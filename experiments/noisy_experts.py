@@ -124,28 +124,36 @@ def run(configs: Sequence[BenchConfig], *, out_dir: str | Path, cache_dir: str |
     return results
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b != 0 else "n/a"
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Noisy experts ({results['size']} size, seed {results['seed']})", "",
              "Experts fine-tuned with a fraction `rate` of wrong training labels; everything evaluated on clean "
              "test labels. Accuracy in %, absolute (normalized by the noisy experts' own accuracy in brackets). "
              "Gain = boosted - plain, absolute points. k = mean cutoff index of the chosen beta. "
-             "cos(N): cosine of the merge's matrices with the merged noise directions, plain -> boosted.", "",
-             "| rate | experts | T | method | plain | boosted | gain | beta | k | cos(N) plain -> boosted | cos(clean) plain -> boosted |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "cos(N): cosine of the merge's matrices with the merged noise directions, plain -> boosted; "
+             "cos(clean): the same with the clean experts' summed task vectors; N/clean: the ratio of the two "
+             "cosines, plain -> boosted (above 1: more aligned with the noise than with the clean signal).", "",
+             "| rate | experts | T | method | plain | boosted | gain | beta | k | cos(N) plain -> boosted | cos(clean) plain -> boosted | N/clean |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         for s in run["settings"]:
             for method, e in s["methods"].items():
                 if e["status"] != "ok":
                     lines.append(f"| {run['rate']:g} | {100 * run['expert_mean']:.1f} | {s['num_tasks']} | "
-                                 f"{method_label(method)} | n/a | n/a | | | | | |")
+                                 f"{method_label(method)} | n/a | n/a | | | | | | |")
                     continue
                 p, b, a = e["plain"], e["boosted"], e["noise_alignment"]
                 cos_n = "n/a" if run["rate"] == 0 else f"{a['plain_vs_noise']:.3f} -> {a['boosted_vs_noise']:.3f}"
+                ratio = "n/a" if run["rate"] == 0 else (f"{_ratio(a['plain_vs_noise'], a['plain_vs_clean'])} -> "
+                                                        f"{_ratio(a['boosted_vs_noise'], a['boosted_vs_clean'])}")
                 lines.append(
                     f"| {run['rate']:g} | {100 * run['expert_mean']:.1f} | {s['num_tasks']} | {method_label(method)} "
                     f"| {100 * p['absolute']:.1f} ({100 * p['normalized']:.1f}) | {100 * b['absolute']:.1f} "
                     f"({100 * b['normalized']:.1f}) | {100 * e['gain']:+.1f} | {b['beta']} | {b['mean_cutoff_index']:.1f} "
-                    f"| {cos_n} | {a['plain_vs_clean']:.3f} -> {a['boosted_vs_clean']:.3f} |")
+                    f"| {cos_n} | {a['plain_vs_clean']:.3f} -> {a['boosted_vs_clean']:.3f} | {ratio} |")
     lines += ["", "Experts' clean test accuracy (mean over tasks) per noise rate: "
               + ", ".join(f"{r['rate']:g}: {100 * r['expert_mean']:.1f}%" for r in results["runs"]) + ".",
               f"Wall time: {results['total_s']:.0f} s (cache hits: "
