@@ -176,7 +176,9 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     acc.plot(counts, [100 * s["pretrained_normalized"] for s in results["settings"]], ":", color="k", label="zero-shot")
     acc.set(xlabel="number of experts merged", ylabel="normalized test accuracy (%)", title="Accuracy vs experts")
     rank.set(xlabel="number of experts merged", ylabel="mean stable rank", title="Stable rank of the merge")
-    rank.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    handles, labels = rank.get_legend_handles_labels()
+    zero_shot = acc.get_legend_handles_labels()[0][-1]  # only on the accuracy panel
+    rank.legend(handles + [zero_shot], labels + ["zero-shot"], loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
