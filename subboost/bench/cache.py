@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from subboost.bench import centroid_heads, finetune, generators, model, pretrain, splits
+from subboost.bench import centroid_heads, finetune, generators, label_noise, model, pretrain, splits, task_variants
 from subboost.bench.base import SHIPPED_BASES
 from subboost.bench.config import BenchConfig
 
@@ -52,15 +52,24 @@ def training_key(config: BenchConfig, seed: int) -> str:
 
     Includes the source of the task generators and training code, so editing
     them invalidates cached checkpoints; a shipped base is identified by its checksum.
+    The label noise and the task set (and their modules' source) enter only when they
+    differ from their defaults, so the standard suite's keys are those from before they existed.
     """
     fields = {
         k: v
         for k, v in config.to_dict().items()
         if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_", "steps_per_call", "base"))
     }
+    modules = [generators, splits, model, pretrain, finetune, centroid_heads]
     if config.base is not None:
         fields["base_sha256"] = SHIPPED_BASES.get(config.base)
-    return source_key({"seed": seed, "config": fields}, (generators, splits, model, pretrain, finetune, centroid_heads))
+    if fields.pop("finetune_label_noise", 0.0):
+        fields["finetune_label_noise"] = config.finetune_label_noise
+        modules.append(label_noise)
+    if config.task_set != "standard":
+        fields["task_set"] = config.task_set
+        modules.append(task_variants)
+    return source_key({"seed": seed, "config": fields}, modules)
 
 
 class ModelCache:

@@ -86,6 +86,10 @@ class BenchConfig:
         CLIP-style pretraining (AdamW, linear warm-up then cosine decay, global-norm clip 1).
       finetune_steps, finetune_batch, finetune_lr, finetune_warmup: per-expert fine-tuning
         of the encoder (AdamW without weight decay, same schedule shape); heads stay frozen.
+      finetune_label_noise: fraction of training labels replaced by another class before fine-tuning
+        (`subboost.bench.label_noise`; the heads and evaluation stay clean). 0 leaves the training key as it was.
+      task_set: the tasks, ``"standard"`` (the 20 of `generators.TASKS`) or ``"many"`` (those, then 30
+        regrouped variants, `subboost.bench.task_variants`); ``num_tasks`` takes the first ones.
       steps_per_call: optimisation steps fused into one jit-compiled `lax.scan` call.
       eval_batch: images per forward pass in evaluation.
       methods: merge methods to run (``None`` = every method in `subboost.available_methods()`).
@@ -118,6 +122,8 @@ class BenchConfig:
     finetune_optimizer: str = "adam"
     pretrain_labels: str = "fine"
     base: str | None = None
+    finetune_label_noise: float = 0.0
+    task_set: str = "standard"
     steps_per_call: int = 50
     eval_batch: int = 512
     methods: tuple[str, ...] | None = None
@@ -129,9 +135,11 @@ class BenchConfig:
     sweep_methods: tuple[str, ...] = SWEEP_METHODS
 
     def __post_init__(self):
-        from subboost.bench.generators import TASKS
+        from subboost.bench.task_variants import task_set
 
-        check_suite_settings(self, available_tasks=len(TASKS), betas=("betas", "sweep_betas"))
+        check_suite_settings(self, available_tasks=len(task_set(self.task_set)), betas=("betas", "sweep_betas"))
+        if not 0.0 <= self.finetune_label_noise < 1.0:
+            raise ValueError(f"BenchConfig.finetune_label_noise must lie in [0, 1), got {self.finetune_label_noise}.")
         if self.model.image_size != 16 or self.model.in_channels != 3:
             raise ValueError("BenchConfig.model must take 16x16 RGB images (the tasks' input space).")
         if self.head_shots > self.train_per_task // 10:

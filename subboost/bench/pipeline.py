@@ -50,7 +50,8 @@ from subboost.bench.base import load_shipped_base
 from subboost.bench.pretrain import PretrainResult, pretrain
 from subboost.bench.regime import linear_probe_accuracy, task_vector_geometry
 from subboost.bench.sweep import select
-from subboost.bench.generators import TASKS
+from subboost.bench.label_noise import with_label_noise
+from subboost.bench.task_variants import task_set
 from subboost.boosting import cutoff_index
 from subboost.task_vectors import SubboostError
 
@@ -164,7 +165,9 @@ def train_models(config: BenchConfig, data: SuiteData, *, seed: int, progress: b
     start = time.perf_counter()
     heads = build_heads(make_encoder(config.model), pretrained.encoder, data, shots=config.head_shots,
                         logit_scale=pretrained.logit_scale, seed=seed)
-    experts, losses = finetune_experts(config, pretrained.encoder, data, heads, seed=seed, progress=progress)
+    # Label noise reaches fine-tuning only: the heads above were built from clean labels.
+    finetune_data = with_label_noise(data, rate=config.finetune_label_noise, seed=seed)
+    experts, losses = finetune_experts(config, pretrained.encoder, finetune_data, heads, seed=seed, progress=progress)
     experts = jax.block_until_ready(experts)
     timings["finetune_s"] = time.perf_counter() - start
     log(f"fine-tuned {data.train.num_tasks} experts x {config.finetune_steps} steps in {timings['finetune_s']:.0f} s "
@@ -226,7 +229,7 @@ def load_or_train(
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    tasks = TASKS[: config.num_tasks]
+    tasks = task_set(config.task_set)[: config.num_tasks]
     data = build_suite(tasks, train=config.train_per_task, val=config.val_per_task, test=config.test_per_task,
                        seed=seed, progress=progress)
     timings["data_s"] = time.perf_counter() - start
@@ -418,7 +421,7 @@ def run_benchmark(
     total_start = time.perf_counter()
     out = prepare_out_dir(out_dir, overwrite=overwrite)
     timings: dict[str, float] = {}
-    tasks = TASKS[: config.num_tasks]
+    tasks = task_set(config.task_set)[: config.num_tasks]
 
     models = load_or_train(config, seed=seed, cache_dir=cache_dir if cache_dir is not None else out / "cache",
                            progress=progress, log=log)
