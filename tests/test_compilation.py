@@ -20,7 +20,7 @@ import pytest
 
 import subboost as sb
 from subboost import compilation
-from subboost.merging import METHODS
+from subboost.merging import METHODS, flat
 
 dare_module = importlib.import_module("subboost.merging.dare")
 
@@ -51,6 +51,14 @@ CASES = [
 ]
 
 
+def flat_program(method, kwargs):
+    """The method's flat program (for the methods that never run flat: `flat.flat_merge` of it, which must agree)."""
+    record = METHODS[method]
+    if record.flat_fn is not None:
+        return jax.jit(lambda t: record.flat_fn(t, **kwargs))
+    return jax.jit(lambda t: flat.flat_merge(record.fn, t, **kwargs))
+
+
 def assert_trees_equal(got, want):
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
@@ -65,10 +73,10 @@ def test_flat_merge_is_the_per_leaf_merge_bit_for_bit(method, kwargs, num_tasks)
         pytest.skip("consensus min_tasks > T")
     tvs = random_tvs(num_tasks, seed=num_tasks)
     runs_ties = method == "ties" or kwargs.get("base") == "ties"
-    assert compilation.can_flatten(METHODS[method].fn, tvs, kwargs) == runs_ties  # flat where it pays
+    assert flat.can_flatten(METHODS[method], tvs, kwargs) == runs_ties  # flat where it pays
     per_leaf = jax.jit(lambda t: METHODS[method].fn(t, **kwargs))(tvs)  # the program merge() compiled before
-    flat = jax.jit(lambda t: compilation.flat_merge(METHODS[method].fn, t, **kwargs))(tvs)
-    assert_trees_equal(flat, per_leaf)
+    flattened = flat_program(method, kwargs)(tvs)
+    assert_trees_equal(flattened, per_leaf)
     assert_trees_equal(sb.merge(tvs, method, **kwargs), per_leaf)
 
 
@@ -77,22 +85,22 @@ def test_flat_merge_in_bfloat16_is_the_per_leaf_merge():
     tvs = random_tvs(4, seed=7, dtype=jnp.bfloat16)
     for method, kwargs in CASES[2:]:
         per_leaf = jax.jit(lambda t: METHODS[method].fn(t, **kwargs))(tvs)
-        assert_trees_equal(jax.jit(lambda t: compilation.flat_merge(METHODS[method].fn, t, **kwargs))(tvs), per_leaf)
+        assert_trees_equal(flat_program(method, kwargs)(tvs), per_leaf)
 
 
 def test_per_leaf_scope_mixed_dtypes_large_trees_and_light_methods_keep_the_per_leaf_program(monkeypatch):
     tvs = random_tvs(3, seed=1)
-    assert not compilation.can_flatten(METHODS["ties"].fn, tvs, {"scope": "per_leaf"})
-    assert not compilation.can_flatten(METHODS["consensus"].fn, tvs, {"base": "ties", "scope": "per_leaf"})
-    assert not compilation.can_flatten(METHODS["dare"].fn, tvs, {"base": "ties", "scope": "per_leaf"})
-    assert not compilation.can_flatten(METHODS["tsv"].fn, tvs, {})
+    assert not flat.can_flatten(METHODS["ties"], tvs, {"scope": "per_leaf"})
+    assert not flat.can_flatten(METHODS["consensus"], tvs, {"base": "ties", "scope": "per_leaf"})
+    assert not flat.can_flatten(METHODS["dare"], tvs, {"base": "ties", "scope": "per_leaf"})
+    assert not flat.can_flatten(METHODS["tsv"], tvs, {})
     for light in ("weight_averaging", "task_arithmetic", "consensus", "dare"):  # no TIES inside
-        assert not compilation.can_flatten(METHODS[light].fn, tvs, {"key": None} if light == "dare" else {})
+        assert not flat.can_flatten(METHODS[light], tvs, {"key": None} if light == "dare" else {})
     mixed = {**tvs, "d": tvs["d"].astype(jnp.bfloat16)}
-    assert not compilation.can_flatten(METHODS["ties"].fn, mixed, {})
-    assert compilation.can_flatten(METHODS["ties"].fn, tvs, {})
-    monkeypatch.setattr(compilation, "FLATTEN_MAX_BYTES", 16)
-    assert not compilation.can_flatten(METHODS["ties"].fn, tvs, {})
+    assert not flat.can_flatten(METHODS["ties"], mixed, {})
+    assert flat.can_flatten(METHODS["ties"], tvs, {})
+    monkeypatch.setattr(flat, "FLATTEN_MAX_BYTES", 16)
+    assert not flat.can_flatten(METHODS["ties"], tvs, {})
 
 
 def old_drop_and_rescale(tvs, *, key, p):
