@@ -21,6 +21,8 @@ import pytest
 import subboost as sb
 from subboost import compilation
 from subboost.merging import METHODS, flat
+from tests.tracing import count_traces
+from tests.trees import vit_like_params
 
 dare_module = importlib.import_module("subboost.merging.dare")
 
@@ -130,6 +132,44 @@ def test_dare_masks_grouped_by_shape_are_the_per_leaf_masks(monkeypatch):
     key = jax.random.key(9)
     want = old_drop_and_rescale(tvs, key=key, p=0.6)
     assert_trees_equal(jax.jit(lambda t, k: dare_module.drop_and_rescale(t, key=k, p=0.6))(tvs, key), want)
+
+
+# ----------------------------------------------------------------------------
+# Boosting with beta as a traced argument
+# ----------------------------------------------------------------------------
+SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": None}, {"rank_rtol": 1e-3, "batch_size": 2}])
+def test_boosting_with_a_traced_beta_is_the_static_program_bit_for_bit(kwargs):
+    from subboost import boosting
+
+    tau = jax.tree_util.tree_map(jnp.asarray, vit_like_params(np.random.default_rng(11)))
+    assert boosting.beta_can_be_traced(tau, mode="cumsum", solver="svd", attn_beta=None)
+    for beta in (0.0, 0.05, 0.5):  # a flat spectrum, a middle cutoff, a late one (each a static compile)
+        static = boosting._boost_tree(tau, beta=beta, mode="cumsum", attention="per_qkv", is_matrix=None,
+                                      solver="svd", **kwargs)
+        assert_trees_equal(sb.subspace_boost(tau, beta=beta, **kwargs), static)
+
+
+def test_a_beta_sweep_compiles_one_boosting_program():
+    tau = jax.tree_util.tree_map(jnp.asarray, vit_like_params(np.random.default_rng(12)))
+    sb.subspace_boost(tau, beta=0.3)  # compiles the program (and validation's)
+    with count_traces() as traces:
+        for beta in SWEEP:
+            sb.subspace_boost(tau, beta=beta)
+    assert traces == []
+
+
+def test_beta_stays_static_where_it_sizes_or_picks_code():
+    from subboost import boosting
+
+    tau = {"w": jnp.ones((4, 3), jnp.float32)}
+    assert not boosting.beta_can_be_traced(tau, mode="index", solver="svd", attn_beta=None)
+    assert not boosting.beta_can_be_traced(tau, mode="cumsum", solver="polar", attn_beta=None)
+    assert not boosting.beta_can_be_traced(tau, mode="cumsum", solver="svd", attn_beta=0.1)
+    assert not boosting.beta_can_be_traced({"w": tau["w"].astype(jnp.bfloat16)}, mode="cumsum", solver="svd",
+                                           attn_beta=None)
 
 
 # ----------------------------------------------------------------------------
