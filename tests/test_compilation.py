@@ -172,6 +172,22 @@ def test_beta_stays_static_where_it_sizes_or_picks_code():
                                            attn_beta=None)
 
 
+@pytest.mark.parametrize("host_limit", [None, 0])  # numpy on the host; the compiled reduction
+def test_finiteness_check_names_the_same_leaf_either_way_and_small_host_trees_compile_nothing(host_limit, monkeypatch):
+    task_vectors = importlib.import_module("subboost.task_vectors")
+
+    if host_limit is not None:
+        monkeypatch.setattr(task_vectors, "HOST_CHECK_MAX_BYTES", host_limit)
+    tvs = random_tvs(3, seed=13)
+    with count_traces() as traces:
+        task_vectors.check_finite(tvs)
+    assert (traces == []) == (host_limit is None)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = {**tvs, "c": [tvs["c"][0], tvs["c"][1].at[2, 1, 0].set(bad), tvs["c"][2]]}
+        with pytest.raises(sb.SubboostError, match="'c/1' contains NaN or infinite"):
+            task_vectors.check_finite(broken, what="task vectors")
+
+
 # ----------------------------------------------------------------------------
 # The persistent compilation cache
 # ----------------------------------------------------------------------------
