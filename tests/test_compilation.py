@@ -20,7 +20,7 @@ import pytest
 
 import subboost as sb
 from subboost import compilation
-from subboost.merging import METHODS, flat
+from subboost.merging import METHODS, flat, padding
 from tests.tracing import count_traces
 from tests.trees import vit_like_params
 
@@ -132,6 +132,56 @@ def test_dare_masks_grouped_by_shape_are_the_per_leaf_masks(monkeypatch):
     key = jax.random.key(9)
     want = old_drop_and_rescale(tvs, key=key, p=0.6)
     assert_trees_equal(jax.jit(lambda t, k: dare_module.drop_and_rescale(t, key=k, p=0.6))(tvs, key), want)
+
+
+# ----------------------------------------------------------------------------
+# Padding the task axis to buckets
+# ----------------------------------------------------------------------------
+PADDED = [
+    ("task_arithmetic", {}),
+    ("ties", {"k": 0.2}),
+    ("ties", {"k": 0.5, "merge": "sum", "scope": "per_leaf"}),
+    ("dare", {"p": 0.5, "key": jax.random.key(3)}),
+    ("dare", {"p": 0.3, "key": jax.random.key(4), "base": "ties", "k": 0.4}),
+    ("consensus", {"min_tasks": 1, "lambdas": 0.3}),
+    ("consensus", {"min_tasks": 2, "lambdas": 0.5, "base": "ties", "k": 0.3, "mask_from": "merged"}),
+]
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 17])
+@pytest.mark.parametrize("method,kwargs", PADDED)
+def test_merges_padded_with_zero_task_vectors_are_the_unpadded_merges_bit_for_bit(method, kwargs, num_tasks):
+    if kwargs.get("min_tasks", 1) > num_tasks:
+        pytest.skip("consensus min_tasks > T")
+    tvs = random_tvs(num_tasks, seed=20 + num_tasks)
+    assert padding.can_pad(METHODS[method], tvs, kwargs)
+    padded = padding.pad_task_axis(tvs, padding.padded_task_count(num_tasks))
+    assert {x.shape[0] for x in jax.tree_util.tree_leaves(padded)} == {16 if num_tasks <= 16 else 32}
+    unpadded = jax.jit(lambda t: METHODS[method].fn(t, **kwargs))(tvs)
+    assert_trees_equal(sb.merge(tvs, method, **kwargs), unpadded)
+
+
+def test_task_counts_in_one_bucket_share_one_program():
+    sb.merge(random_tvs(3, seed=30), "ties", k=0.3)
+    inputs = [random_tvs(num_tasks, seed=30 + num_tasks) for num_tasks in (2, 5, 9, 16)]
+    with count_traces() as traces:
+        for tvs in inputs:
+            sb.merge(tvs, "ties", k=0.3)
+    assert traces == []
+
+
+def test_methods_where_zeros_are_not_exact_padding_are_never_padded(monkeypatch):
+    tvs = random_tvs(3, seed=5)
+    for method in ("weight_averaging", "tsv", "iso_c", "iso_cts"):
+        assert not padding.can_pad(METHODS[method], tvs, {})
+    assert not padding.can_pad(METHODS["consensus"], tvs, {"lambdas": [0.3, 0.4, 0.5]})  # one lambda per task
+    assert not padding.can_pad(METHODS["ties"], random_tvs(16, seed=5), {})  # already a bucket
+    legacy = {"p": 0.5, "key": jax.random.PRNGKey(0)}
+    assert padding.can_pad(METHODS["dare"], tvs, legacy)
+    with jax.threefry_partitionable(False):  # the rows' masks would depend on T
+        assert not padding.can_pad(METHODS["dare"], tvs, legacy)
+    monkeypatch.setattr(padding, "PAD_MAX_BYTES", 16)
+    assert not padding.can_pad(METHODS["ties"], tvs, {})
 
 
 # ----------------------------------------------------------------------------
