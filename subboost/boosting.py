@@ -245,16 +245,26 @@ def beta_parts(is_attention: np.ndarray, beta: float, attn_beta: float) -> list[
     return [(np.flatnonzero(is_attention), attn_beta), (np.flatnonzero(~is_attention), beta)]
 
 
+def beta_can_be_traced(tau: PyTree, *, mode: BoostMode, solver: Solver, attn_beta: float | None) -> bool:
+    """Whether `subspace_boost` may pass ``beta`` to its program as a traced scalar, with the same result.
+
+    Only ``cumsum`` mode reads beta at run time alone (``sum(s[:i+1]) / sum(s) < beta``); ``index`` mode
+    and the polar solver size arrays or pick code paths from it. One beta for every matrix (no
+    ``attn_beta``). Only float32 / float64 matrices: there a traced Python float rounds to the
+    matrices' dtype exactly as the constant does; a lower precision would round it twice.
+    """
+    if mode != "cumsum" or solver != "svd" or attn_beta is not None:
+        return False
+    return all(jnp.dtype(x.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+               for x in jax.tree_util.tree_leaves(tau))
+
+
 def _array_predicate(path: str, leaf) -> MatrixLayout:
     """A bare array: its two trailing axes are the matrices, every other axis a layer axis."""
     return MatrixLayout("matrix", layer_axes=len(np.shape(leaf)) - 2)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("beta", "mode", "attention", "is_matrix", "batch_size", "solver", "tol", "with_info",
-                              "attn_beta", "rank_rtol", "mesh")
-)
-def _boost_tree(
+def _boost_tree_impl(
     tau: PyTree,
     *,
     beta: float,
@@ -275,6 +285,9 @@ def _boost_tree(
     masks = attention_matrices(plan)
 
     def parts(group):  # per group, by shape and cutoff: the solver; by attention mask: the cutoff
+        if isinstance(beta, jax.core.Tracer):  # `_boost_tree_traced_beta`: one cutoff, the exact SVD
+            return [(None, functools.partial(boost_group, beta=beta, mode=mode, tol=tol, rank_rtol=rank_rtol,
+                                             solver="svd"))]
         return [(indices, functools.partial(boost_group, beta=b, mode=mode, tol=tol, rank_rtol=rank_rtol,
                                             solver=choose_solver(solver, group[:2], beta=b, mode=mode)))
                 for indices, b in beta_parts(masks[group], beta, attn_beta)]
@@ -285,6 +298,13 @@ def _boost_tree(
     if mesh is not None:  # replicated, so every host can read (and process 0 save) the result
         out, infos = jax.lax.with_sharding_constraint((out, infos), NamedSharding(mesh, PartitionSpec()))
     return (out, infos) if with_info else out
+
+
+_BOOST_STATIC = ("mode", "attention", "is_matrix", "batch_size", "solver", "tol", "with_info", "attn_beta", "rank_rtol",
+                 "mesh")
+_boost_tree = jax.jit(_boost_tree_impl, static_argnames=("beta",) + _BOOST_STATIC)
+# beta as a traced argument: every beta of a sweep runs one compiled program.
+_boost_tree_traced_beta = jax.jit(_boost_tree_impl, static_argnames=_BOOST_STATIC)
 
 
 # ----------------------------------------------------------------------------
@@ -521,7 +541,9 @@ def subspace_boost(
     if mesh is not None:
         mesh_axes(mesh)
         tau = place_parameters(tau, mesh)
-    out = _boost_tree(
+    program = (_boost_tree_traced_beta if beta_can_be_traced(tau, mode=mode, solver=solver, attn_beta=attn_beta)
+               else _boost_tree)
+    out = program(
         tau, beta=float(beta), mode=mode, attention=attention, is_matrix=is_matrix, batch_size=batch_size,
         solver=solver, tol=tol, with_info=return_info, attn_beta=attn_beta, rank_rtol=rank_rtol, mesh=mesh,
     )

@@ -22,7 +22,6 @@ The cache is trusted code: never point it at a directory others can write to.
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
@@ -93,84 +92,4 @@ def setup_cli_compile_cache(*, enabled: bool = True) -> Path | None:
         return None
 
 
-# ----------------------------------------------------------------------------
-# Smaller programs: elementwise merges of one flat vector instead of many leaves
-# ----------------------------------------------------------------------------
-# An elementwise merge of a tree with L leaves traces L copies of its arithmetic,
-# and XLA's compile time grows with the program. TIES is the heavy one: its
-# threshold bisection counts every leaf in each of its 32 steps. On the tiny
-# benchmark model (40 leaves, T = 4) TIES compiled 13x faster on one (T, N) leaf;
-# the concatenation and the 40 slices back cost about 2 s of compilation
-# themselves, more than Task Arithmetic's or Consensus-TA's whole per-leaf program,
-# so only the methods that run TIES are flattened. The merge of the concatenated
-# leaves, split back, *is* the merge of the tree, entry for entry: every step is
-# elementwise over parameters, sums over the expert axis, or (TIES's global
-# threshold, its sign vote) an exact integer count over all parameters. The
-# concatenation is a copy of the task vectors, so trees above `FLATTEN_MAX_BYTES`
-# keep the per-leaf program (their compile time is paid back by their run time).
-FLATTEN_MAX_BYTES = 1 << 26  # 64 MiB of stacked task vectors: where compile time, not run time, dominates
-
-
-def _flattenable_methods() -> dict:
-    from subboost.merging.consensus import consensus
-    from subboost.merging.dare import dare
-    from subboost.merging.ties import ties
-
-    def global_ties(kwargs) -> bool:
-        return kwargs.get("scope", "global") == "global"
-
-    def on_global_ties(kwargs) -> bool:
-        return kwargs.get("base", "task_arithmetic") == "ties" and global_ties(kwargs)
-
-    return {ties: global_ties, consensus: on_global_ties, dare: on_global_ties}
-
-
-def can_flatten(fn, tvs, kwargs: dict) -> bool:
-    """Whether `flat_merge` of ``fn`` gives exactly ``fn(tvs, **kwargs)`` (and is worth it)."""
-    import jax
-
-    rule = _flattenable_methods().get(fn)
-    if rule is None or not rule(kwargs):
-        return False
-    leaves = jax.tree_util.tree_leaves(tvs)
-    if len(leaves) < 2 or any(getattr(x, "ndim", 0) < 1 for x in leaves):
-        return False
-    if len({x.dtype for x in leaves}) != 1 or len({x.shape[0] for x in leaves}) != 1:
-        return False
-    return sum(x.size * x.dtype.itemsize for x in leaves) <= FLATTEN_MAX_BYTES
-
-
-def _dare_bases() -> dict:
-    from subboost.merging.averaging import task_arithmetic
-    from subboost.merging.ties import ties
-
-    return {"task_arithmetic": task_arithmetic, "ties": ties}
-
-
-def flat_merge(fn, tvs, **kwargs):
-    """``fn`` applied to the leaves of ``tvs`` concatenated into one ``(T, N)`` leaf, split back into the tree.
-
-    Traced inside the caller's `jax.jit`: the program holds the method's
-    arithmetic once, plus one concatenation and one slice per leaf.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    dare_module = importlib.import_module("subboost.merging.dare")
-    if fn is dare_module.dare:  # DARE's masks are drawn per leaf (its random stream), its base merge flat
-        tvs = dare_module.drop_and_rescale(tvs, key=kwargs.pop("key"), p=kwargs.pop("p", 0.9))
-        fn = _dare_bases()[kwargs.pop("base", "task_arithmetic")]
-    leaves, treedef = jax.tree_util.tree_flatten(tvs)
-    num_tasks = leaves[0].shape[0]
-    flat = jnp.concatenate([x.reshape(num_tasks, -1) for x in leaves], axis=1)
-    merged = fn({"flat": flat}, **kwargs)["flat"]
-    out, offset = [], 0
-    for x in leaves:
-        size = x[0].size
-        out.append(merged[offset:offset + size].reshape(x.shape[1:]))
-        offset += size
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-__all__ = ["ENV_VAR", "can_flatten", "default_cache_dir", "enable_compile_cache", "flat_merge", "resolve_cache_dir",
-           "setup_cli_compile_cache"]
+__all__ = ["ENV_VAR", "default_cache_dir", "enable_compile_cache", "resolve_cache_dir", "setup_cli_compile_cache"]

@@ -81,20 +81,42 @@ def _leaf_finite_flags(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.ones((0,), bool)
 
 
+# Trees up to this size that already sit in host memory (numpy arrays, JAX arrays on the CPU backend) are
+# checked with numpy: compiling `_leaf_finite_flags` for each new set of shapes costs far more than the check.
+HOST_CHECK_MAX_BYTES = 1 << 26
+
+
+def _dtype(x) -> np.dtype:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
+def _on_host(x) -> bool:
+    if isinstance(x, np.ndarray) or np.isscalar(x):
+        return True
+    devices = getattr(x, "devices", None)
+    return devices is not None and all(d.platform == "cpu" for d in devices())
+
+
 def check_finite(tree: PyTree, *, what: str = "input") -> None:
     """Raises `SubboostError` naming the first parameter holding NaN or inf.
 
-    One fused reduction and a single device-to-host transfer of one flag per leaf.
-    Skipped while tracing (inside a caller's `jax.jit`), where values are
-    unknown: the functions that call it stay usable in jit-compiled code.
+    One fused reduction and a single device-to-host transfer of one flag per leaf;
+    small trees already in host memory (`HOST_CHECK_MAX_BYTES`) are checked by
+    numpy instead, without compiling anything. Skipped while tracing (inside a
+    caller's `jax.jit`), where values are unknown: the functions that call it
+    stay usable in jit-compiled code.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     if any(isinstance(x, jax.core.Tracer) for _, x in flat):
         return
-    float_items = [(p, x) for p, x in flat if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    float_items = [(p, x) for p, x in flat if jnp.issubdtype(_dtype(x), jnp.inexact)]
     if not float_items:
         return
-    flags = np.asarray(_leaf_finite_flags([jnp.asarray(x) for _, x in float_items]))
+    values = [x for _, x in float_items]
+    if all(map(_on_host, values)) and sum(np.size(x) * _dtype(x).itemsize for x in values) <= HOST_CHECK_MAX_BYTES:
+        flags = np.array([bool(np.isfinite(np.asarray(x)).all()) for x in values])
+    else:
+        flags = np.asarray(_leaf_finite_flags([jnp.asarray(x) for x in values]))
     if not flags.all():
         path = path_str(float_items[int(np.argmin(flags))][0])
         raise SubboostError(f"{what}: parameter {path!r} contains NaN or infinite values.")

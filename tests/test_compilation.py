@@ -20,7 +20,9 @@ import pytest
 
 import subboost as sb
 from subboost import compilation
-from subboost.merging import METHODS
+from subboost.merging import METHODS, flat, padding
+from tests.tracing import count_traces
+from tests.trees import vit_like_params
 
 dare_module = importlib.import_module("subboost.merging.dare")
 
@@ -51,6 +53,14 @@ CASES = [
 ]
 
 
+def flat_program(method, kwargs):
+    """The method's flat program (for the methods that never run flat: `flat.flat_merge` of it, which must agree)."""
+    record = METHODS[method]
+    if record.flat_fn is not None:
+        return jax.jit(lambda t: record.flat_fn(t, **kwargs))
+    return jax.jit(lambda t: flat.flat_merge(record.fn, t, **kwargs))
+
+
 def assert_trees_equal(got, want):
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
@@ -65,10 +75,10 @@ def test_flat_merge_is_the_per_leaf_merge_bit_for_bit(method, kwargs, num_tasks)
         pytest.skip("consensus min_tasks > T")
     tvs = random_tvs(num_tasks, seed=num_tasks)
     runs_ties = method == "ties" or kwargs.get("base") == "ties"
-    assert compilation.can_flatten(METHODS[method].fn, tvs, kwargs) == runs_ties  # flat where it pays
+    assert flat.can_flatten(METHODS[method], tvs, kwargs) == runs_ties  # flat where it pays
     per_leaf = jax.jit(lambda t: METHODS[method].fn(t, **kwargs))(tvs)  # the program merge() compiled before
-    flat = jax.jit(lambda t: compilation.flat_merge(METHODS[method].fn, t, **kwargs))(tvs)
-    assert_trees_equal(flat, per_leaf)
+    flattened = flat_program(method, kwargs)(tvs)
+    assert_trees_equal(flattened, per_leaf)
     assert_trees_equal(sb.merge(tvs, method, **kwargs), per_leaf)
 
 
@@ -77,22 +87,22 @@ def test_flat_merge_in_bfloat16_is_the_per_leaf_merge():
     tvs = random_tvs(4, seed=7, dtype=jnp.bfloat16)
     for method, kwargs in CASES[2:]:
         per_leaf = jax.jit(lambda t: METHODS[method].fn(t, **kwargs))(tvs)
-        assert_trees_equal(jax.jit(lambda t: compilation.flat_merge(METHODS[method].fn, t, **kwargs))(tvs), per_leaf)
+        assert_trees_equal(flat_program(method, kwargs)(tvs), per_leaf)
 
 
 def test_per_leaf_scope_mixed_dtypes_large_trees_and_light_methods_keep_the_per_leaf_program(monkeypatch):
     tvs = random_tvs(3, seed=1)
-    assert not compilation.can_flatten(METHODS["ties"].fn, tvs, {"scope": "per_leaf"})
-    assert not compilation.can_flatten(METHODS["consensus"].fn, tvs, {"base": "ties", "scope": "per_leaf"})
-    assert not compilation.can_flatten(METHODS["dare"].fn, tvs, {"base": "ties", "scope": "per_leaf"})
-    assert not compilation.can_flatten(METHODS["tsv"].fn, tvs, {})
+    assert not flat.can_flatten(METHODS["ties"], tvs, {"scope": "per_leaf"})
+    assert not flat.can_flatten(METHODS["consensus"], tvs, {"base": "ties", "scope": "per_leaf"})
+    assert not flat.can_flatten(METHODS["dare"], tvs, {"base": "ties", "scope": "per_leaf"})
+    assert not flat.can_flatten(METHODS["tsv"], tvs, {})
     for light in ("weight_averaging", "task_arithmetic", "consensus", "dare"):  # no TIES inside
-        assert not compilation.can_flatten(METHODS[light].fn, tvs, {"key": None} if light == "dare" else {})
+        assert not flat.can_flatten(METHODS[light], tvs, {"key": None} if light == "dare" else {})
     mixed = {**tvs, "d": tvs["d"].astype(jnp.bfloat16)}
-    assert not compilation.can_flatten(METHODS["ties"].fn, mixed, {})
-    assert compilation.can_flatten(METHODS["ties"].fn, tvs, {})
-    monkeypatch.setattr(compilation, "FLATTEN_MAX_BYTES", 16)
-    assert not compilation.can_flatten(METHODS["ties"].fn, tvs, {})
+    assert not flat.can_flatten(METHODS["ties"], mixed, {})
+    assert flat.can_flatten(METHODS["ties"], tvs, {})
+    monkeypatch.setattr(flat, "FLATTEN_MAX_BYTES", 16)
+    assert not flat.can_flatten(METHODS["ties"], tvs, {})
 
 
 def old_drop_and_rescale(tvs, *, key, p):
@@ -122,6 +132,110 @@ def test_dare_masks_grouped_by_shape_are_the_per_leaf_masks(monkeypatch):
     key = jax.random.key(9)
     want = old_drop_and_rescale(tvs, key=key, p=0.6)
     assert_trees_equal(jax.jit(lambda t, k: dare_module.drop_and_rescale(t, key=k, p=0.6))(tvs, key), want)
+
+
+# ----------------------------------------------------------------------------
+# Padding the task axis to buckets
+# ----------------------------------------------------------------------------
+PADDED = [
+    ("task_arithmetic", {}),
+    ("ties", {"k": 0.2}),
+    ("ties", {"k": 0.5, "merge": "sum", "scope": "per_leaf"}),
+    ("dare", {"p": 0.5, "key": jax.random.key(3)}),
+    ("dare", {"p": 0.3, "key": jax.random.key(4), "base": "ties", "k": 0.4}),
+    ("consensus", {"min_tasks": 1, "lambdas": 0.3}),
+    ("consensus", {"min_tasks": 2, "lambdas": 0.5, "base": "ties", "k": 0.3, "mask_from": "merged"}),
+]
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 17])
+@pytest.mark.parametrize("method,kwargs", PADDED)
+def test_merges_padded_with_zero_task_vectors_are_the_unpadded_merges_bit_for_bit(method, kwargs, num_tasks):
+    if kwargs.get("min_tasks", 1) > num_tasks:
+        pytest.skip("consensus min_tasks > T")
+    tvs = random_tvs(num_tasks, seed=20 + num_tasks)
+    assert padding.can_pad(METHODS[method], tvs, kwargs)
+    padded = padding.pad_task_axis(tvs, padding.padded_task_count(num_tasks))
+    assert {x.shape[0] for x in jax.tree_util.tree_leaves(padded)} == {16 if num_tasks <= 16 else 32}
+    unpadded = jax.jit(lambda t: METHODS[method].fn(t, **kwargs))(tvs)
+    assert_trees_equal(sb.merge(tvs, method, **kwargs), unpadded)
+
+
+def test_task_counts_in_one_bucket_share_one_program():
+    sb.merge(random_tvs(3, seed=30), "ties", k=0.3)
+    inputs = [random_tvs(num_tasks, seed=30 + num_tasks) for num_tasks in (2, 5, 9, 16)]
+    with count_traces() as traces:
+        for tvs in inputs:
+            sb.merge(tvs, "ties", k=0.3)
+    assert traces == []
+
+
+def test_methods_where_zeros_are_not_exact_padding_are_never_padded(monkeypatch):
+    tvs = random_tvs(3, seed=5)
+    for method in ("weight_averaging", "tsv", "iso_c", "iso_cts"):
+        assert not padding.can_pad(METHODS[method], tvs, {})
+    assert not padding.can_pad(METHODS["consensus"], tvs, {"lambdas": [0.3, 0.4, 0.5]})  # one lambda per task
+    assert not padding.can_pad(METHODS["ties"], random_tvs(16, seed=5), {})  # already a bucket
+    legacy = {"p": 0.5, "key": jax.random.PRNGKey(0)}
+    assert padding.can_pad(METHODS["dare"], tvs, legacy)
+    with jax.threefry_partitionable(False):  # the rows' masks would depend on T
+        assert not padding.can_pad(METHODS["dare"], tvs, legacy)
+    monkeypatch.setattr(padding, "PAD_MAX_BYTES", 16)
+    assert not padding.can_pad(METHODS["ties"], tvs, {})
+
+
+# ----------------------------------------------------------------------------
+# Boosting with beta as a traced argument
+# ----------------------------------------------------------------------------
+SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": None}, {"rank_rtol": 1e-3, "batch_size": 2}])
+def test_boosting_with_a_traced_beta_is_the_static_program_bit_for_bit(kwargs):
+    from subboost import boosting
+
+    tau = jax.tree_util.tree_map(jnp.asarray, vit_like_params(np.random.default_rng(11)))
+    assert boosting.beta_can_be_traced(tau, mode="cumsum", solver="svd", attn_beta=None)
+    for beta in (0.0, 0.05, 0.5):  # a flat spectrum, a middle cutoff, a late one (each a static compile)
+        static = boosting._boost_tree(tau, beta=beta, mode="cumsum", attention="per_qkv", is_matrix=None,
+                                      solver="svd", **kwargs)
+        assert_trees_equal(sb.subspace_boost(tau, beta=beta, **kwargs), static)
+
+
+def test_a_beta_sweep_compiles_one_boosting_program():
+    tau = jax.tree_util.tree_map(jnp.asarray, vit_like_params(np.random.default_rng(12)))
+    sb.subspace_boost(tau, beta=0.3)  # compiles the program (and validation's)
+    with count_traces() as traces:
+        for beta in SWEEP:
+            sb.subspace_boost(tau, beta=beta)
+    assert traces == []
+
+
+def test_beta_stays_static_where_it_sizes_or_picks_code():
+    from subboost import boosting
+
+    tau = {"w": jnp.ones((4, 3), jnp.float32)}
+    assert not boosting.beta_can_be_traced(tau, mode="index", solver="svd", attn_beta=None)
+    assert not boosting.beta_can_be_traced(tau, mode="cumsum", solver="polar", attn_beta=None)
+    assert not boosting.beta_can_be_traced(tau, mode="cumsum", solver="svd", attn_beta=0.1)
+    assert not boosting.beta_can_be_traced({"w": tau["w"].astype(jnp.bfloat16)}, mode="cumsum", solver="svd",
+                                           attn_beta=None)
+
+
+@pytest.mark.parametrize("host_limit", [None, 0])  # numpy on the host; the compiled reduction
+def test_finiteness_check_names_the_same_leaf_either_way_and_small_host_trees_compile_nothing(host_limit, monkeypatch):
+    task_vectors = importlib.import_module("subboost.task_vectors")
+
+    if host_limit is not None:
+        monkeypatch.setattr(task_vectors, "HOST_CHECK_MAX_BYTES", host_limit)
+    tvs = random_tvs(3, seed=13)
+    with count_traces() as traces:
+        task_vectors.check_finite(tvs)
+    assert (traces == []) == (host_limit is None)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = {**tvs, "c": [tvs["c"][0], tvs["c"][1].at[2, 1, 0].set(bad), tvs["c"][2]]}
+        with pytest.raises(sb.SubboostError, match="'c/1' contains NaN or infinite"):
+            task_vectors.check_finite(broken, what="task vectors")
 
 
 # ----------------------------------------------------------------------------

@@ -108,13 +108,17 @@ def test_second_call_does_not_recompile(experts, method):
     tvs = sb.task_vectors(base, finetuned)
     doubled = jax.tree_util.tree_map(lambda x: 2 * x, tvs)
     fewer = jax.tree_util.tree_map(lambda x: x[1:], tvs)
+    more = jax.tree_util.tree_map(lambda x: jnp.concatenate([x] * 5), tvs)  # 20 experts
     sb.merge(tvs, method)
     with count_traces() as second:
         sb.merge(doubled, method)
     assert not second
-    with count_traces() as fewer_tasks:  # the counter sees a new program: one expert fewer
+    with count_traces() as fewer_tasks:  # 3 and 4 experts are padded to one bucket (subboost.merging.padding)
         sb.merge(fewer, method)
-    assert fewer_tasks
+    assert not fewer_tasks
+    with count_traces() as next_bucket:  # the counter sees a new program: 20 experts, the next bucket
+        sb.merge(more, method)
+    assert next_bucket
 
 
 @pytest.mark.parametrize("method", ["weight_averaging", "task_arithmetic", "ties", "consensus"])

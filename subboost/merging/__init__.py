@@ -14,10 +14,11 @@ from typing import Any
 
 import jax
 
-from subboost.compilation import can_flatten
 from subboost.merging.averaging import task_arithmetic, weight_averaging
 from subboost.merging.consensus import consensus
 from subboost.merging.dare import dare
+from subboost.merging.flat import can_flatten
+from subboost.merging.padding import can_pad, pad_task_axis, padded_task_count
 from subboost.merging.iso import iso_c, iso_cts
 from subboost.merging.registry import (
     DYNAMIC_ARGUMENTS,
@@ -83,7 +84,9 @@ def merge(
 
         return merge_on_mesh(tvs, method, mesh=mesh, jitted=jitted(method, static_names), matrix_kernel=record.matrix_kernel,
                              hyper_parameters=kwargs, dynamic=DYNAMIC_ARGUMENTS)
-    if can_flatten(record.fn, tvs, kwargs):  # one (T, N) leaf: a much smaller program, the same result
+    if can_pad(record, tvs, kwargs):  # zero task vectors up to a bucket: one program for many T, the same result
+        tvs = pad_task_axis(tvs, padded_task_count(num_tasks))
+    if can_flatten(record, tvs, kwargs):  # one (T, N) leaf: a much smaller program, the same result
         merged = jitted_flat(method, static_names)(tvs, **kwargs)
     else:
         merged = jitted(method, static_names)(tvs, **kwargs)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from subboost.linalg import compute_dtype
-from subboost.merging.averaging import task_arithmetic
+from subboost.merging.averaging import ordered_sum, task_arithmetic
 from subboost.merging.dare import BASES
 from subboost.merging.ties import ties
 from subboost.tree import PyTree
@@ -44,7 +44,7 @@ def tall_masks(tvs: PyTree, *, lambdas: float | Sequence[float] = 0.4, merged: P
 
     def leaf(x, total=None):
         xc = x.astype(compute_dtype(x.dtype))
-        total = jnp.sum(xc, axis=0, keepdims=True) if total is None else total.astype(xc.dtype)[None]
+        total = ordered_sum(xc)[None] if total is None else total.astype(xc.dtype)[None]
         lam = _lambda_column(lambdas, x.shape[0], x.ndim, xc.dtype)
         return jnp.abs(xc) > lam * jnp.abs(total - xc)
 

@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from subboost.merging.averaging import task_arithmetic
+from subboost.merging.flat import flat_merge
 from subboost.merging.ties import ties
 from subboost.tree import PyTree
 from subboost.validation import check_choice
 
 # The merges DARE (and Consensus) can be applied to.
-BASES: tuple[str, ...] = ("task_arithmetic", "ties")
+BASE_MERGES = {"task_arithmetic": task_arithmetic, "ties": ties}
+BASES: tuple[str, ...] = tuple(BASE_MERGES)
 
 
 def keep_mask(key: jax.Array, *, p: float, shape: tuple[int, ...]) -> jax.Array:
@@ -82,10 +84,25 @@ def dare(
       **base_kwargs: hyper-parameters of ``base`` (e.g. ``k`` for TIES).
     """
     check_choice("base", base, BASES, what="dare")
-    dropped = drop_and_rescale(tvs, key=key, p=p)
-    if base == "ties":
-        return ties(dropped, **base_kwargs)
-    return task_arithmetic(dropped, **base_kwargs)
+    return BASE_MERGES[base](drop_and_rescale(tvs, key=key, p=p), **base_kwargs)
+
+
+def dare_flat(
+    tvs: PyTree,
+    *,
+    key: jax.Array,
+    p: float = 0.9,
+    base: str = "task_arithmetic",
+    **base_kwargs: Any,
+) -> PyTree:
+    """`dare` with its base merge run on the leaves concatenated into one ``(T, N)`` leaf.
+
+    The masks are drawn per leaf exactly as in `dare` (they are its random
+    stream); only the base merge runs flat (`subboost.merging.flat.flat_merge`),
+    so the result is `dare`'s bit for bit, from a smaller program.
+    """
+    check_choice("base", base, BASES, what="dare")
+    return flat_merge(BASE_MERGES[base], drop_and_rescale(tvs, key=key, p=p), **base_kwargs)
 
 
 # At most this many entries in all are drawn by `_keep_masks_one_draw` (it holds four uint32 arrays of them).

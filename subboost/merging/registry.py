@@ -14,7 +14,16 @@ A `MergeMethod` holds
   with it, and a tree without any matrix is refused. ``None`` otherwise;
 * ``streaming``: ``streaming(kwargs) -> StreamingScheme`` saying how
   `subboost.streaming.merge_from_checkpoints` runs it chunk by chunk, or
-  ``None`` if it cannot be streamed.
+  ``None`` if it cannot be streamed;
+* ``flattens``: ``flattens(kwargs) -> bool``, whether with these
+  hyper-parameters ``flat_fn`` gives ``fn``'s result entry for entry from a
+  smaller program that merges the leaves concatenated into one ``(T, N)`` leaf
+  (`subboost.merging.flat`); ``None``: never. Only methods that run TIES's
+  global trim flatten: for the others the concatenation costs more compilation
+  than it saves;
+* ``pads``: ``pads(kwargs) -> bool``, whether zero task vectors appended to the
+  task axis leave the result unchanged, so `subboost.merge` may pad ``T`` to a
+  bucket and reuse one compiled program (`subboost.merging.padding`); ``None``: never.
 
 Names used across methods (one name per concept): ``k`` is always TIES's trim
 fraction (in ``ties``, ``dare(base="ties")`` and ``consensus(base="ties")``);
@@ -36,7 +45,9 @@ import numpy as np
 from subboost.errors import SubboostError
 from subboost.merging.averaging import task_arithmetic, weight_averaging
 from subboost.merging.consensus import MASK_FROM, consensus
-from subboost.merging.dare import BASES, dare
+from subboost.merging.dare import BASES, dare, dare_flat
+from subboost.merging.flat import flat_merge
+from subboost.merging.padding import threefry_is_partitionable
 from subboost.merging.iso import check_common_space_fraction, iso_c, iso_cts
 from subboost.merging.ties import MERGE_MODES, TRIM_SCOPES, ties
 from subboost.merging.tsv import check_batch_size, tsv
@@ -80,6 +91,9 @@ class MergeMethod:
     check: Check | None = None
     matrix_kernel: Callable[..., PyTree] | None = None
     streaming: Callable[[Mapping[str, Any]], StreamingScheme] | None = None
+    flattens: Callable[[Mapping[str, Any]], bool] | None = None
+    flat_fn: Callable[..., PyTree] | None = None
+    pads: Callable[[Mapping[str, Any]], bool] | None = None
 
 
 def signature_arguments(fn: Callable) -> tuple[str, ...]:
@@ -159,6 +173,26 @@ def _with_base(fn: Callable) -> Callable[[Mapping[str, Any]], tuple[str, ...]]:
     return arguments
 
 
+def _always(kwargs: Mapping[str, Any]) -> bool:
+    return True
+
+
+def _one_lambda(kwargs: Mapping[str, Any]) -> bool:
+    """Consensus: a zero task vector's TALL mask ``0 > lambda |tau_MTL|`` is empty, given one lambda for all."""
+    lambdas = kwargs.get("lambdas", _default(consensus, "lambdas"))
+    return isinstance(lambdas, str) or np.ndim(lambdas) == 0
+
+
+def _trims_globally(kwargs: Mapping[str, Any]) -> bool:
+    """TIES with its global trim: one threshold over all parameters, so flat is exact."""
+    return kwargs.get("scope", _default(ties, "scope")) == "global"
+
+
+def _on_global_ties(fn: Callable) -> Callable[[Mapping[str, Any]], bool]:
+    """DARE / Consensus flatten when their base merge is TIES with its global trim."""
+    return lambda kwargs: kwargs.get("base", _default(fn, "base")) == "ties" and _trims_globally(kwargs)
+
+
 def local_scheme(name: str) -> Callable[[Mapping[str, Any]], StreamingScheme]:
     """The scheme of a method run on each chunk as is (exact: it is local per parameter / matrix)."""
     return lambda kwargs: StreamingScheme(local=name, local_kwargs=tuple(sorted(kwargs.items())))
@@ -227,11 +261,8 @@ def jitted(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
 
 @functools.lru_cache(maxsize=None)
 def jitted_flat(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
-    """`jitted` of the method on its leaves concatenated into one ``(T, N)`` leaf
-    (`subboost.compilation.flat_merge`: the same result from a much smaller program)."""
-    from subboost.compilation import flat_merge
-
-    return jax.jit(functools.partial(flat_merge, METHODS[name].fn), static_argnames=static_names)
+    """`jitted` of the method's ``flat_fn``: the same result from a much smaller program."""
+    return jax.jit(METHODS[name].flat_fn, static_argnames=static_names)
 
 
 def _simple(name: str, fn: Callable, **fields: Any) -> MergeMethod:
@@ -240,10 +271,14 @@ def _simple(name: str, fn: Callable, **fields: Any) -> MergeMethod:
 
 for _record in (
     _simple("weight_averaging", weight_averaging, streaming=local_scheme("weight_averaging")),
-    _simple("task_arithmetic", task_arithmetic, streaming=local_scheme("task_arithmetic")),
-    _simple("ties", ties, check=_check_ties, streaming=_stream_ties),
-    MergeMethod("dare", dare, _with_base(dare), check=_check_dare, streaming=_stream_dare),
-    MergeMethod("consensus", consensus, _with_base(consensus), check=_check_consensus, streaming=_stream_consensus),
+    _simple("task_arithmetic", task_arithmetic, streaming=local_scheme("task_arithmetic"), pads=_always),
+    _simple("ties", ties, check=_check_ties, streaming=_stream_ties, flattens=_trims_globally,
+            flat_fn=functools.partial(flat_merge, ties), pads=_always),
+    MergeMethod("dare", dare, _with_base(dare), check=_check_dare, streaming=_stream_dare,
+                flattens=_on_global_ties(dare), flat_fn=dare_flat, pads=threefry_is_partitionable),
+    MergeMethod("consensus", consensus, _with_base(consensus), check=_check_consensus, streaming=_stream_consensus,
+                flattens=_on_global_ties(consensus), flat_fn=functools.partial(flat_merge, consensus),
+                pads=_one_lambda),
     *(
         _simple(name, fn, check=functools.partial(_check_svd_merge, what=name), matrix_kernel=fn,
                 streaming=local_scheme(name))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from subboost.linalg import compute_dtype
+from subboost.merging.averaging import ordered_sum
 from subboost.tree import PyTree
 from subboost.validation import check_choice
 
@@ -105,7 +106,7 @@ def trim(tvs: PyTree, *, k: float = 0.2, scope: TrimScope = "global") -> PyTree:
 
 def summed_signs(trimmed: PyTree) -> PyTree:
     """``sign(sum_t trimmed_t)`` per entry, before ties (zeros) are broken."""
-    return jax.tree_util.tree_map(lambda x: jnp.sign(jnp.sum(x.astype(compute_dtype(x.dtype)), axis=0)), trimmed)
+    return jax.tree_util.tree_map(lambda x: jnp.sign(ordered_sum(x.astype(compute_dtype(x.dtype)))), trimmed)
 
 
 def sign_votes(signs: PyTree, dtype=jnp.int32) -> jax.Array:
@@ -133,7 +134,7 @@ def disjoint_merge(trimmed: PyTree, signs: PyTree, *, merge: str = "mean") -> Py
         xc = x.astype(compute_dtype(x.dtype))
         agrees = jnp.where(s > 0, xc > 0, xc < 0)
         selected = jnp.where(agrees, xc, 0)
-        total = jnp.sum(selected, axis=0)
+        total = ordered_sum(selected)
         if merge == "sum":
             return total.astype(x.dtype)
         count = jnp.sum(selected != 0, axis=0)
