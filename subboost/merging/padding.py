@@ -20,12 +20,11 @@ the next, and so on:
   ``0 > lambda |tau_MTL|`` is empty, so the task counts are unchanged.
 
 Weight averaging divides by ``T`` and the SVD methods' rank budgets depend on
-``T``: they are never padded. Only trees up to `PAD_MAX_BYTES` (padded) are padded: for large trees run time dominates compile time and the padding would
+``T``: they are never padded. Only trees up to `PAD_MAX_BYTES` (padded) are
+padded: for large trees run time dominates compile time and the padding would
 cost memory. The padded merge is the unpadded one bit for bit
-(`tests/test_compilation.py`), up to the sign of a zero (``-0.0 + 0.0 = +0.0``).
-On the CPU the padded merge is the unpadded one bit
-for bit (`tests/test_compilation.py`); on accelerators a sum reduced over a longer
-axis may associate differently, so the last bit of a sum can differ.
+(`tests/test_compilation.py`), up to the sign of a zero sum
+(``-0.0 + 0.0 = +0.0``).
 """
 
 from __future__ import annotations
