@@ -9,14 +9,17 @@ first call), running every method at every task count T on random task vectors:
 Modes, side by side on the same inputs:
 
   * ``before``: the programs as compiled before issue 17 (one jitted program over
-    the tree's leaves, DARE's masks drawn leaf by leaf);
-  * ``after``: elementwise merges over one flat ``(T, N)`` leaf, DARE's masks in one draw.
+    the tree's leaves per T, DARE's masks drawn leaf by leaf, the finiteness check
+    compiled per set of shapes, beta a compile-time constant of boosting);
+  * ``after``: TIES (and DARE / Consensus on TIES) over one flat ``(T, N)`` leaf,
+    DARE's masks in one draw, the task axis padded to buckets of 16 for TA, TIES,
+    DARE and Consensus, small host trees checked by numpy, beta traced.
 
 and each mode twice on one fresh persistent compilation cache: ``cold`` (empty,
 programs written) then ``warm`` (a second process, programs read back). Prints
-first-call and steady-state seconds per (method, T) and the ratios; boosting is
+first-call and steady-state seconds per (method, T) and the ratios. ``boost`` is
 `sb.subspace_boost` of the Task Arithmetic vector (beta 0.01, one matrix per SVD call,
-as the demo runs it; not changed by issue 17, listed for the cache).
+as the demo runs it); ``boost_sweep`` boosts it at the demo's 8 sweep betas.
 
     python -m experiments.bench_compile                          # tiny tree, T = 8, 14, 20
     python -m experiments.bench_compile --tree vitb16 --layers 1  # ViT-B/16 shapes, one block
@@ -39,9 +42,9 @@ import time
 from pathlib import Path
 
 METHODS = ("weight_averaging", "task_arithmetic", "ties", "dare", "consensus", "tsv", "iso_c", "iso_cts")
-# Programs issue 17 changed with the benchmark's hyper-parameters (`DEFAULT_METHOD_KWARGS`):
-# TIES flat, DARE's masks in one draw (Consensus on TA and the linear merges are unchanged).
-CHANGED = frozenset({"ties", "dare"})
+# Programs issue 17 changed with the benchmark's hyper-parameters (`DEFAULT_METHOD_KWARGS`): TIES flat,
+# DARE's masks in one draw, TA / TIES / DARE / Consensus padded to task buckets, the sweep's beta traced.
+CHANGED = frozenset({"task_arithmetic", "ties", "dare", "consensus", "boost_sweep"})
 
 
 def tree_shapes(tree: str, layers: int):
@@ -58,14 +61,18 @@ def tree_shapes(tree: str, layers: int):
 
 
 def use_before_programs() -> None:
-    """The merge programs as they were before issue 17."""
+    """The merge programs as they were before issue 17 (but for the expert sums, now added in expert order)."""
     import importlib
 
     import jax
 
     merging = importlib.import_module("subboost.merging")
     dare = importlib.import_module("subboost.merging.dare")
-    merging.can_flatten = lambda fn, tvs, kwargs: False
+    merging.can_flatten = lambda method, tvs, kwargs: False
+    merging.can_pad = lambda method, tvs, kwargs: False
+    importlib.import_module("subboost.task_vectors").HOST_CHECK_MAX_BYTES = 0
+    boosting = importlib.import_module("subboost.boosting")
+    boosting.beta_can_be_traced = lambda tau, **kwargs: False
     dare.keep_masks = lambda keys, shapes, q: [jax.random.bernoulli(k, q, s) for k, s in zip(keys, shapes)]
 
 
@@ -79,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
 
     import subboost as sb
-    from subboost.bench.config import DEFAULT_METHOD_KWARGS, SVD_BATCH_SIZE
+    from subboost.bench.config import DEFAULT_METHOD_KWARGS, SVD_BATCH_SIZE, SWEEP_BETAS
 
     if args.mode == "before":
         use_before_programs()
@@ -97,6 +104,10 @@ def worker(args: argparse.Namespace) -> None:
             if method == "boost":
                 tau = sb.merge(tvs, "task_arithmetic")
                 call = lambda: sb.subspace_boost(tau, beta=0.01, batch_size=SVD_BATCH_SIZE)  # noqa: E731
+            elif method == "boost_sweep":  # the demo's boosting-strength sweep: 8 betas
+                tau = sb.merge(tvs, "task_arithmetic")
+                call = lambda: [sb.subspace_boost(tau, beta=b, batch_size=SVD_BATCH_SIZE)  # noqa: E731
+                                for b in SWEEP_BETAS]
             else:
                 call = lambda: sb.merge(tvs, method, **kwargs)  # noqa: E731
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -188,7 +199,7 @@ def main() -> None:
     parser.add_argument("--tree", choices=("tiny", "vitb16"), default="tiny")
     parser.add_argument("--layers", type=int, default=1, help="ViT-B/16 blocks (--tree vitb16)")
     parser.add_argument("--tasks", default="8,14,20", help="task counts T")
-    parser.add_argument("--methods", default=",".join(METHODS + ("boost",)))
+    parser.add_argument("--methods", default=",".join(METHODS + ("boost", "boost_sweep")))
     parser.add_argument("--demo", action="store_true", help="time two tiny demos instead (the issue's targets)")
     parser.add_argument("--models", default=None, help="--demo: trained-model cache to reuse (default: train once)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
