@@ -6,7 +6,7 @@ Hypothesis: boosting helps through the *shape* of the merged spectrum (raising t
 small singular values), not through the larger norm it gives the task vector; so at
 the boosted model's norm, plain task arithmetic (TA) is worse than boosted TA.
 
-At the suite's largest task count, for every beta of the benchmark's boosting sweep
+At one task count (``--num-tasks``, default the suite's largest), for every beta of the benchmark's boosting sweep
 (`subboost.bench.config.SWEEP_BETAS`; beta = 1 leaves the spectrum as it is):
 
 * ``boosted``: TA boosted at beta, alpha tuned on validation (the benchmark's sweep,
@@ -98,17 +98,21 @@ def scaled(tree, alpha: float):
 
 
 def run(*, size: str = "tiny", suite: str = "vision", out: str | Path = "results/equal_norm", seed: int = 0,
-        cache_dir: str | Path, betas: tuple[float, ...] | None = None, progress: bool = True,
-        log=print) -> dict[str, Any]:
+        cache_dir: str | Path, betas: tuple[float, ...] | None = None, num_tasks: int | None = None,
+        progress: bool = True, log=print) -> dict[str, Any]:
     """Runs the experiment and writes its files to ``out``; returns the ``results.json`` content.
 
-    ``betas`` defaults to the suite's boosting sweep (the tests use fewer).
+    ``betas`` defaults to the suite's boosting sweep (the tests use fewer); ``num_tasks`` (how many experts
+    are merged) to the suite's largest task count.
     """
     start = time.perf_counter()
     out = Path(out)
     loaded = load_suite(suite, size, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
     betas = tuple(loaded.sweep_betas if betas is None else betas)
-    num_tasks = loaded.task_counts[-1]
+    num_tasks = loaded.task_counts[-1] if num_tasks is None else num_tasks
+    if not 2 <= num_tasks <= loaded.task_counts[-1]:
+        raise ValueError(f"--num-tasks must lie in [2, {loaded.task_counts[-1]}] for the {size} {suite} suite, "
+                         f"got {num_tasks}.")
     setting = loaded.setting(num_tasks)
     alphas, reference_acc = loaded.alphas, setting.reference
 
@@ -228,9 +232,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser)
     parser.add_argument("--out", default="results/equal_norm", help="output directory")
+    parser.add_argument("--num-tasks", type=int, default=None, help="experts merged (default: the largest count)")
     args = parser.parse_args(argv)
     results = run(size=args.size, suite=args.suite, out=args.out, seed=args.seed, cache_dir=args.cache_dir,
-                  progress=not args.no_progress)
+                  num_tasks=args.num_tasks, progress=not args.no_progress)
     print(markdown(results))
 
 
