@@ -61,7 +61,7 @@ def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _check_inputs(tvs: PyTree, merged: PyTree, *, name: str) -> int:
+def _check_inputs(tvs: PyTree, merged: PyTree) -> None:
     num = num_experts(tvs)
     check_same_structure(merged, tvs, what="task vectors", reference_name="merged", lead_shape=(num,),
                          check_dtype=False)
@@ -69,7 +69,6 @@ def _check_inputs(tvs: PyTree, merged: PyTree, *, name: str) -> int:
     check_floating(merged, what="merged")
     check_finite(tvs, what="task vectors")
     check_finite(merged, what="merged")
-    return num
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -102,7 +101,7 @@ def alpha_from_norm(tvs: PyTree, merged: PyTree, *, reduce: Reduce = "mean", val
     _check_choice("reduce", reduce, _REDUCES)
     leaves = jax.tree_util.tree_leaves(tvs)
     if validate and not any(_is_tracer(x) for x in leaves + jax.tree_util.tree_leaves(merged)):
-        _check_inputs(tvs, merged, name="alpha_from_norm")
+        _check_inputs(tvs, merged)
     dtype = jnp.result_type(jnp.float32, *leaves)
     expert_sq = sum(jnp.sum(jnp.square(x.astype(dtype)).reshape(x.shape[0], -1), axis=1) for x in leaves)
     merged_sq = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree_util.tree_leaves(merged))
@@ -143,7 +142,7 @@ def alpha_from_hogsvd(
         if num_experts(tvs) < 2:
             raise SubboostError(f"alpha_from_hogsvd needs T >= 2 experts (the HO-GSVD of one matrix is its SVD); "
                                 f"got {num_experts(tvs)}.")
-        _check_inputs(tvs, merged, name="alpha_from_hogsvd")
+        _check_inputs(tvs, merged)
     sigmas = generalized_singular_values(tvs, merged, method="robust", pi=pi, attention=attention,
                                          is_matrix=is_matrix, batch_size=batch_size, validate=False)
     if not sigmas:
