@@ -80,13 +80,19 @@ def rescale_to(tree, reference):
     return plan.rebuild(tree, leaves)
 
 
+def svd_one_at_a_time(x):
+    """``linalg.svd`` of a ``(G, m, n)`` group, one matrix at a time (`jax.lax.map`), as the benchmark runs
+    its SVDs (`subboost.bench.config.SVD_BATCH_SIZE`: batched CPU LAPACK kernels can deadlock on 2 threads)."""
+    return jax.lax.map(linalg.svd, x)
+
+
 def top_k(tree, beta: float):
     """Every matrix truncated to its singular directions ``0..k``, ``k = cutoff_index(s, beta)`` (the directions
     boosting leaves as they are); other leaves unchanged."""
     plan = matrix_plan(tree)
     out = {}
     for g, x in plan.gather(tree).items():
-        u, s, vh = linalg.svd(x)
+        u, s, vh = svd_one_at_a_time(x)
         k = cutoff_index(s, beta=beta)
         kept = jnp.where(jnp.arange(s.shape[-1]) <= k[..., None], s, 0)
         out[g] = linalg.reconstruct(u, kept, vh).astype(x.dtype)
@@ -131,7 +137,7 @@ def run(*, size: str = "tiny", suite: str = "vision", out: str | Path = "results
         baselines["iso_c_tuned"] = tuned(iso)
         bar.update(1)
         rows = []
-        spectra = [linalg.svd(x)[1] for x in matrix_plan(ta).gather(ta).values()]
+        spectra = [svd_one_at_a_time(x)[1] for x in matrix_plan(ta).gather(ta).values()]
         cutoffs = {beta: np.concatenate([np.ravel(np.asarray(cutoff_index(s, beta=beta))) for s in spectra])
                    for beta in betas}
         for beta in betas:
