@@ -132,6 +132,8 @@ def load_suite(suite: str, size: str, *, seed: int = 0, cache_dir: str | Path = 
     config = get_text_config(size)
     loaded = load_or_train_text(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
     model, base, suite_data, heads, experts = (loaded[k] for k in ("model", "base", "suite", "heads", "experts"))
+    if "embeddings" in experts:  # from the cache: the stacked full experts (as `run_text_benchmark` reads them)
+        experts = experts["encoder"]
     test = suite_data.test
     expert_test = text_eval.expert_accuracies(
         base, experts, jnp.asarray(test.input_ids), jnp.asarray(test.attention_mask), jnp.asarray(test.labels),
