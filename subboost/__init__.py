@@ -27,6 +27,7 @@ from subboost.merging.iso import iso_c, iso_cts
 from subboost.merging.lines import lines, lines_scales
 from subboost.merging.tsv import tsv
 from subboost.hogsvd import HOGSVD, hogsvd, hogsvd_layers
+from subboost.alpha_rules import alpha_from_hogsvd, alpha_from_norm
 from subboost.alignment import alignment_matrix, generalized_singular_values, select_experts, total_alignment
 from subboost.analysis import RankCollapse, rank_collapse
 from subboost import models
@@ -77,6 +78,8 @@ __all__ = [
     "spectra",
     "stable_rank",
     "HOGSVD",
+    "alpha_from_hogsvd",
+    "alpha_from_norm",
     "hogsvd",
     "hogsvd_layers",
     "alignment_matrix",
