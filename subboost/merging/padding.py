@@ -50,11 +50,13 @@ def padded_task_count(num_tasks: int) -> int:
 
 def can_pad(method: Any, tvs: PyTree, kwargs: Mapping[str, Any]) -> bool:
     """Whether `subboost.merge` pads ``tvs`` for ``method`` (a `MergeMethod` record): the method says zero task
-    vectors are exact padding with these hyper-parameters, ``T`` is not a bucket already, and the padded tree
-    fits `PAD_MAX_BYTES`."""
+    vectors are exact padding with these hyper-parameters, ``T`` is not a bucket already, the padded tree
+    fits `PAD_MAX_BYTES`, and ``tvs`` are arrays, not a caller's tracers."""
     if method.pads is None or not method.pads(kwargs):
         return False
     leaves = jax.tree_util.tree_leaves(tvs)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):  # inside a caller's jit: its program is per shape anyway
+        return False
     num_tasks = leaves[0].shape[0]
     padded = padded_task_count(num_tasks)
     if padded == num_tasks:
