@@ -140,6 +140,13 @@ def test_alignment_chains_its_groups():
     assert_chained(lambda t, m: sb.generalized_singular_values(t, m, validate=False), tvs, merged, min_nodes=3)
 
 
+def test_alpha_from_hogsvd_chains_its_groups():
+    tvs = three_group_tree(num_tasks=3)
+    merged = jax.tree_util.tree_map(lambda x: x.sum(0), tvs)
+    for batch_size in (None, 1):
+        assert_chained(lambda t, m, b=batch_size: sb.alpha_from_hogsvd(t, m, batch_size=b), tvs, merged, min_nodes=3)
+
+
 def test_boosting_chains_the_parts_of_a_group_mixing_attention_and_other_matrices():
     """attn_beta != beta splits the (8, 8) group (q/k/v vs out/dense) in two calls: chained too."""
     rng = np.random.default_rng(0)
