@@ -90,7 +90,8 @@ def _dtype(x) -> np.dtype:
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
 
 
-def _on_host(x) -> bool:
+def in_host_memory(x) -> bool:
+    """A numpy array or scalar, or a JAX array on the CPU backend: numpy can read it without a transfer."""
     if isinstance(x, np.ndarray) or np.isscalar(x):
         return True
     devices = getattr(x, "devices", None)
@@ -113,7 +114,7 @@ def check_finite(tree: PyTree, *, what: str = "input") -> None:
     if not float_items:
         return
     values = [x for _, x in float_items]
-    if all(map(_on_host, values)) and sum(np.size(x) * _dtype(x).itemsize for x in values) <= HOST_CHECK_MAX_BYTES:
+    if all(map(in_host_memory, values)) and sum(np.size(x) * _dtype(x).itemsize for x in values) <= HOST_CHECK_MAX_BYTES:
         flags = np.array([bool(np.isfinite(np.asarray(x)).all()) for x in values])
     else:
         flags = np.asarray(_leaf_finite_flags([jnp.asarray(x) for x in values]))

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subboost.task_vectors import in_host_memory
 from subboost.tree import PyTree
 
 TASK_BUCKET = 16
@@ -64,10 +65,6 @@ def can_pad(method: Any, tvs: PyTree, kwargs: Mapping[str, Any]) -> bool:
     return sum(math.prod(x.shape[1:]) * padded * np.dtype(x.dtype).itemsize for x in leaves) <= PAD_MAX_BYTES
 
 
-def _on_cpu(x) -> bool:
-    return isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.devices())
-
-
 @jax.jit
 def _pad_on_device(leaves: list[jax.Array], padding: list[jax.Array]) -> list[jax.Array]:
     return [jnp.concatenate([x, z]) for x, z in zip(leaves, padding)]
@@ -83,7 +80,7 @@ def pad_task_axis(tvs: PyTree, num_tasks: int) -> PyTree:
     extra = num_tasks - leaves[0].shape[0]
     if extra < 0:
         raise ValueError(f"cannot pad {leaves[0].shape[0]} task vectors down to {num_tasks}")
-    if all(map(_on_cpu, leaves)):
+    if all(map(in_host_memory, leaves)):
         padded = [jnp.asarray(np.concatenate([np.asarray(x), np.zeros((extra,) + x.shape[1:], x.dtype)]))
                   for x in leaves]
     else:
