@@ -1,14 +1,19 @@
 """What `experiments.many_experts` and `experiments.noisy_experts` share: trained models -> merges -> tables.
 
-Both reuse the mini-benchmark's pipeline (`subboost.bench.pipeline`): `load_or_train`
-(cached by training key), `evaluate_merges` (every method plain and boosted, alpha
-and beta chosen on validation by `subboost.bench.sweep.select`) and the same
-normalized accuracy (merged / expert test accuracy per task, averaged).
+Both reuse a benchmark's pipeline, vision (`subboost.bench.pipeline`) or text
+(`subboost.text_bench.pipeline`): ``load_or_train`` (cached by training key),
+``evaluate_merges`` (every method plain and boosted, alpha and beta chosen on
+validation by `subboost.bench.sweep.select`) and the same normalized accuracy
+(merged / expert test accuracy per task, averaged). `load` hands both suites' models
+to the experiments through one interface, `Models`.
+
+The text suite needs ``OPENBLAS_NUM_THREADS=1`` in the environment (see `experiments.merge_settings`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from subboost.bench import evaluate as bench_eval
 from subboost.bench.config import BenchConfig
-from subboost.bench.pipeline import BenchModels, MergeSetting, evaluate_merges, load_or_train, methods_to_run
+from subboost.bench.pipeline import MergeSetting, evaluate_merges, load_or_train, methods_to_run
+from subboost.text_bench.config import TextBenchConfig
 
 METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
 
@@ -34,43 +39,91 @@ def parse_args(description: str, default_out: str, argv: Sequence[str] | None) -
     parser.add_argument("--cache-dir", default=None, help="model cache root (default: <out>/cache)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out not made by a run")
-    args = parser.parse_args(argv)
-    if args.suite == "text":
-        parser.error("--suite text is not supported by this experiment: its task set and label-noise option "
-                     "exist for the vision suite only (subboost.bench); run it with --suite vision.")
-    return args
+    return parser.parse_args(argv)
 
 
-def clean_test_accuracies(models: BenchModels) -> tuple[np.ndarray, np.ndarray]:
-    """``(pretrained, experts)`` clean test accuracy per task, each ``(num_tasks,)``."""
-    config, data = models.config, models.data
-    static = {"model": config.model, "batch": config.eval_batch}
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """One suite's trained models, as both experiments read them.
+
+    Attributes:
+      config: the `BenchConfig` or `TextBenchConfig` they were trained with.
+      task_names, num_classes: per task, in order.
+      base, experts: the merged parameters (vision: the encoder; text: the transformer blocks), pretrained
+        and fine-tuned (stacked on a leading task axis).
+      pretrained_test, expert_test: clean test accuracy per task, ``(num_tasks,)``.
+      setting: ``num_tasks -> `` a `MergeSetting` (vision) or `TextMergeSetting` (text) of the first tasks.
+      evaluate: ``(num_tasks, bar) -> `` the suite's ``evaluate_merges`` at that count.
+    """
+
+    config: BenchConfig | TextBenchConfig
+    task_names: list[str]
+    num_classes: list[int]
+    base: dict
+    experts: dict
+    pretrained_test: np.ndarray
+    expert_test: np.ndarray
+    setting: Callable[[int], Any]
+    evaluate: Callable[[int, Any], dict[str, Any]]
+    cache_dir: Path
+    cache_hit: bool
+    timings: dict[str, float]
+
+
+def load(config: BenchConfig | TextBenchConfig, *, seed: int, cache_dir: str | Path, progress: bool,
+         log: Callable[[str], None]) -> Models:
+    """``config``'s models from ``cache_dir`` (trained and cached when absent), evaluated once on test."""
+    if isinstance(config, TextBenchConfig):
+        from experiments.merge_settings import load_text_settings
+        from subboost.text_bench import evaluate as text_eval
+        from subboost.text_bench import pipeline as text_pipeline
+
+        loaded, text_setting = load_text_settings(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
+        full = text_setting(config.num_tasks)
+        test = full.suite.test
+        pretrained = np.asarray(text_eval.accuracies(
+            full.base, jnp.asarray(test.input_ids), jnp.asarray(test.attention_mask), jnp.asarray(test.labels),
+            jax.tree_util.tree_map(jnp.asarray, full.heads), model=full.model, batch=config.eval_batch))
+
+        def evaluate_text(num_tasks: int, bar) -> dict[str, Any]:
+            s = text_setting(num_tasks)
+            return text_pipeline.evaluate_merges(config, s.model, s.suite, base=s.base, heads=s.heads,
+                                                 experts=s.experts, expert_test=s.expert_test, num_tasks=num_tasks,
+                                                 seed=seed, bar=bar)
+
+        return Models(config, [t.name for t in full.suite.tasks], [int(c) for c in full.suite.num_classes],
+                      full.base["encoder"], full.experts, pretrained, full.expert_test, text_setting,
+                      evaluate_text, Path(loaded["cache_dir"]), loaded["cache_hit"], dict(loaded["timings"]))
+    from subboost.bench import evaluate as bench_eval
+
+    models = load_or_train(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
     heads = jax.tree_util.tree_map(jnp.asarray, models.heads)
-    images, labels = jnp.asarray(data.test.images), jnp.asarray(data.test.labels)
-    pretrained = np.asarray(bench_eval.accuracies(models.base, images, labels, heads, **static))
-    experts = np.asarray(bench_eval.expert_accuracies(models.experts, images, labels, heads, **static))
-    return pretrained, experts
+    test, static = (jnp.asarray(models.data.test.images), jnp.asarray(models.data.test.labels)), \
+        {"model": config.model, "batch": config.eval_batch}
+    pretrained = np.asarray(bench_eval.accuracies(models.base, *test, heads, **static))
+    expert_test = np.asarray(bench_eval.expert_accuracies(models.experts, *test, heads, **static))
+
+    def setting(num_tasks: int) -> MergeSetting:
+        return MergeSetting(config, models.data, models.base, models.heads, models.experts, expert_test, num_tasks,
+                            seed)
+
+    return Models(config, models.task_names, [int(c) for c in models.data.num_classes], models.base, models.experts,
+                  pretrained, expert_test, setting,
+                  lambda num_tasks, bar: evaluate_merges(setting(num_tasks), bar=bar), models.cache_dir,
+                  models.cache_hit, models.timings)
 
 
-def merge_at_counts(models: BenchModels, expert_test: np.ndarray, *, seed: int, progress: bool = True,
-                    desc: str = "merging") -> list[dict[str, Any]]:
-    """`evaluate_merges` at each of ``config.task_counts``: ``[{"num_tasks", "methods", "seconds"}, ...]``."""
+def merge_at_counts(models: Models, *, progress: bool = True, desc: str = "merging") -> list[dict[str, Any]]:
+    """The suite's ``evaluate_merges`` at each of ``config.task_counts``: ``[{"num_tasks", "methods", "seconds"}, ...]``."""
     config = models.config
     out = []
     with tqdm(total=len(config.task_counts) * len(methods_to_run(config)), desc=desc, unit="method",
               disable=not progress, leave=False) as bar:
         for num_tasks in config.task_counts:
             start = time.perf_counter()
-            setting = MergeSetting(config, models.data, models.base, models.heads, models.experts, expert_test,
-                                   num_tasks, seed)
-            merged = evaluate_merges(setting, bar=bar)
+            merged = models.evaluate(num_tasks, bar)
             out.append({"num_tasks": num_tasks, "methods": merged, "seconds": time.perf_counter() - start})
     return out
-
-
-def load(config: BenchConfig, *, seed: int, cache_dir: str | Path, progress: bool,
-         log: Callable[[str], None]) -> BenchModels:
-    return load_or_train(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
 
 
 def fmt(entry: dict[str, Any] | None, variant: str, field: str = "normalized", *, percent: bool = True) -> str:

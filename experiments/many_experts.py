@@ -8,7 +8,7 @@ count and so degrades more slowly; the isotropic methods (Iso-C, Iso-CTS) alread
 have a flat spectrum and gain little from it. "Stops degrading" is read off the
 table: the change in normalized accuracy between the last two counts.
 
-Tasks: `subboost.bench.task_variants.MANY_TASKS`: the benchmark's 20 tasks in their
+Vision tasks (``--suite vision``): `subboost.bench.task_variants.MANY_TASKS`: the benchmark's 20 tasks in their
 order, then 30 class regroupings of them (parity, halves, shifted pairs, mod 3,
 mirror pairs of the parent's classes). Regroupings ask the encoder for *different*
 invariances on the same images (parity merges classes 0 and 2 that halves
@@ -17,11 +17,17 @@ prototype heads make a permuted task the same task). The run measures it: the
 mean pairwise cosine of the task vectors, over all pairs, within a family (a
 task and its variants) and across families.
 
-    python -m experiments.many_experts [--size tiny|default] [--out DIR] [--cache-dir DIR]
+Text tasks (``--suite text``, ``OPENBLAS_NUM_THREADS=1`` in the environment):
+`subboost.text_bench.task_variants.MANY_TASKS`: the text suite's 12 tasks in their order, then 38 variants
+(class regroupings of the 3- and 4-class tasks, number tasks on the parity sentences, and tasks that read
+the nuisance names, things, places and times every sentence carries).
 
-``default``: the benchmark's default size (shipped base, 400 fine-tuning steps)
+    python -m experiments.many_experts [--size tiny|default] [--suite vision|text] [--out DIR] [--cache-dir DIR]
+
+Vision ``default``: the benchmark's default size (shipped base, 400 fine-tuning steps)
 on 50 tasks, merged at 4, 8, 14, 20, 30 and 50 experts; ``tiny``: the tiny size
-(pretrained in the run) on 30 tasks at 4, 10, 20 and 30. Methods: TA, TIES,
+(pretrained in the run) on 30 tasks at 4, 10, 20 and 30. Text ``default``: all-MiniLM-L6-v2
+(6 blocks) on 50 tasks at 4, 8, 12, 20, 30 and 50; ``tiny``: its first block, 50 tasks at 4, 12, 30 and 50. Methods: TA, TIES,
 TSV-M, Iso-C, Iso-CTS, each plain and boosted (beta from the benchmark's grid),
 alpha and beta chosen on validation as in the benchmark. Writes
 ``results.json``, ``results.md`` and ``many_experts.png`` to ``--out``.
@@ -37,22 +43,28 @@ from typing import Any
 
 import numpy as np
 
-from experiments.expert_runs import METHODS, clean_test_accuracies, fmt, load, merge_at_counts, parse_args, pyplot
+from experiments.expert_runs import METHODS, fmt, load, merge_at_counts, parse_args, pyplot
 from subboost.bench.config import BenchConfig, get_config
 from subboost.bench.pipeline import prepare_out_dir
 from subboost.bench.regime import task_vector_geometry
 from subboost.bench.report import method_label
+from subboost.text_bench.config import TextBenchConfig
+from subboost.text_bench.config import get_config as get_text_config
 
 RESULT_FILES = ("results.json", "results.md", "many_experts.png")
-SIZES: dict[str, dict[str, Any]] = {
-    "default": {"num_tasks": 50, "task_counts": (4, 8, 14, 20, 30, 50)},
-    "tiny": {"num_tasks": 30, "task_counts": (4, 10, 20, 30)},
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "vision": {"default": {"num_tasks": 50, "task_counts": (4, 8, 14, 20, 30, 50)},
+               "tiny": {"num_tasks": 30, "task_counts": (4, 10, 20, 30)}},
+    "text": {"default": {"num_tasks": 50, "task_counts": (4, 8, 12, 20, 30, 50)},
+             "tiny": {"num_tasks": 50, "task_counts": (4, 12, 30, 50)}},
 }
+GET_CONFIG = {"vision": get_config, "text": get_text_config}
+STANDARD_TASKS = {"vision": 20, "text": 12}  # how many tasks of the "many" set are the standard suite's
 
 
-def make_config(size: str, **overrides: Any) -> BenchConfig:
-    """The benchmark size ``size`` on the ``"many"`` task set, with this experiment's task counts and methods."""
-    return get_config(size, **{"task_set": "many", "methods": METHODS, **SIZES[size], **overrides})
+def make_config(size: str, *, suite: str = "vision", **overrides: Any) -> BenchConfig | TextBenchConfig:
+    """The ``suite``'s size ``size`` on the ``"many"`` task set, with this experiment's task counts and methods."""
+    return GET_CONFIG[suite](size, **{"task_set": "many", "methods": METHODS, **SIZES[suite][size], **overrides})
 
 
 def family(task_name: str) -> str:
@@ -86,29 +98,30 @@ def over_zero_shot(results: dict[str, Any], method: str, variant: str) -> list[f
             if s["methods"].get(method, {}).get("status") == "ok" else None for s in results["settings"]]
 
 
-def run(config: BenchConfig, *, out_dir: str | Path, cache_dir: str | Path, seed: int = 0, overwrite: bool = False,
+def run(config: BenchConfig | TextBenchConfig, *, out_dir: str | Path, cache_dir: str | Path, seed: int = 0, overwrite: bool = False,
         progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains (or loads) the experts of ``config``, merges them at every task count, writes the results."""
     start = time.perf_counter()
     out = prepare_out_dir(out_dir, overwrite=overwrite, result_files=RESULT_FILES)
     models = load(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
-    pretrained, experts = clean_test_accuracies(models)
+    pretrained, experts = models.pretrained_test, models.expert_test
     geometry = task_vector_geometry(models.base, models.experts)
     cosines = np.asarray(geometry["cosine_matrix"])
-    settings = merge_at_counts(models, experts, seed=seed, progress=progress, desc="merging many experts")
+    settings = merge_at_counts(models, progress=progress, desc="merging many experts")
     for s in settings:
         n = s["num_tasks"]
         s["pretrained_normalized"] = float(np.mean(pretrained[:n] / experts[:n]))
         s["disagreement"] = disagreement(cosines[:n, :n], models.task_names[:n])
     results = {
         "experiment": "many_experts",
+        "suite": "text" if isinstance(config, TextBenchConfig) else "vision",
         "size": config.name,
         "seed": seed,
         "config": config.to_dict(),
         "cache_dir": str(models.cache_dir),
         "cache_hit": models.cache_hit,
         "tasks": models.task_names,
-        "num_classes": [int(c) for c in models.data.num_classes],
+        "num_classes": models.num_classes,
         "pretrained_test_accuracy": pretrained.tolist(),
         "expert_test_accuracy": experts.tolist(),
         "disagreement": disagreement(cosines, models.task_names),
@@ -128,7 +141,8 @@ def markdown(results: dict[str, Any]) -> str:
     counts = [s["num_tasks"] for s in results["settings"]]
     head = "| method | " + " | ".join(f"T={n}" for n in counts) + " | last step (pts) |"
     rule = "|---" * (len(counts) + 2) + "|"
-    lines = [f"# Many experts ({results['size']} size, seed {results['seed']})", "",
+    suite = results.get("suite", "vision")
+    lines = [f"# Many experts ({suite} suite, {results['size']} size, seed {results['seed']})", "",
              "Normalized test accuracy (%) and, in brackets, the mean stable rank of the merged task vector's "
              "matrices; alpha (and beta) chosen on validation. Last step: change from the second-last to the last count.",
              "", head, rule,
@@ -153,11 +167,25 @@ def markdown(results: dict[str, Any]) -> str:
         d = s["disagreement"]
         lines.append(f"| {s['num_tasks']} | {d['mean_cosine']:.3f} | {d['same_family']:.3f} "
                      f"| {d['across_families']:.3f} | {d['max_cosine']:.3f} |")
-    experts = np.asarray(results["expert_test_accuracy"])
-    lines += ["", f"Experts' mean test accuracy: {100 * experts[:20].mean():.1f}% on the first 20 tasks, "
-              f"{100 * experts[20:].mean():.1f}% on the variants." if experts.size > 20 else "",
+    experts, standard = np.asarray(results["expert_test_accuracy"]), STANDARD_TASKS[suite]
+    lines += ["", f"Experts' mean test accuracy: {100 * experts[:standard].mean():.1f}% on the first {standard} "
+              f"tasks, {100 * experts[standard:].mean():.1f}% on the variants." if experts.size > standard else "",
+              learnability(results, standard),
               f"Wall time: {results['timings']['total_s']:.0f} s (cache hit: {results['cache_hit']}).", ""]
     return "\n".join(lines)
+
+
+def learnability(results: dict[str, Any], standard: int) -> str:
+    """One sentence: on how many variants (tasks past the first ``standard``) the expert beats the pretrained
+    model with the same frozen head, on test, and the variants where it does not."""
+    experts, pretrained = (np.asarray(results[k]) for k in ("expert_test_accuracy", "pretrained_test_accuracy"))
+    margin = (experts - pretrained)[standard:]
+    if not margin.size:
+        return ""
+    names = results["tasks"][standard:]
+    worse = ", ".join(f"{n} ({100 * m:+.1f})" for n, m in zip(names, margin) if m <= 0) or "none"
+    return (f"Expert above the pretrained model + heads on {int((margin > 0).sum())} of {margin.size} variants "
+            f"(median margin {100 * np.median(margin):+.1f} points); not above: {worse}.")
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
@@ -187,7 +215,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], "results/many_experts", argv)
-    config = make_config(args.size)
+    config = make_config(args.size, suite=args.suite)
     run(config, out_dir=args.out, cache_dir=args.cache_dir or Path(args.out) / "cache", seed=args.seed,
         overwrite=args.overwrite)
     print((Path(args.out) / "results.md").read_text())

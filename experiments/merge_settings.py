@@ -129,26 +129,34 @@ def load_suite(suite: str, size: str, *, seed: int = 0, cache_dir: str | Path = 
         return Suite("vision", config, config.task_counts, config.alphas, config.sweep_betas, setting,
                      models.cache_dir, models.cache_hit, time.perf_counter() - start)
 
-    from subboost.text_bench import evaluate as text_eval
     from subboost.text_bench.config import get_config as get_text_config
-    from subboost.text_bench.pipeline import load_or_train as load_or_train_text
 
     config = get_text_config(size)
+    loaded, text_setting = load_text_settings(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
+    return Suite("text", config, config.task_counts, config.alphas, SWEEP_BETAS, text_setting,
+                 Path(loaded["cache_dir"]), loaded["cache_hit"], time.perf_counter() - start)
+
+
+def load_text_settings(config, *, seed: int, cache_dir: str | Path, progress: bool = True,
+                       log: Callable[[str], None] = print) -> tuple[dict[str, Any], Callable[[int], TextMergeSetting]]:
+    """The text suite's `load_or_train` output and its settings ``num_tasks -> TextMergeSetting``
+    (the experts evaluated on test once, shared by every setting)."""
+    from subboost.text_bench import evaluate as text_eval
+    from subboost.text_bench.pipeline import load_or_train as load_or_train_text
+
     loaded = load_or_train_text(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
     model, base, suite_data, heads, experts = (loaded[k] for k in ("model", "base", "suite", "heads", "experts"))
     if "embeddings" in experts:  # from the cache: the stacked full experts (as `run_text_benchmark` reads them)
         experts = experts["encoder"]
     test = suite_data.test
-    expert_test = text_eval.expert_accuracies(
+    expert_test = np.asarray(text_eval.expert_accuracies(
         base, experts, jnp.asarray(test.input_ids), jnp.asarray(test.attention_mask), jnp.asarray(test.labels),
-        jax.tree_util.tree_map(jnp.asarray, heads), model=model, batch=config.eval_batch)
+        jax.tree_util.tree_map(jnp.asarray, heads), model=model, batch=config.eval_batch))
 
-    def text_setting(num_tasks: int):
-        return TextMergeSetting(config, model, suite_data, base, heads, experts, np.asarray(expert_test),
-                                num_tasks, seed)
+    def text_setting(num_tasks: int) -> TextMergeSetting:
+        return TextMergeSetting(config, model, suite_data, base, heads, experts, expert_test, num_tasks, seed)
 
-    return Suite("text", config, config.task_counts, config.alphas, SWEEP_BETAS, text_setting,
-                 Path(loaded["cache_dir"]), loaded["cache_hit"], time.perf_counter() - start)
+    return loaded, text_setting
 
 
 def boost(tau, beta: float):

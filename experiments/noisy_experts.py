@@ -7,11 +7,12 @@ with noisy experts it amplifies noise directions: its gain over the unboosted me
 shrinks (or turns negative) as the noise rate grows, and the boosted merge is more
 aligned with the noise than the plain one.
 
-Setting: the mini-benchmark (`subboost.bench`), the same tasks, base and seed, with
-the experts fine-tuned on training labels of which a fraction ``rate`` in
-{0, 0.2, 0.4} was replaced by another class (`subboost.bench.label_noise`;
-deterministic per seed, heads and evaluation clean). Rate 0 is the standard
-benchmark's models (same training key). For each rate and each merge method (TA,
+Setting: the mini-benchmark (``--suite vision``, `subboost.bench`) or the text suite
+(``--suite text``, `subboost.text_bench`: experts fine-tuned from all-MiniLM-L6-v2),
+the same tasks, base and seed, with the experts fine-tuned on training labels of which
+a fraction ``rate`` in {0, 0.2, 0.4} was replaced by another class
+(`subboost.bench.label_noise`; deterministic per seed, heads and evaluation clean).
+Rate 0 is the standard benchmark's models (same training key). For each rate and each merge method (TA,
 TIES, TSV-M) the run reports, alpha and beta chosen on validation as in the
 benchmark: the experts' clean test accuracy; the merge's test accuracy plain and
 boosted and the gain; the chosen beta and the mean cutoff index k (singular values
@@ -23,9 +24,11 @@ t, and ``N = sum_t noise_t`` its merge. The run reports the cosine of the merged
 vector's matrices with ``N``, plain and boosted (same alpha-free vectors): boosting
 amplifies noise directions if the boosted cosine is the larger.
 
-    python -m experiments.noisy_experts [--size tiny|default] [--out DIR] [--cache-dir DIR]
+    python -m experiments.noisy_experts [--size tiny|default] [--suite vision|text] [--out DIR] [--cache-dir DIR]
 
-``tiny``: 10 tasks merged at 4 and 10; ``default``: 20 tasks merged at 8 and 20.
+Vision: ``tiny``: 10 tasks merged at 4 and 10; ``default``: 20 tasks merged at 8 and 20.
+Text (``OPENBLAS_NUM_THREADS=1`` in the environment): ``tiny``: 4 tasks merged at 2 and 4;
+``default``: 12 tasks merged at 4 and 12.
 Writes ``results.json``, ``results.md`` and ``noisy_experts.png`` to ``--out``.
 """
 
@@ -42,23 +45,27 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import subboost as sb
-from experiments.expert_runs import clean_test_accuracies, load, merge_at_counts, parse_args, pyplot
+from experiments.expert_runs import load, merge_at_counts, parse_args, pyplot
 from subboost.bench.config import SVD_BATCH_SIZE, BenchConfig, get_config
-from subboost.bench.pipeline import MergeSetting, prepare_out_dir
+from subboost.bench.pipeline import prepare_out_dir
 from subboost.bench.report import method_label
+from subboost.text_bench.config import TextBenchConfig
+from subboost.text_bench.config import get_config as get_text_config
 
 RESULT_FILES = ("results.json", "results.md", "noisy_experts.png")
 RATES: tuple[float, ...] = (0.0, 0.2, 0.4)
 METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "tsv")
-SIZES: dict[str, dict[str, Any]] = {
-    "default": {"num_tasks": 20, "task_counts": (8, 20)},
-    "tiny": {"num_tasks": 10, "task_counts": (4, 10)},
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "vision": {"default": {"num_tasks": 20, "task_counts": (8, 20)}, "tiny": {"num_tasks": 10, "task_counts": (4, 10)}},
+    "text": {"default": {"num_tasks": 12, "task_counts": (4, 12)}, "tiny": {"num_tasks": 4, "task_counts": (2, 4)}},
 }
+GET_CONFIG = {"vision": get_config, "text": get_text_config}
 
 
-def make_config(size: str, rate: float, **overrides: Any) -> BenchConfig:
-    """The benchmark size ``size`` with label-noise ``rate``, this experiment's task counts and methods."""
-    return get_config(size, **{"finetune_label_noise": rate, "methods": METHODS, **SIZES[size], **overrides})
+def make_config(size: str, rate: float, *, suite: str = "vision", **overrides: Any) -> BenchConfig | TextBenchConfig:
+    """The ``suite``'s size ``size`` with label-noise ``rate``, this experiment's task counts and methods."""
+    return GET_CONFIG[suite](size, **{"finetune_label_noise": rate, "methods": METHODS, **SIZES[suite][size],
+                                      **overrides})
 
 
 def _matrices(tree: dict) -> np.ndarray:
@@ -71,13 +78,18 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
 
 
-def noise_alignment(setting: MergeSetting, clean_experts: dict, method: str, beta: float) -> dict[str, float]:
-    """Cosines of the merge (plain and boosted at ``beta``) with the merged noise ``N`` and the clean merge ``S``."""
+def noise_alignment(setting, clean_experts: dict, base: dict, method: str, beta: float) -> dict[str, float]:
+    """Cosines of the merge (plain and boosted at ``beta``) with the merged noise ``N`` and the clean merge ``S``.
+
+    ``setting``: a `MergeSetting` or `TextMergeSetting` of the noisy experts (its ``experts``: the merged
+    subtree, stacked); ``clean_experts`` and ``base``: the noise-free experts and the pretrained parameters of
+    the same subtree.
+    """
     n = setting.num_tasks
     noise_sum = _matrices(jax.tree_util.tree_map(lambda e, c: (np.asarray(e[:n]) - np.asarray(c[:n])).sum(0),
                                                  setting.experts, clean_experts))
     clean = _matrices(jax.tree_util.tree_map(lambda c, b: (np.asarray(c[:n]) - np.asarray(b)[None]).sum(0),
-                                             clean_experts, setting.base))
+                                             clean_experts, base))
     tau = setting.merge(method)
     plain = _matrices(tau)
     boosted = _matrices(sb.subspace_boost(tau, beta=beta, batch_size=SVD_BATCH_SIZE))
@@ -86,7 +98,7 @@ def noise_alignment(setting: MergeSetting, clean_experts: dict, method: str, bet
             "noise_over_clean_norm": float(np.linalg.norm(noise_sum) / max(np.linalg.norm(clean), 1e-30))}
 
 
-def run(configs: Sequence[BenchConfig], *, out_dir: str | Path, cache_dir: str | Path, seed: int = 0,
+def run(configs: Sequence[BenchConfig | TextBenchConfig], *, out_dir: str | Path, cache_dir: str | Path, seed: int = 0,
         overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains (or loads) experts at each config's noise rate, merges them, writes the results.
 
@@ -102,20 +114,21 @@ def run(configs: Sequence[BenchConfig], *, out_dir: str | Path, cache_dir: str |
         models = load(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
         if clean_experts is None:
             clean_experts = models.experts
-        pretrained, experts = clean_test_accuracies(models)
-        settings = merge_at_counts(models, experts, seed=seed, progress=progress, desc=f"merging (noise {rate:g})")
+        pretrained, experts = models.pretrained_test, models.expert_test
+        settings = merge_at_counts(models, progress=progress, desc=f"merging (noise {rate:g})")
         for s in settings:
-            setting = MergeSetting(config, models.data, models.base, models.heads, models.experts, experts,
-                                   s["num_tasks"], seed)
+            setting = models.setting(s["num_tasks"])
             for method, entry in s["methods"].items():
                 if entry["status"] == "ok":
-                    entry["noise_alignment"] = noise_alignment(setting, clean_experts, method, entry["boosted"]["beta"])
+                    entry["noise_alignment"] = noise_alignment(setting, clean_experts, models.base, method,
+                                                               entry["boosted"]["beta"])
                     entry["gain"] = entry["boosted"]["absolute"] - entry["plain"]["absolute"]
                     entry["normalized_gain"] = entry["boosted"]["normalized"] - entry["plain"]["normalized"]
         rows.append({"rate": rate, "cache_dir": str(models.cache_dir), "cache_hit": models.cache_hit,
                      "pretrained_test_accuracy": pretrained.tolist(), "expert_test_accuracy": experts.tolist(),
                      "expert_mean": float(experts.mean()), "timings": models.timings, "settings": settings})
-    results = {"experiment": "noisy_experts", "size": configs[0].name, "seed": seed,
+    suite = "text" if isinstance(configs[0], TextBenchConfig) else "vision"
+    results = {"experiment": "noisy_experts", "suite": suite, "size": configs[0].name, "seed": seed,
                "rates": [r["rate"] for r in rows], "methods": list(configs[0].methods),
                "config": configs[0].to_dict(), "runs": rows, "total_s": time.perf_counter() - start}
     plot(results, out / "noisy_experts.png")
@@ -129,7 +142,7 @@ def _ratio(a: float, b: float) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"# Noisy experts ({results['size']} size, seed {results['seed']})", "",
+    lines = [f"# Noisy experts ({results.get('suite', 'vision')} suite, {results['size']} size, seed {results['seed']})", "",
              "Experts fine-tuned with a fraction `rate` of wrong training labels; everything evaluated on clean "
              "test labels. Accuracy in %, absolute (normalized by the noisy experts' own accuracy in brackets). "
              "Gain = boosted - plain, absolute points. k = mean cutoff index of the chosen beta. "
@@ -186,7 +199,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], "results/noisy_experts", argv)
-    configs = [make_config(args.size, rate) for rate in RATES]
+    configs = [make_config(args.size, rate, suite=args.suite) for rate in RATES]
     run(configs, out_dir=args.out, cache_dir=args.cache_dir or Path(args.out) / "cache", seed=args.seed,
         overwrite=args.overwrite)
     print((Path(args.out) / "results.md").read_text())

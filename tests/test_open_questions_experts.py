@@ -137,11 +137,3 @@ def test_noisy_experts_tiny_run(tmp_path):
     with pytest.raises(ValueError, match="configs\\[0\\]"):
         noisy_experts.run(configs[1:], out_dir=tmp_path / "other", cache_dir=tmp_path / "cache", progress=False)
 
-
-def test_text_suite_is_refused_with_a_clear_message(capsys):
-    from experiments import many_experts, noisy_experts
-
-    for module in (many_experts, noisy_experts):
-        with pytest.raises(SystemExit):
-            module.main(["--suite", "text", "--size", "tiny", "--out", "unused"])
-        assert "--suite text is not supported" in capsys.readouterr().err

@@ -44,6 +44,12 @@ class TextBenchConfig:
         global-norm clip 1); embeddings and heads frozen.
       steps_per_call: optimisation steps fused into one jit-compiled `lax.scan`.
       eval_batch: sentences per forward pass in evaluation.
+      finetune_label_noise: fraction of training labels replaced by another class before fine-tuning
+        (`subboost.bench.label_noise.corrupt_labels`; heads, validation and test stay clean). 0 leaves the
+        training key as it was.
+      task_set: ``"standard"`` (the 12 of `generators.TASKS`) or ``"many"`` (those, then the variants of
+        `subboost.text_bench.task_variants`); ``num_tasks`` takes the first ones. ``"standard"`` leaves the
+        training key as it was.
       methods, method_kwargs, fixed_alphas, alphas, betas: as in `subboost.bench.config.BenchConfig`.
     """
 
@@ -63,6 +69,8 @@ class TextBenchConfig:
     logit_scale: float = LOGIT_SCALE
     steps_per_call: int = 25
     eval_batch: int = 256
+    finetune_label_noise: float = 0.0
+    task_set: str = "standard"
     methods: tuple[str, ...] | None = None
     method_kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_METHOD_KWARGS))
     fixed_alphas: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_FIXED_ALPHAS))
@@ -70,9 +78,11 @@ class TextBenchConfig:
     betas: tuple[float, ...] = DEFAULT_BETAS
 
     def __post_init__(self):
-        from subboost.text_bench.generators import TASKS
+        from subboost.text_bench.task_variants import task_set
 
-        check_suite_settings(self, available_tasks=len(TASKS))
+        check_suite_settings(self, available_tasks=len(task_set(self.task_set)))
+        if not 0.0 <= self.finetune_label_noise < 1.0:
+            raise ValueError(f"TextBenchConfig.finetune_label_noise must lie in [0, 1), got {self.finetune_label_noise}.")
         if self.head_shots * 4 > self.train_per_task:
             raise ValueError(f"TextBenchConfig.head_shots={self.head_shots} is too many for train_per_task={self.train_per_task}.")
         if self.layers is not None and self.layers < 1:
@@ -82,15 +92,26 @@ class TextBenchConfig:
         return dataclasses.asdict(self)
 
     def training_key(self, seed: int, weights_sha256: str) -> str:
-        """Hash of everything that decides the heads and experts (incl. the generators' and trainers' source)."""
+        """Hash of everything that decides the heads and experts (incl. the generators' and trainers' source).
+
+        The label noise and the task set (and their modules' source) enter only when they differ from their
+        defaults, so the standard suite's keys are those from before they existed.
+        """
+        from subboost.bench import label_noise
         from subboost.bench.cache import source_key
-        from subboost.text_bench import finetune, generators, model, prototype_heads, splits, tokenize
+        from subboost.text_bench import finetune, generators, model, prototype_heads, splits, task_variants, tokenize
 
         fields = {k: v for k, v in self.to_dict().items()
                   if k.startswith(("layers", "num_tasks", "train_", "finetune_", "head_", "max_length", "logit_",
                                    "steps_per_call"))}
-        return source_key({"seed": seed, "weights": weights_sha256, "config": fields},
-                          (generators, splits, model, finetune, prototype_heads, tokenize))
+        modules = [generators, splits, model, finetune, prototype_heads, tokenize]
+        if fields.pop("finetune_label_noise", 0.0):
+            fields["finetune_label_noise"] = self.finetune_label_noise
+            modules.append(label_noise)
+        if self.task_set != "standard":
+            fields["task_set"] = self.task_set
+            modules.append(task_variants)
+        return source_key({"seed": seed, "weights": weights_sha256, "config": fields}, modules)
 
 
 CONFIGS: dict[str, TextBenchConfig] = {

@@ -20,6 +20,7 @@ Nothing is tuned for any method: all share the grids, data, heads and experts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import platform
@@ -35,18 +36,19 @@ from tqdm.auto import tqdm
 
 import subboost as sb
 from subboost.bench.cache import ModelCache
+from subboost.bench.label_noise import corrupt_labels
 from subboost.bench.pipeline import methods_to_run, prepare_out_dir
 from subboost.bench.sweep import select
 from subboost.task_vectors import SubboostError
 from subboost.text_bench import evaluate as text_eval
 from subboost.bench.config import SVD_BATCH_SIZE
 from subboost.text_bench.config import TextBenchConfig
-from subboost.text_bench.splits import Split, build_suite
+from subboost.text_bench.splits import Split, TextSuite
 from subboost.text_bench.finetune import finetune_experts
 from subboost.text_bench.prototype_heads import build_heads, take_tasks
 from subboost.text_bench.model import make_embedder
 from subboost.text_bench.regime import boosted_stable_rank, cutoffs_from_spectra, regime, stable_rank_of
-from subboost.text_bench.generators import TASKS
+from subboost.text_bench.task_variants import build_task_suite
 from subboost.text_bench.weights import load_pretrained, packaged_model_zip
 
 RESULT_FILES = ("results.json", "results.md", "accuracy_vs_tasks.png", "stable_rank_vs_tasks.png")
@@ -151,6 +153,16 @@ def evaluate_merges(config, model, suite, *, base, heads, experts, expert_test, 
     return results
 
 
+def with_label_noise(suite: TextSuite, *, rate: float, seed: int) -> TextSuite:
+    """``suite`` with its training labels corrupted (`subboost.bench.label_noise.corrupt_labels`, the vision
+    suite's noise: deterministic in ``seed``); heads, validation and test unchanged. Rate 0 returns ``suite``."""
+    if rate == 0.0:
+        return suite
+    train = dataclasses.replace(suite.train, labels=corrupt_labels(suite.train.labels, suite.num_classes, rate=rate,
+                                                                   seed=seed))
+    return dataclasses.replace(suite, train=train)
+
+
 def load_or_train(config: TextBenchConfig, *, seed: int, cache_dir: str | Path, progress: bool = True,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Weights, suite, heads and experts: from ``cache_dir`` when the training key matches, else trained and cached."""
@@ -162,8 +174,9 @@ def load_or_train(config: TextBenchConfig, *, seed: int, cache_dir: str | Path, 
     model, base, tokenizer = load_pretrained(weights, layers=config.layers)
     timings["convert_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    suite = build_suite(TASKS[: config.num_tasks], tokenizer, train=config.train_per_task, val=config.val_per_task,
-                        test=config.test_per_task, head_shots=config.head_shots, max_length=config.max_length, seed=seed)
+    suite = build_task_suite(config.task_set, config.num_tasks, tokenizer, train=config.train_per_task,
+                             val=config.val_per_task, test=config.test_per_task, head_shots=config.head_shots,
+                             max_length=config.max_length, seed=seed)
     timings["data_s"] = time.perf_counter() - start
     cache = ModelCache(Path(cache_dir).expanduser(), config.training_key(seed, sha256_file(weights)))
     out = {"model": model, "base": base, "suite": suite, "cache_dir": cache.dir, "timings": timings}
@@ -176,7 +189,9 @@ def load_or_train(config: TextBenchConfig, *, seed: int, cache_dir: str | Path, 
     start = time.perf_counter()
     heads = jax.device_get(build_heads(make_embedder(model), base, suite, shots=config.head_shots,
                                        logit_scale=config.logit_scale))
-    experts, losses = finetune_experts(config, model, base, suite, heads, seed=seed, progress=progress)
+    experts, losses = finetune_experts(config, model, base, with_label_noise(suite, rate=config.finetune_label_noise,
+                                                                             seed=seed), heads, seed=seed,
+                                       progress=progress)
     timings["finetune_s"] = time.perf_counter() - start
     log(f"fine-tuned {config.num_tasks} experts x {config.finetune_steps} steps in {timings['finetune_s']:.0f} s "
         f"(mean loss {np.mean([l[0] for l in losses]):.3f} -> {np.mean([l[-1] for l in losses]):.3f})")
