@@ -63,13 +63,24 @@ def training_key(config: BenchConfig, seed: int) -> str:
     modules = [generators, splits, model, pretrain, finetune, centroid_heads]
     if config.base is not None:
         fields["base_sha256"] = SHIPPED_BASES.get(config.base)
-    if fields.pop("finetune_label_noise", 0.0):
+    fields, modules = with_options(config, fields, modules, task_variants)
+    return source_key({"seed": seed, "config": fields}, modules)
+
+
+def with_options(config: Any, fields: dict[str, Any], modules: Sequence[ModuleType],
+                 variants: ModuleType) -> tuple[dict[str, Any], list[ModuleType]]:
+    """A suite's key ``fields`` and ``modules`` with the label noise and the task set (any suite config's
+    ``finetune_label_noise`` and ``task_set``) added only when they differ from their defaults, with the
+    modules that implement them (`label_noise`, the suite's task-variants module ``variants``): the standard
+    suite's keys stay those from before the options existed."""
+    fields, modules = {k: v for k, v in fields.items() if k != "finetune_label_noise"}, list(modules)
+    if config.finetune_label_noise:
         fields["finetune_label_noise"] = config.finetune_label_noise
         modules.append(label_noise)
     if config.task_set != "standard":
         fields["task_set"] = config.task_set
-        modules.append(task_variants)
-    return source_key({"seed": seed, "config": fields}, modules)
+        modules.append(variants)
+    return fields, modules
 
 
 class ModelCache:

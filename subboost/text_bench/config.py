@@ -97,20 +97,14 @@ class TextBenchConfig:
         The label noise and the task set (and their modules' source) enter only when they differ from their
         defaults, so the standard suite's keys are those from before they existed.
         """
-        from subboost.bench import label_noise
-        from subboost.bench.cache import source_key
+        from subboost.bench.cache import source_key, with_options
         from subboost.text_bench import finetune, generators, model, prototype_heads, splits, task_variants, tokenize
 
         fields = {k: v for k, v in self.to_dict().items()
                   if k.startswith(("layers", "num_tasks", "train_", "finetune_", "head_", "max_length", "logit_",
                                    "steps_per_call"))}
-        modules = [generators, splits, model, finetune, prototype_heads, tokenize]
-        if fields.pop("finetune_label_noise", 0.0):
-            fields["finetune_label_noise"] = self.finetune_label_noise
-            modules.append(label_noise)
-        if self.task_set != "standard":
-            fields["task_set"] = self.task_set
-            modules.append(task_variants)
+        fields, modules = with_options(self, fields, (generators, splits, model, finetune, prototype_heads, tokenize),
+                                       task_variants)
         return source_key({"seed": seed, "weights": weights_sha256, "config": fields}, modules)
 
 
