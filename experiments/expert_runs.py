@@ -98,8 +98,8 @@ def load(config: BenchConfig | TextBenchConfig, *, seed: int, cache_dir: str | P
 
     models = load_or_train(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
     heads = jax.tree_util.tree_map(jnp.asarray, models.heads)
-    test, static = (jnp.asarray(models.data.test.images), jnp.asarray(models.data.test.labels)), \
-        {"model": config.model, "batch": config.eval_batch}
+    test = jnp.asarray(models.data.test.images), jnp.asarray(models.data.test.labels)
+    static = {"model": config.model, "batch": config.eval_batch}
     pretrained = np.asarray(bench_eval.accuracies(models.base, *test, heads, **static))
     expert_test = np.asarray(bench_eval.expert_accuracies(models.experts, *test, heads, **static))
 
