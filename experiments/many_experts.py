@@ -202,7 +202,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             acc.plot(xs, [100 * e["normalized"] for e in entries], style, marker="o", color=colour, label=label)
             rank.plot(xs, [e["stable_rank"] for e in entries], style, marker="o", color=colour, label=label)
     acc.plot(counts, [100 * s["pretrained_normalized"] for s in results["settings"]], ":", color="k", label="zero-shot")
-    acc.set(xlabel="number of experts merged", ylabel="normalized test accuracy (%)", title="Accuracy vs experts")
+    acc.set(xlabel="number of experts merged", ylabel="normalized test accuracy (%)", title=f"Accuracy vs experts ({results.get('suite', 'vision')} suite)")
     rank.set(xlabel="number of experts merged", ylabel="mean stable rank", title="Stable rank of the merge")
     handles, labels = rank.get_legend_handles_labels()
     zero_shot = acc.get_legend_handles_labels()[0][-1]  # only on the accuracy panel

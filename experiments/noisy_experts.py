@@ -188,7 +188,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                  label=label)
     gain.axhline(0.0, color="k", lw=0.8)
     gain.set(xlabel="label-noise rate", ylabel="boosted - plain test accuracy (points)",
-             title=f"Boosting's gain at {largest} experts")
+             title=f"Boosting's gain at {largest} experts ({results.get('suite', 'vision')} suite)")
     cut.set(xlabel="label-noise rate", ylabel="mean cutoff index k of the chosen beta", title="Cutoff k")
     cut.legend(fontsize=8)
     fig.tight_layout()
