@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost.hogsvd import Method, hogsvd_kernel, check_layers_arguments, check_layers_rcond, project
+from subboost.quick_compile import size_aware_jit
 from subboost.task_vectors import SubboostError, check_finite, check_floating, check_same_structure, num_experts
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 
@@ -37,9 +38,7 @@ Strategy = Literal["hogsvd", "random"]
 STRATEGIES: tuple[str, ...] = ("hogsvd", "random")
 
 
-@functools.partial(
-    jax.jit, static_argnames=("method", "pi", "rank_rtol", "attention", "is_matrix", "batch_size")
-)
+@size_aware_jit(static_argnames=("method", "pi", "rank_rtol", "attention", "is_matrix", "batch_size"))
 def _layer_sigmas(tvs, merged, *, method, pi, rank_rtol, attention, is_matrix, batch_size):
     if merged is not None:
         tvs = jax.tree_util.tree_map(lambda x, r: jnp.concatenate([x, r[None].astype(x.dtype)]), tvs, merged)
@@ -121,7 +120,7 @@ def alignment_from_sigma(sigma: jax.Array) -> jax.Array:
     return jnp.einsum("...in,...jn->...ij", p, p)
 
 
-@jax.jit
+@size_aware_jit
 def mean_alignment(sigmas: Mapping[str, jax.Array]) -> jax.Array:
     """Mean over all matrices of the per-matrix alignment (``{path: (..., K, n)}`` -> ``(K, K)``)."""
     total, count = 0.0, 0

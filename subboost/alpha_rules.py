@@ -50,6 +50,7 @@ from subboost.alignment import generalized_singular_values
 from subboost.task_vectors import (SubboostError, check_finite, check_floating, check_same_structure,
                                    num_experts)
 from subboost.tree import AttentionMode, PyTree
+from subboost.validation import check_choice
 
 __all__ = ["alpha_from_hogsvd", "alpha_from_norm"]
 
@@ -69,11 +70,6 @@ def _check_inputs(tvs: PyTree, merged: PyTree) -> None:
     check_floating(merged, what="merged")
     check_finite(tvs, what="task vectors")
     check_finite(merged, what="merged")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise SubboostError(f"{name}={value!r} is not one of {', '.join(choices)}.")
 
 
 def _checked_ratio(numerator: jax.Array, denominator: jax.Array, *, rule: str, what_num: str,
@@ -98,7 +94,7 @@ def alpha_from_norm(tvs: PyTree, merged: PyTree, *, reduce: Reduce = "mean", val
     Returns:
       A float32 scalar array (float64 under x64 with float64 input).
     """
-    _check_choice("reduce", reduce, _REDUCES)
+    check_choice("reduce", reduce, _REDUCES, what="alpha_from_norm")
     leaves = jax.tree_util.tree_leaves(tvs)
     if validate and not any(_is_tracer(x) for x in leaves + jax.tree_util.tree_leaves(merged)):
         _check_inputs(tvs, merged)
@@ -136,7 +132,7 @@ def alpha_from_hogsvd(
     Returns:
       A scalar array in the HO-GSVD's dtype (float32, or float64 under x64).
     """
-    _check_choice("target", target, _REDUCES)
+    check_choice("target", target, _REDUCES, what="alpha_from_hogsvd")
     traced = any(_is_tracer(x) for x in jax.tree_util.tree_leaves((tvs, merged)))
     if validate and not traced:
         if num_experts(tvs) < 2:

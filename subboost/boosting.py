@@ -62,6 +62,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from subboost import linalg, polar_boost
+from subboost.quick_compile import size_aware_jit
 from subboost.task_vectors import SubboostError, check_finite, check_floating
 from subboost.sharding import mesh_axes, place_parameters
 from subboost.tree import AttentionMode, MatrixLayout, PyTree, matrix_plan
@@ -302,9 +303,9 @@ def _boost_tree_impl(
 
 _BOOST_STATIC = ("mode", "attention", "is_matrix", "batch_size", "solver", "tol", "with_info", "attn_beta", "rank_rtol",
                  "mesh")
-_boost_tree = jax.jit(_boost_tree_impl, static_argnames=("beta",) + _BOOST_STATIC)
+_boost_tree = size_aware_jit(_boost_tree_impl, static_argnames=("beta",) + _BOOST_STATIC)
 # beta as a traced argument: every beta of a sweep runs one compiled program.
-_boost_tree_traced_beta = jax.jit(_boost_tree_impl, static_argnames=_BOOST_STATIC)
+_boost_tree_traced_beta = size_aware_jit(_boost_tree_impl, static_argnames=_BOOST_STATIC)
 
 
 # ----------------------------------------------------------------------------

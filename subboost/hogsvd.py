@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost import linalg
+from subboost.quick_compile import size_aware_jit
 from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 from subboost.validation import check_int
@@ -172,7 +173,7 @@ def _as_blocks(mats: Any) -> tuple[list[jax.Array] | jax.Array, bool]:
     return blocks, stacked
 
 
-@jax.jit
+@size_aware_jit
 def _finite_flags(blocks: list[jax.Array] | jax.Array) -> jax.Array:
     """One flag per matrix (axis -3 of a stacked array, or per list entry), in one fused call."""
     if isinstance(blocks, (list, tuple)):
@@ -355,7 +356,7 @@ def _classic(blocks, stacked: bool, *, common_tol: float, compute_u: bool):
     return HOGSVD(U=u, sigma=sigma, V=v, eigenvalues=lam, common=common), rcond
 
 
-@functools.partial(jax.jit, static_argnames=("stacked", "method", "pi", "common_tol", "rank_rtol", "compute_u"))
+@size_aware_jit(static_argnames=("stacked", "method", "pi", "common_tol", "rank_rtol", "compute_u"))
 def hogsvd_kernel(blocks, *, stacked, method, pi, common_tol, rank_rtol, compute_u):
     """The jit-compiled decomposition of already validated input; returns ``(HOGSVD, rcond)``.
 
@@ -463,7 +464,7 @@ def hogsvd(
     return result
 
 
-@jax.jit
+@size_aware_jit
 def project(result: HOGSVD, a: jax.Array) -> jax.Array:
     """Generalized singular values of another matrix in the shared basis.
 
@@ -489,8 +490,7 @@ def project(result: HOGSVD, a: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Every layer of stacked task vectors
 # ----------------------------------------------------------------------------
-@functools.partial(
-    jax.jit,
+@size_aware_jit(
     static_argnames=("method", "pi", "common_tol", "rank_rtol", "compute_u", "attention", "is_matrix", "batch_size"),
 )
 def _hogsvd_groups(tvs, *, method, pi, common_tol, rank_rtol, compute_u, attention, is_matrix, batch_size):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from subboost import linalg
+from subboost.quick_compile import size_aware_jit
 from subboost.task_vectors import SubboostError, check_finite
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 from subboost.validation import no_matrices_message
@@ -61,7 +62,7 @@ def energy_rank_from_singular_values(s: jax.Array, *, fraction: float = 0.95) ->
     return jnp.where(total[..., 0] > 0, jnp.minimum(below + 1, s.shape[-1]), 0).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("lead_ndim", "is_matrix", "attention"))
+@size_aware_jit(static_argnames=("lead_ndim", "is_matrix", "attention"))
 def _tree_spectra(tree, *, lead_ndim, is_matrix, attention) -> dict[str, jax.Array]:
     plan = matrix_plan(tree, lead_ndim=lead_ndim, is_matrix=is_matrix, attention=attention)
     return plan.split(plan.map_groups(linalg.singular_values, tree))

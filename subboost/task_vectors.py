@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost.errors import SubboostError
+from subboost.quick_compile import size_aware_jit
 from subboost.tree import PyTree, leaves_with_paths, path_str
 from subboost.validation import check_real
 
@@ -76,7 +77,7 @@ def check_same_structure(
             )
 
 
-@jax.jit
+@size_aware_jit
 def _leaf_finite_flags(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.ones((0,), bool)
 
@@ -126,9 +127,10 @@ def check_finite(tree: PyTree, *, what: str = "input") -> None:
 def check_floating(tree: PyTree, *, what: str = "input") -> None:
     """Raises unless every leaf is a floating-point array."""
     for path, leaf in leaves_with_paths(tree):
-        if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+        dtype = _dtype(leaf)  # without a copy to the device (`jnp.asarray` of a numpy array compiles one)
+        if not jnp.issubdtype(dtype, jnp.floating):
             raise SubboostError(
-                f"{what}: parameter {path!r} has non-float dtype {jnp.asarray(leaf).dtype}; "
+                f"{what}: parameter {path!r} has non-float dtype {dtype}; "
                 "only floating-point parameters can be merged."
             )
 
@@ -148,7 +150,7 @@ def num_experts(tvs: PyTree) -> int:
     return int(next(iter(sizes)))
 
 
-@jax.jit
+@size_aware_jit
 def _stack_differences(pretrained: PyTree, finetuned: Sequence[PyTree]) -> PyTree:
     return jax.tree_util.tree_map(
         lambda base, *experts: jnp.stack([e - base for e in experts]), pretrained, *finetuned

@@ -1,12 +1,17 @@
 """Batched accuracy of encoders with the frozen task heads.
 
-Three jit-compiled evaluations, all on stacked ``(T, n, 16, 16, 3)`` splits:
+Three jit-compiled evaluations on stacked ``(T, n, 16, 16, 3)`` splits:
 
 * `accuracies`: one encoder on every task -> ``(T,)``;
 * `accuracies_at`: ``theta_0 + alpha * tau`` (alpha a traced scalar, so a whole
   alpha sweep reuses one compiled program and dispatches asynchronously) -> ``(T,)``;
 * `expert_accuracies`: stacked experts, expert ``t`` on task ``t``, vmapped
   over experts -> ``(T,)``.
+
+and one on a single task's ``(n, 16, 16, 3)`` split, `task_accuracy_at`, which
+`sweep_alphas_by_task` calls once per task: its program depends on ``n`` only, so
+the benchmark's merges at every task count share the validation program and
+the test program (a stacked ``(T, n, ...)`` program compiles anew for every T).
 
 Images go through the encoder in fixed-size batches (`jax.lax.map`), so memory
 stays bounded. The model config and batch size are static arguments, so the
@@ -77,6 +82,24 @@ def expert_accuracies(experts, images, labels, heads, *, model, batch):
         return _accuracies(params, images[None], labels[None], head, model=model, batch=batch)[0]
 
     return jax.vmap(one)(experts, images, labels, heads)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def task_accuracy_at(base, tau, alpha, images, labels, head, *, model, batch):
+    """Accuracy of ``theta_0 + alpha * tau`` on one task (``(n, H, W, C)`` images, its head): a scalar."""
+    params = jax.tree_util.tree_map(lambda p, t: p + alpha.astype(p.dtype) * t.astype(p.dtype), base, tau)
+    head = jax.tree_util.tree_map(lambda x: x[None], head)
+    return _accuracies(params, images[None], labels[None], head, model=model, batch=batch)[0]
+
+
+def sweep_alphas_by_task(base, tau, alphas: Sequence[float], tasks: Sequence[tuple], *, model, batch) -> np.ndarray:
+    """``(A, T)``: `task_accuracy_at` for every alpha and every task ``(images, labels, head)`` of ``tasks``.
+
+    Everything is dispatched before the one host sync, and no program depends on ``T``.
+    """
+    rows = [[task_accuracy_at(base, tau, jnp.float32(a), *task, model=model, batch=batch) for task in tasks]
+            for a in alphas]
+    return np.asarray(jax.device_get(rows), dtype=np.float32).reshape(len(alphas), len(tasks))
 
 
 def sweep_alphas(accuracies_at: Callable[..., jax.Array], base, tau, alphas: Sequence[float], *data,

@@ -44,7 +44,7 @@ from subboost.bench.config import SVD_BATCH_SIZE, BenchConfig
 from subboost.bench.splits import SuiteData, build_pretraining_mixture, build_suite
 from subboost.bench import evaluate as bench_eval
 from subboost.bench.finetune import finetune_experts
-from subboost.bench.centroid_heads import build_heads, take_tasks
+from subboost.bench.centroid_heads import build_heads
 from subboost.bench.model import make_encoder
 from subboost.bench.base import load_shipped_base
 from subboost.bench.pretrain import PretrainResult, pretrain
@@ -210,8 +210,17 @@ class BenchModels:
 
 
 def task_vectors_of(base: dict, experts: dict, num_tasks: int) -> dict:
-    """Stacked task vectors of the first ``num_tasks`` experts (``experts`` stacked on a leading axis)."""
-    return sb.task_vectors(base, [jax.tree_util.tree_map(lambda x, t=t: x[t], experts) for t in range(num_tasks)])
+    """Stacked task vectors of the first ``num_tasks`` experts (``experts`` stacked on a leading axis).
+
+    `sb.task_vectors` runs on every expert and the first ``num_tasks`` rows are taken on the host, so
+    one compiled program serves every task count (the subtraction is element-wise: same values).
+    """
+    count = jax.tree_util.tree_leaves(experts)[0].shape[0]
+    if not 0 < num_tasks <= count:
+        raise ValueError(f"task_vectors_of: num_tasks={num_tasks}, but there are {count} experts.")
+    experts = jax.tree_util.tree_map(np.asarray, experts)
+    every = sb.task_vectors(base, [jax.tree_util.tree_map(lambda x, t=t: x[t], experts) for t in range(count)])
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[:num_tasks], every)
 
 
 def load_or_train(
@@ -273,12 +282,15 @@ class MergeSetting:
     seed: int
 
     @functools.cached_property
-    def _device_splits(self) -> tuple[dict, tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-        n = self.num_tasks
-        heads_t = jax.tree_util.tree_map(jnp.asarray, take_tasks(self.heads, n))
-        val = jnp.asarray(self.data.val.images[:n]), jnp.asarray(self.data.val.labels[:n])
-        test = jnp.asarray(self.data.test.images[:n]), jnp.asarray(self.data.test.labels[:n])
-        return heads_t, val, test
+    def _device_tasks(self) -> tuple[list[tuple], list[tuple]]:
+        """Validation and test splits as ``[(images, labels, head), ...]``, one entry per merged task."""
+        def per_task(split) -> list[tuple]:
+            # `jax.device_put` copies without compiling (`jnp.asarray` compiles a copy per new shape).
+            return [jax.device_put((split.images[t], split.labels[t],
+                                    jax.tree_util.tree_map(lambda h, t=t: np.asarray(h)[t], self.heads)))
+                    for t in range(self.num_tasks)]
+
+        return per_task(self.data.val), per_task(self.data.test)
 
     @property
     def reference(self) -> np.ndarray:
@@ -293,18 +305,17 @@ class MergeSetting:
     def merge(self, method: str) -> dict:
         return sb.merge(self.task_vectors, method=method, **method_kwargs(self.config, method, self.seed))
 
-    def _sweep(self, tau, alphas, split) -> np.ndarray:
-        heads_t = self._device_splits[0]
-        return bench_eval.alpha_sweep(self.base, tau, alphas, *split, heads_t, model=self.config.model,
-                                      batch=self.config.eval_batch)
+    def _sweep(self, tau, alphas, tasks) -> np.ndarray:
+        return bench_eval.sweep_alphas_by_task(self.base, tau, alphas, tasks, model=self.config.model,
+                                               batch=self.config.eval_batch)
 
     def validation(self, tau, alphas) -> np.ndarray:
         """``(A, T)`` validation accuracies of ``theta_0 + alpha tau`` (the `select` evaluate function)."""
-        return self._sweep(tau, alphas, self._device_splits[1])
+        return self._sweep(tau, alphas, self._device_tasks[0])
 
     def test(self, tau, alpha: float) -> np.ndarray:
         """``(T,)`` test accuracies of ``theta_0 + alpha tau``."""
-        return self._sweep(tau, [alpha], self._device_splits[2])[0]
+        return self._sweep(tau, [alpha], self._device_tasks[1])[0]
 
 
 def evaluate_merges(setting: MergeSetting, *, bar: tqdm) -> dict[str, Any]:
@@ -431,8 +442,7 @@ def run_benchmark(
 
     start = time.perf_counter()
     static = {"model": config.model, "batch": config.eval_batch}
-    heads_j = jax.tree_util.tree_map(jnp.asarray, heads)
-    test_images, test_labels = jnp.asarray(data.test.images), jnp.asarray(data.test.labels)
+    heads_j, test_images, test_labels = jax.device_put((heads, data.test.images, data.test.labels))
     pretrained_test = np.asarray(bench_eval.accuracies(base, test_images, test_labels, heads_j, **static))
     expert_test = np.asarray(bench_eval.expert_accuracies(experts, test_images, test_labels, heads_j, **static))
     timings["eval_models_s"] = time.perf_counter() - start

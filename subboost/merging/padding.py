@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subboost.quick_compile import size_aware_jit
 from subboost.task_vectors import in_host_memory
 from subboost.tree import PyTree
 
@@ -65,7 +66,7 @@ def can_pad(method: Any, tvs: PyTree, kwargs: Mapping[str, Any]) -> bool:
     return sum(math.prod(x.shape[1:]) * padded * np.dtype(x.dtype).itemsize for x in leaves) <= PAD_MAX_BYTES
 
 
-@jax.jit
+@size_aware_jit
 def _pad_on_device(leaves: list[jax.Array], padding: list[jax.Array]) -> list[jax.Array]:
     return [jnp.concatenate([x, z]) for x, z in zip(leaves, padding)]
 
@@ -81,7 +82,8 @@ def pad_task_axis(tvs: PyTree, num_tasks: int) -> PyTree:
     if extra < 0:
         raise ValueError(f"cannot pad {leaves[0].shape[0]} task vectors down to {num_tasks}")
     if all(map(in_host_memory, leaves)):
-        padded = [jnp.asarray(np.concatenate([np.asarray(x), np.zeros((extra,) + x.shape[1:], x.dtype)]))
+        # `jax.device_put`, not `jnp.asarray`: the latter compiles a copy program for every new shape.
+        padded = [jax.device_put(np.concatenate([np.asarray(x), np.zeros((extra,) + x.shape[1:], x.dtype)]))
                   for x in leaves]
     else:
         padded = _pad_on_device(leaves, [jnp.zeros((extra,) + x.shape[1:], x.dtype) for x in leaves])

@@ -51,6 +51,7 @@ from subboost.merging.padding import threefry_is_partitionable
 from subboost.merging.iso import check_common_space_fraction, iso_c, iso_cts
 from subboost.merging.ties import MERGE_MODES, TRIM_SCOPES, ties
 from subboost.merging.tsv import check_batch_size, tsv
+from subboost.quick_compile import size_aware_jit
 from subboost.tree import PyTree
 from subboost.validation import check_choice, check_int, check_real
 
@@ -256,13 +257,13 @@ def check_arguments(name: str, kwargs: Mapping[str, Any], num_tasks: int) -> Mer
 @functools.lru_cache(maxsize=None)
 def jitted(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
     """``jax.jit`` of the method with ``static_names`` static, cached per method and names."""
-    return jax.jit(METHODS[name].fn, static_argnames=static_names)
+    return size_aware_jit(METHODS[name].fn, static_argnames=static_names)
 
 
 @functools.lru_cache(maxsize=None)
 def jitted_flat(name: str, static_names: tuple[str, ...]) -> Callable[..., PyTree]:
     """`jitted` of the method's ``flat_fn``: the same result from a much smaller program."""
-    return jax.jit(METHODS[name].flat_fn, static_argnames=static_names)
+    return size_aware_jit(METHODS[name].flat_fn, static_argnames=static_names)
 
 
 def _simple(name: str, fn: Callable, **fields: Any) -> MergeMethod:
