@@ -18,7 +18,7 @@ from subboost.text_bench.config import get_config  # noqa: E402
 from subboost.text_bench.generators import TASKS, generate  # noqa: E402
 from subboost.text_bench.splits import Split, TextSuite  # noqa: E402
 from subboost.text_bench.task_variants import (  # noqa: E402
-    MANY_TASKS, VARIANTS, build_task_suite, find_phrase, task_set, variant_streams)
+    MANY_TASKS, VARIANTS, build_task_suite, find_phrase, task_set)
 
 # A few steps of everything: seconds to train, enough for the experts to move.
 SMALL = dict(train_per_task=64, val_per_task=16, test_per_task=32, head_shots=4, finetune_steps=20,
@@ -59,9 +59,9 @@ def test_many_text_tasks_are_fifty_distinct_readable_tasks():
     assert len(MANY_TASKS) == 50 and MANY_TASKS[:12] == TASKS and task_set("standard") == TASKS
     assert len({t.name for t in MANY_TASKS}) == 50 and all(2 <= t.num_classes <= 4 for t in MANY_TASKS)
     assert len({t.classes for t in VARIANTS}) > 30  # different partitions, not one task repeated
-    with variant_streams():
-        data = {t.name: [generate(t, n, seed=0, split=s) for n, s in ((400, "train"), (200, "test"))] for t in VARIANTS}
-    assert generators.TASK_NAMES == tuple(t.name for t in TASKS)  # restored
+    assert [t.stream for t in VARIANTS] == list(range(12, 50))  # each variant its own random streams
+    assert all(t.stream is None for t in TASKS)  # the standard tasks' streams: their index in TASK_NAMES
+    data = {t.name: [generate(t, n, seed=0, split=s) for n, s in ((400, "train"), (200, "test"))] for t in VARIANTS}
     for task in VARIANTS:
         (train, y_train), (test, y_test) = data[task.name]
         assert np.bincount(y_train).tolist() == [400 // task.num_classes + (c < 400 % task.num_classes)
@@ -77,18 +77,17 @@ def test_many_text_tasks_are_fifty_distinct_readable_tasks():
 
 def test_number_and_nuisance_variants_follow_their_words():
     by_name = {t.name: t for t in VARIANTS}
-    with variant_streams():
-        sentences, labels = generate(by_name["parity__number_mod3"], 60, seed=1, split="val")
-        for s, y in zip(sentences, labels):
-            n = next(generators.NUMBERS.index(w) + 1 for w in s.split() if w in generators.NUMBERS)
-            assert y == (n - 1) % 3, s  # class 0: 1, 4, 7, ..
-        sentences, labels = generate(by_name["topic__name_half"], 60, seed=1, split="val")
-        for s, y in zip(sentences, labels):
-            assert (generators.NAMES.index(s.split()[0]) >= 10) == bool(y), s
-        sentences, labels = generate(by_name["daytime__morning_afternoon"], 60, seed=1, split="val")
-        for s, y in zip(sentences, labels):
-            late = any(p in s for p in generators.DAYTIMES[2] + generators.DAYTIMES[3])
-            assert late == bool(y), s
+    sentences, labels = generate(by_name["parity__number_mod3"], 60, seed=1, split="val")
+    for s, y in zip(sentences, labels):
+        n = next(generators.NUMBERS.index(w) + 1 for w in s.split() if w in generators.NUMBERS)
+        assert y == (n - 1) % 3, s  # class 0: 1, 4, 7, ..
+    sentences, labels = generate(by_name["topic__name_half"], 60, seed=1, split="val")
+    for s, y in zip(sentences, labels):
+        assert (generators.NAMES.index(s.split()[0]) >= 10) == bool(y), s
+    sentences, labels = generate(by_name["daytime__morning_afternoon"], 60, seed=1, split="val")
+    for s, y in zip(sentences, labels):
+        late = any(p in s for p in generators.DAYTIMES[2] + generators.DAYTIMES[3])
+        assert late == bool(y), s
 
 
 def test_many_text_suite_keeps_the_standard_tasks_data(tokenizer):

@@ -168,12 +168,16 @@ class TextTask:
       classes: class names (label ``c`` is ``classes[c]``).
       render: ``(rng, label) -> sentence``.
       description: what the label says about the sentence.
+      stream: index of the task's random streams in `generate` (``None``: its position in
+        `TASK_NAMES`; tasks outside the standard twelve set their own, e.g.
+        `subboost.text_bench.task_variants`).
     """
 
     name: str
     classes: tuple[str, ...]
     render: Callable[[np.random.Generator, int], str]
     description: str
+    stream: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -205,7 +209,7 @@ def generate(task: TextTask, n: int, *, seed: int, split: str) -> tuple[list[str
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}.")
     if n <= 0:
         raise ValueError(f"generate: n must be positive, got {n}.")
-    index = TASK_NAMES.index(task.name)
+    index = TASK_NAMES.index(task.name) if task.stream is None else task.stream
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, SPLITS.index(split), 0x7E47]))
     labels = rng.permutation(np.arange(n) % task.num_classes).astype(np.int32)
     return [task.render(rng, int(label)) for label in labels], labels

@@ -22,23 +22,20 @@ separates (``topic__sports_food`` maps sports and food sentences together), and 
 asks it to separate sentences by exactly the words every standard task must be invariant
 to. The run measures it (`experiments.many_experts`: pairwise task-vector cosines).
 
-Data streams: `generators.generate` seeds each task's stream with the task's index in
-`generators.TASK_NAMES`. `build_task_suite` extends that index past the standard tasks
-(variant ``j`` gets index ``12 + j``) while it generates the ``"many"`` suite, so every
-variant has its own stream and `generators` (whose source is part of the standard
-suite's training key) stays as it was.
+Data streams: `generators.generate` seeds each standard task's stream with its index in
+`generators.TASK_NAMES`; variant ``j`` carries ``TextTask.stream = 12 + j``, so every
+variant has its own stream and the standard tasks' sentences are those of the standard suite.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from subboost.text_bench import generators
 from subboost.text_bench.generators import NAMES, NUMBERS, PLACES, TASKS, THINGS, TIMES, TextTask
 from subboost.text_bench.splits import TextSuite, build_suite
 
@@ -136,10 +133,11 @@ def _round_robin(queues: Sequence[Sequence[TextTask]]) -> tuple[TextTask, ...]:
     return tuple(t for batch in itertools.zip_longest(*queues) for t in batch if t is not None)
 
 
-VARIANTS: tuple[TextTask, ...] = _round_robin([
-    _pairs_and_one_vs_rest("topic"), _pairs_and_one_vs_rest("colour"), _pairs_and_one_vs_rest("daytime"),
-    _one_vs_rest("tense") + _one_vs_rest("person"), _numbers(), _nuisance(),
-])
+VARIANTS: tuple[TextTask, ...] = tuple(
+    dataclasses.replace(task, stream=len(TASKS) + j) for j, task in enumerate(_round_robin([
+        _pairs_and_one_vs_rest("topic"), _pairs_and_one_vs_rest("colour"), _pairs_and_one_vs_rest("daytime"),
+        _one_vs_rest("tense") + _one_vs_rest("person"), _numbers(), _nuisance(),
+    ])))
 MANY_TASKS: tuple[TextTask, ...] = TASKS + VARIANTS
 TASK_SETS: dict[str, tuple[TextTask, ...]] = {"standard": TASKS, "many": MANY_TASKS}
 
@@ -151,21 +149,6 @@ def task_set(name: str) -> tuple[TextTask, ...]:
     return TASK_SETS[name]
 
 
-@contextlib.contextmanager
-def variant_streams() -> Iterator[None]:
-    """While active, `generators.generate` finds variant ``j`` at index ``12 + j`` of ``TASK_NAMES`` (its stream)."""
-    standard = generators.TASK_NAMES
-    generators.TASK_NAMES = standard + tuple(t.name for t in VARIANTS)
-    try:
-        yield
-    finally:
-        generators.TASK_NAMES = standard
-
-
 def build_task_suite(name: str, num_tasks: int, tokenizer, **kwargs: Any) -> TextSuite:
     """`splits.build_suite` of the first ``num_tasks`` tasks of the set ``name`` (``kwargs``: its keywords)."""
-    tasks = task_set(name)[:num_tasks]
-    if name == "standard":
-        return build_suite(tasks, tokenizer, **kwargs)
-    with variant_streams():
-        return build_suite(tasks, tokenizer, **kwargs)
+    return build_suite(task_set(name)[:num_tasks], tokenizer, **kwargs)
