@@ -14,7 +14,7 @@ Modes, side by side on the same inputs:
   * ``after``: TIES (and DARE / Consensus on TIES) over one flat ``(T, N)`` leaf,
     DARE's masks in one draw, the task axis padded to buckets of 16 for TA, TIES,
     DARE and Consensus, small host trees checked by numpy, beta traced, and every
-    program over at most 16 MiB of inputs compiled without LLVM optimisation
+    program over at most 4 MiB of inputs compiled without LLVM optimisation
     (`subboost.quick_compile`).
 
 and each mode twice on one fresh persistent compilation cache: ``cold`` (empty,

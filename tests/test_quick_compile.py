@@ -112,7 +112,7 @@ def test_bad_limit_names_the_variable(monkeypatch, value):
 
 
 def test_limit_default_and_override():
-    assert quick_compile.max_bytes({}) == quick_compile.DEFAULT_MAX_BYTES == 16 << 20
+    assert quick_compile.max_bytes({}) == quick_compile.DEFAULT_MAX_BYTES == 4 << 20
     assert quick_compile.max_bytes({quick_compile.ENV_VAR: " 1024 "}) == 1024
     assert quick_compile.max_bytes({quick_compile.ENV_VAR: ""}) == quick_compile.DEFAULT_MAX_BYTES
 
