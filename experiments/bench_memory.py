@@ -193,7 +193,7 @@ def main() -> None:
             rows.append(run_child(args, "memory"))
         else:
             print(f"in-memory path skipped: needs ~{estimate_gb:.0f} GB, {available_gb():.0f} GB available")
-        print(f"\n| path | wall time (s) | peak RSS (GB) |\n|---|---:|---:|")
+        print("\n| path | wall time (s) | peak RSS (GB) |\n|---|---:|---:|")
         for row in rows:
             print(f"| {row['path']} | {row['wall_s']:.1f} | {row['peak_rss_gb']:.2f} |")
         stream = rows[0]

@@ -21,7 +21,6 @@ smallest summed alignment to those already chosen (ties: lowest index).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 

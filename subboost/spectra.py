@@ -15,7 +15,6 @@ meaningless), and a tree without a single matrix leaf gives a warning.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 

@@ -39,7 +39,6 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from subboost.errors import SubboostError

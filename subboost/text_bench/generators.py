@@ -134,7 +134,7 @@ def _parity(rng, label):
 
 
 def _person(rng, label):
-    (base, third, past), thing = pick(rng, VERBS), pick(rng, THINGS)
+    (_, _, past), thing = pick(rng, VERBS), pick(rng, THINGS)
     subject = pick(rng, (("i", "we"), ("you",), ("he", "she", "they"))[label])
     return f"{subject} {past} the {thing} of {pick(rng, NAMES)} {pick(rng, PLACES)}"
 
@@ -144,12 +144,12 @@ def _colour(rng, label):
 
 
 def _place(rng, label):
-    (base, third, past), thing = pick(rng, VERBS), pick(rng, THINGS)
+    (_, _, past), thing = pick(rng, VERBS), pick(rng, THINGS)
     return f"{pick(rng, NAMES)} {past} the {thing} {pick(rng, (PLACES_IN, PLACES_OUT)[label])} {pick(rng, NEUTRAL_TIMES)}"
 
 
 def _daytime(rng, label):
-    (base, third, past), thing = pick(rng, VERBS), pick(rng, THINGS)
+    (_, _, past), thing = pick(rng, VERBS), pick(rng, THINGS)
     return f"{pick(rng, NAMES)} {past} the {thing} {pick(rng, DAYTIMES[label])}"
 
 
