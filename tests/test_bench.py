@@ -271,11 +271,12 @@ def test_base_file_round_trip_checksum_and_refusals(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_default_base_matches_its_checksum_and_the_default_model():
+@pytest.mark.parametrize("size", ["default", "wide"])
+def test_shipped_base_matches_its_checksum_and_its_model(size):
     from subboost.bench import base as bench_base
     from subboost.bench.model import init_encoder
 
-    config = bench_config.get_config("default")
+    config = bench_config.get_config(size)
     assert config.base in bench_base.SHIPPED_BASES
     assert bench_base.base_path(config.base).stat().st_size <= 20 * 2**20
     encoder, scale = bench_base.load_shipped_base(config.base)

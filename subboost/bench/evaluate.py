@@ -62,6 +62,17 @@ def _accuracies(params, images, labels, heads, *, model, batch):
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels, axis=1)
 
 
+def _params_at(base, tau, alpha):
+    """``theta_0 + alpha * tau`` (alpha cast to each leaf's dtype)."""
+    return jax.tree_util.tree_map(lambda p, t: p + alpha.astype(p.dtype) * t.astype(p.dtype), base, tau)
+
+
+def _one_task_accuracy(params, images, labels, head, *, model, batch):
+    """Accuracy of ``params`` on one task's ``(n, H, W, C)`` images with its head: a scalar."""
+    head = jax.tree_util.tree_map(lambda x: x[None], head)
+    return _accuracies(params, images[None], labels[None], head, model=model, batch=batch)[0]
+
+
 accuracies = jax.jit(_accuracies, static_argnames=_STATIC)
 accuracies.__doc__ = "Accuracy of one encoder on each task: ``(T,)``."
 
@@ -69,27 +80,19 @@ accuracies.__doc__ = "Accuracy of one encoder on each task: ``(T,)``."
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def accuracies_at(base, tau, alpha, images, labels, heads, *, model, batch):
     """Accuracy of ``theta_0 + alpha * tau`` on each task: ``(T,)``."""
-    params = jax.tree_util.tree_map(lambda p, t: p + alpha.astype(p.dtype) * t.astype(p.dtype), base, tau)
-    return _accuracies(params, images, labels, heads, model=model, batch=batch)
+    return _accuracies(_params_at(base, tau, alpha), images, labels, heads, model=model, batch=batch)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def expert_accuracies(experts, images, labels, heads, *, model, batch):
     """Expert ``t`` (leading axis of ``experts``) on task ``t`` only: ``(T,)``."""
-
-    def one(params, images, labels, head):
-        head = jax.tree_util.tree_map(lambda x: x[None], head)
-        return _accuracies(params, images[None], labels[None], head, model=model, batch=batch)[0]
-
-    return jax.vmap(one)(experts, images, labels, heads)
+    return jax.vmap(functools.partial(_one_task_accuracy, model=model, batch=batch))(experts, images, labels, heads)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def task_accuracy_at(base, tau, alpha, images, labels, head, *, model, batch):
     """Accuracy of ``theta_0 + alpha * tau`` on one task (``(n, H, W, C)`` images, its head): a scalar."""
-    params = jax.tree_util.tree_map(lambda p, t: p + alpha.astype(p.dtype) * t.astype(p.dtype), base, tau)
-    head = jax.tree_util.tree_map(lambda x: x[None], head)
-    return _accuracies(params, images[None], labels[None], head, model=model, batch=batch)[0]
+    return _one_task_accuracy(_params_at(base, tau, alpha), images, labels, head, model=model, batch=batch)
 
 
 def sweep_alphas_by_task(base, tau, alphas: Sequence[float], tasks: Sequence[tuple], *, model, batch) -> np.ndarray:
