@@ -76,6 +76,17 @@ def tvs():
 
 
 @pytest.fixture(scope="module")
+def independent_tvs():
+    """Three independently drawn experts. TSV-M and Iso-CTS orthogonalise the concatenated per-task bases
+    (a polar factor); with `stack_experts`' linearly related experts those bases are nearly parallel, the
+    polar factor is ill-conditioned, and a one-ulp difference between the sharded and single-device
+    reductions changes the result (measured: Iso-CTS's key kernel moved by 1.17 on one machine, where
+    the tests had passed on another)."""
+    trees = [tree_params(np.random.default_rng(seed)) for seed in (10, 11, 12)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+@pytest.fixture(scope="module")
 def few_leaves():
     """DARE's random masks compile slowly per leaf: a three-leaf tree for it."""
     rng = np.random.default_rng(1)
@@ -84,11 +95,11 @@ def few_leaves():
     return stack_experts(jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params))
 
 
-def assert_same(expected, actual):
+def assert_same(expected, actual, tol: float = 1e-6):
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(actual)
     for x, y in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(actual)):
         assert x.shape == y.shape and x.dtype == y.dtype
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=tol, atol=tol)
 
 
 METHOD_KWARGS = {  # one case per registered method, plus variants that change how work is split
@@ -97,6 +108,7 @@ METHOD_KWARGS = {  # one case per registered method, plus variants that change h
     "consensus": [{"lambdas": 0.5}, {"base": "ties", "k": 0.5, "lambdas": 0.4, "min_tasks": 1}],
     "tsv": [{}, {"attention": "per_head"}],
 }
+ORTHOGONALISING = ("tsv", "iso_cts")  # methods that take a polar factor of concatenated per-task bases
 CASES = [(m, kw) for m in sb.available_methods() for kw in METHOD_KWARGS.get(m, [{}])]
 
 
@@ -107,11 +119,13 @@ def test_simulated_devices_are_there(mesh):
 
 @inner
 @pytest.mark.parametrize("method, kwargs", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
-def test_sharded_merge_equals_single_device(mesh, tvs, few_leaves, method, kwargs):
-    tvs = few_leaves if method == "dare" else tvs
+def test_sharded_merge_equals_single_device(mesh, tvs, independent_tvs, few_leaves, method, kwargs):
+    tvs = {"dare": few_leaves, **dict.fromkeys(ORTHOGONALISING, independent_tvs)}.get(method, tvs)
     single = sb.merge(tvs, method, **kwargs)
     sharded = sb.merge(tvs, method, mesh=mesh, **kwargs)
-    assert_same(single, sharded)
+    # The polar factor of the concatenated bases amplifies the reductions' last-bit differences: a few
+    # float32 ulps of O(1) outputs (2.8e-6 measured for Iso-CTS).
+    assert_same(single, sharded, tol=1e-5 if method in ORTHOGONALISING else 1e-6)
     for leaf in jax.tree_util.tree_leaves(sharded):  # every host can read the result
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == NUM_DEVICES
 
