@@ -184,9 +184,9 @@ def check_suite_settings(config: Any, *, available_tasks: int, betas: tuple[str,
 
 _MODELS = {
     "default": CLIPVisionConfig(image_size=16, patch_size=4, width=64, layers=3, heads=4, embed_dim=64),
-    "wide": CLIPVisionConfig(image_size=16, patch_size=4, width=128, layers=3, heads=4, embed_dim=128),
     "tiny": CLIPVisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=16),
 }
+_MODELS["wide"] = dataclasses.replace(_MODELS["default"], width=128, embed_dim=128)
 
 CONFIGS: dict[str, BenchConfig] = {
     "default": BenchConfig(

@@ -62,8 +62,8 @@ def _accuracies(params, images, labels, heads, *, model, batch):
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels, axis=1)
 
 
-def _params_at(base, tau, alpha):
-    """``theta_0 + alpha * tau`` (alpha cast to each leaf's dtype)."""
+def params_at(base, tau, alpha):
+    """``theta_0 + alpha * tau`` (alpha cast to each leaf's dtype; shared with the text suite)."""
     return jax.tree_util.tree_map(lambda p, t: p + alpha.astype(p.dtype) * t.astype(p.dtype), base, tau)
 
 
@@ -80,7 +80,7 @@ accuracies.__doc__ = "Accuracy of one encoder on each task: ``(T,)``."
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def accuracies_at(base, tau, alpha, images, labels, heads, *, model, batch):
     """Accuracy of ``theta_0 + alpha * tau`` on each task: ``(T,)``."""
-    return _accuracies(_params_at(base, tau, alpha), images, labels, heads, model=model, batch=batch)
+    return _accuracies(params_at(base, tau, alpha), images, labels, heads, model=model, batch=batch)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -92,7 +92,7 @@ def expert_accuracies(experts, images, labels, heads, *, model, batch):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def task_accuracy_at(base, tau, alpha, images, labels, head, *, model, batch):
     """Accuracy of ``theta_0 + alpha * tau`` on one task (``(n, H, W, C)`` images, its head): a scalar."""
-    return _one_task_accuracy(_params_at(base, tau, alpha), images, labels, head, model=model, batch=batch)
+    return _one_task_accuracy(params_at(base, tau, alpha), images, labels, head, model=model, batch=batch)
 
 
 def sweep_alphas_by_task(base, tau, alphas: Sequence[float], tasks: Sequence[tuple], *, model, batch) -> np.ndarray:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.bench.evaluate import map_in_batches, sweep_alphas
+from subboost.bench.evaluate import map_in_batches, params_at, sweep_alphas
 from subboost.models.bert import BertConfig
 from subboost.text_bench.prototype_heads import task_logits
 from subboost.text_bench.model import make_embedder, with_encoder
@@ -44,7 +44,7 @@ accuracies.__doc__ = "Accuracy of one encoder on each task: ``(T,)``."
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def accuracies_at(base, tau, alpha, ids, mask, labels, heads, *, model, batch):
     """Accuracy of ``theta_0 + alpha * tau`` (``tau``: the ``encoder`` subtree) on each task: ``(T,)``."""
-    encoder = jax.tree_util.tree_map(lambda p, t: p + alpha.astype(p.dtype) * t.astype(p.dtype), base["encoder"], tau)
+    encoder = params_at(base["encoder"], tau, alpha)
     return _accuracies(with_encoder(base, encoder), ids, mask, labels, heads, model=model, batch=batch)
 
 
