@@ -99,6 +99,35 @@ def test_coarse_labels_pair_neighbouring_classes():
     np.testing.assert_array_equal(np.unique(mixture.captions), np.arange(7))
 
 
+def test_domain_styles_are_fixed_per_task_orthogonal_and_keep_the_labels():
+    amplitude = 0.12
+    shapes, stripes = bench_tasks.get_tasks(["shapes", "stripes"])
+    mixing, pattern = bench_tasks.domain_style("shapes", amplitude)
+    np.testing.assert_allclose(mixing @ mixing.T, np.eye(3), atol=1e-12)
+    assert pattern.shape == (16, 16, 3) and 0.3 * amplitude < np.abs(pattern).max() <= amplitude
+    again = bench_tasks.domain_style("shapes", amplitude)
+    np.testing.assert_array_equal(mixing, again[0])
+    np.testing.assert_array_equal(pattern, again[1])
+    assert not np.allclose(mixing, bench_tasks.domain_style("stripes", amplitude)[0])
+    # A regrouped task (task_variants) keeps its parent's look.
+    np.testing.assert_array_equal(pattern, bench_tasks.domain_style("shapes__pairs", amplitude)[1])
+    # The style is the documented map of the clean images, applied before the noise; labels are unchanged.
+    clean, labels = bench_tasks.generate(shapes, "val", 24, seed=3, noisy=False)
+    styled, styled_labels = bench_tasks.generate(shapes, "val", 24, seed=3, noisy=False, style=amplitude)
+    np.testing.assert_array_equal(labels, styled_labels)
+    expected = np.clip(0.8 * (clean.astype(np.float64) - 0.5) @ mixing.T + 0.5 + pattern, 0.0, 1.0)
+    np.testing.assert_allclose(styled, expected, atol=1e-6)
+    noisy, _ = bench_tasks.generate(shapes, "val", 24, seed=3, style=amplitude)
+    assert 0.3 * shapes.noise < (noisy - styled).std() < 1.2 * shapes.noise
+    # Two tasks' looks differ in their mean colour: the domain is visible in every image.
+    other, _ = bench_tasks.generate(stripes, "val", 24, seed=3, noisy=False, style=amplitude)
+    plain_other, _ = bench_tasks.generate(stripes, "val", 24, seed=3, noisy=False)
+    styled_gap = np.abs(styled.mean((0, 1, 2)) - other.mean((0, 1, 2))).max()
+    assert styled_gap > 0.05 and not np.array_equal(other, plain_other)
+    with pytest.raises(ValueError, match="style"):
+        bench_tasks.generate(shapes, "val", 4, seed=0, style=1.5)
+
+
 def test_get_tasks_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown task"):
         bench_tasks.get_tasks(["nope"])
@@ -249,6 +278,9 @@ def test_config_validation_and_training_key():
     assert training_key(tiny, 0) != training_key(tiny, 1)
     assert training_key(tiny, 0) == training_key(dataclasses.replace(tiny, alphas=(0.1, 1.0), eval_batch=64), 0)
     assert training_key(tiny, 0) != training_key(dataclasses.replace(tiny, finetune_lr=1e-4), 0)
+    assert training_key(tiny, 0) != training_key(dataclasses.replace(tiny, domain_style=0.1), 0)
+    with pytest.raises(ValueError, match="domain_style"):
+        bench_config.get_config("tiny", domain_style=-0.1)
 
 
 @pytest.mark.slow

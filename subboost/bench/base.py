@@ -86,7 +86,7 @@ def pretrain_base(config: BenchConfig, *, seed: int, path: str | Path, progress:
     """Pretrains ``config``'s encoder from scratch (deterministic in ``seed``) and saves it to ``path``; returns its SHA-256."""
     start = time.perf_counter()
     mixture = build_pretraining_mixture(TASKS[: config.num_tasks], per_task=config.pretrain_per_task, seed=seed,
-                                        labels=config.pretrain_labels, progress=progress)
+                                        labels=config.pretrain_labels, style=config.domain_style, progress=progress)
     result = pretrain(config, mixture, seed=seed, progress=progress)
     digest = save_base(path, result.encoder, result.logit_scale)
     log(f"pretrained {config.pretrain_steps} steps in {time.perf_counter() - start:.0f} s "

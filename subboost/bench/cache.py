@@ -63,6 +63,8 @@ def training_key(config: BenchConfig, seed: int) -> str:
     modules = [generators, splits, model, pretrain, finetune, centroid_heads]
     if config.base is not None:
         fields["base_sha256"] = SHIPPED_BASES.get(config.base)
+    if config.domain_style:  # absent at 0, like the options below
+        fields["domain_style"] = config.domain_style
     fields, modules = with_options(config, fields, modules, task_variants)
     return source_key({"seed": seed, "config": fields}, modules)
 

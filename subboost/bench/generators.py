@@ -43,6 +43,12 @@ scikit-learn's 1797 digits (train 1047 / val 250 / test 500, a fixed partition
 that does not depend on the run seed, like an official dataset split); the
 procedural tasks draw fresh images for every split.
 
+Each task can also have its own *look* (`domain_style`, amplitude ``style`` in
+`generate`; the default benchmark uses 0.3, tiny none): a fixed colour mixing
+and background pattern per task, so that the tasks' inputs differ as different
+datasets' do and an expert's change for its own images need not act on the
+others' (see the README's "Why each task has its own look").
+
 Pretraining (see `subboost.bench.pretrain`) sees other images from the same
 generators, labelled only *coarsely*: `coarse_labels` merges each task's
 classes into pairs of neighbours (0-1, 2-3, ...: "1 or 2 dots", "digit 4 or 5",
@@ -619,7 +625,52 @@ def add_noise(rng: np.random.Generator, images: np.ndarray, sigma: float) -> np.
     return np.clip(images + sigma * rng.standard_normal(images.shape), 0.0, 1.0)
 
 
-def generate(task: Task, split: str, n: int, *, seed: int, noisy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+# ----------------------------------------------------------------------------
+# Input domains
+# ----------------------------------------------------------------------------
+# The contrast kept by a domain style's colour mixing: a rotation of the centred colours, shrunk so
+# that most pixels stay inside [0, 1] after the background pattern is added.
+_STYLE_CONTRAST = 0.8
+
+
+def domain_style(task_name: str, amplitude: float) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed look of a task's images: ``(mixing (3, 3), pattern (16, 16, 3))``.
+
+    Real multi-task suites are different datasets, each with its own look (satellite
+    tiles, scanned digits, photographs of signs), so a change that one expert makes for
+    its inputs need not touch another's. The generated tasks share one look (objects on
+    dark canvases), which makes every expert interfere with every other one. A style
+    gives each task its own: an orthogonal colour mixing ``Q`` (a random rotation or
+    reflection of RGB around mid-grey) and a smooth background pattern ``P`` (two random
+    low-frequency gratings per channel, peak amplitude up to ``amplitude``):
+    ``styled = clip(0.8 Q (x - 0.5) + 0.5 + P, 0, 1)``. Both depend on the task's name
+    only (not on the run seed), as a dataset's look does; a regrouped task
+    (``parent__rule``, `subboost.bench.task_variants`) keeps its parent's look.
+    """
+    root = task_name.split("__")[0]
+    digest = hashlib.sha256(f"style/{root}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    mixing = q * np.sign(np.diag(r))
+    yy, xx = _YY[..., None] / IMAGE_SIZE, _XX[..., None] / IMAGE_SIZE
+    pattern = np.zeros((IMAGE_SIZE, IMAGE_SIZE, CHANNELS))
+    for _ in range(2):
+        frequency = rng.uniform(0.5, 2.0, 2) * rng.choice([-1, 1], 2)  # cycles per image, (y, x)
+        phase = rng.uniform(0.0, 2 * np.pi, CHANNELS)
+        weight = rng.uniform(0.5, 1.0, CHANNELS)
+        pattern += weight * np.sin(2 * np.pi * (frequency[0] * yy + frequency[1] * xx) + phase)
+    return mixing, pattern * (amplitude / 2)
+
+
+def apply_domain_style(images: np.ndarray, task_name: str, amplitude: float) -> np.ndarray:
+    """``images`` (n, 16, 16, 3) in ``[0, 1]`` in the task's look (`domain_style`); float32."""
+    mixing, pattern = domain_style(task_name, amplitude)
+    styled = (np.asarray(images, np.float32) - 0.5) @ mixing.T * _STYLE_CONTRAST + 0.5 + pattern
+    return np.clip(styled, 0.0, 1.0).astype(np.float32)
+
+
+def generate(task: Task, split: str, n: int, *, seed: int, noisy: bool = True,
+             style: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` images (float32, ``(n, 16, 16, 3)``, in ``[0, 1]``) and int32 labels of ``task``.
 
     Args:
@@ -628,12 +679,18 @@ def generate(task: Task, split: str, n: int, *, seed: int, noisy: bool = True) -
       n: number of examples (labels balanced over classes).
       seed: run seed; the same (seed, task, split, n) always gives the same arrays.
       noisy: add the task's pixel noise (training adds fresh noise per step instead).
+      style: amplitude of the task's input domain (`domain_style`), applied to the clean
+        images before the noise; 0 leaves every task in the shared look.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}.")
+    if not 0.0 <= style <= 1.0:
+        raise ValueError(f"style must lie in [0, 1], got {style}.")
     rng = np.random.default_rng(split_seed(seed, task, split))
     labels = balanced_labels(rng, n, task.num_classes)
     images = task.render(rng, labels, split)
+    if style:
+        images = apply_domain_style(np.clip(images, 0.0, 1.0), task.name, style)
     if noisy:
         images = add_noise(rng, images, task.noise)
     return np.clip(images, 0.0, 1.0).astype(np.float32), labels

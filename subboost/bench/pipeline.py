@@ -155,7 +155,8 @@ def train_models(config: BenchConfig, data: SuiteData, *, seed: int, progress: b
     else:
         start = time.perf_counter()
         mixture = build_pretraining_mixture(data.tasks, per_task=config.pretrain_per_task, seed=seed,
-                                            labels=config.pretrain_labels, progress=progress)
+                                            labels=config.pretrain_labels, style=config.domain_style,
+                                            progress=progress)
         timings["pretraining_data_s"] = time.perf_counter() - start
         start = time.perf_counter()
         pretrained = pretrain(config, mixture, seed=seed, progress=progress)
@@ -240,7 +241,7 @@ def load_or_train(
     start = time.perf_counter()
     tasks = task_set(config.task_set)[: config.num_tasks]
     data = build_suite(tasks, train=config.train_per_task, val=config.val_per_task, test=config.test_per_task,
-                       seed=seed, progress=progress)
+                       seed=seed, style=config.domain_style, progress=progress)
     timings["data_s"] = time.perf_counter() - start
     cache = ModelCache(Path(cache_dir).expanduser(), training_key(config, seed))
     if cache.complete():

@@ -53,13 +53,15 @@ class SuiteData:
     num_classes: np.ndarray
 
 
-def build_suite(tasks: Sequence[Task], *, train: int, val: int, test: int, seed: int, progress: bool = True) -> SuiteData:
-    """Generates every split of every task (deterministic in ``seed``)."""
+def build_suite(tasks: Sequence[Task], *, train: int, val: int, test: int, seed: int, style: float = 0.0,
+                progress: bool = True) -> SuiteData:
+    """Generates every split of every task (deterministic in ``seed``), in each task's look of amplitude ``style``
+    (`generators.domain_style`; 0: one shared look)."""
     splits: dict[str, list] = {"train": [], "val": [], "test": []}
     sizes = {"train": train, "val": val, "test": test}
     for task in tqdm(tasks, desc="generating tasks", disable=not progress, leave=False):
         for split, n in sizes.items():
-            splits[split].append(generate(task, split, n, seed=seed, noisy=split != "train"))
+            splits[split].append(generate(task, split, n, seed=seed, noisy=split != "train", style=style))
     stacked = {
         split: Split(np.stack([x for x, _ in items]), np.stack([y for _, y in items])) for split, items in splits.items()
     }
@@ -88,16 +90,18 @@ PRETRAIN_LABELS = ("fine", "coarse")
 
 
 def build_pretraining_mixture(
-    tasks: Sequence[Task], *, per_task: int, seed: int, labels: str = "coarse", progress: bool = True
+    tasks: Sequence[Task], *, per_task: int, seed: int, labels: str = "coarse", style: float = 0.0,
+    progress: bool = True,
 ) -> PretrainData:
     """Images from every task's ``pretrain`` stream with one caption per class (``labels="fine"``) or per
-    pair of neighbouring classes (``"coarse"``, `tasks.coarse_labels`)."""
+    pair of neighbouring classes (``"coarse"``, `tasks.coarse_labels`), in each task's look (``style``, as
+    `build_suite`)."""
     if labels not in PRETRAIN_LABELS:
         raise ValueError(f"pretraining labels must be one of {PRETRAIN_LABELS}, got {labels!r}.")
     images, captions, noise = [], [], []
     offset = 0
     for task in tqdm(tasks, desc="generating pretraining mixture", disable=not progress, leave=False):
-        x, y = generate(task, "pretrain", per_task, seed=seed, noisy=False)
+        x, y = generate(task, "pretrain", per_task, seed=seed, noisy=False, style=style)
         images.append(x)
         captions.append(offset + (y if labels == "fine" else coarse_labels(task, y)))
         noise.append(np.full((per_task,), task.noise, np.float32))
