@@ -69,6 +69,8 @@ def test_standard_training_keys_are_those_from_before_the_new_options():
             from subboost.bench.base import SHIPPED_BASES
 
             fields["base_sha256"] = SHIPPED_BASES[config.base]
+        if config.domain_style:  # the default size's own looks enter the key as their amplitude
+            fields["domain_style"] = config.domain_style
         assert training_key(config, 0) == source_key({"seed": 0, "config": fields}, modules)
         assert training_key(dataclasses.replace(config, finetune_label_noise=0.2), 0) != training_key(config, 0)
         assert training_key(dataclasses.replace(config, task_set="many"), 0) != training_key(config, 0)
