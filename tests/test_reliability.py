@@ -347,6 +347,42 @@ def test_truncated_orbax_data_prints_one_line_and_no_event_loop_noise(work, tmp_
     assert not (tmp_path / "x").exists()
 
 
+def test_orbax_noise_filters_drop_only_the_failed_restores_own_reports(tmp_path, monkeypatch, caplog):
+    """The late reports of a failed restore's sibling reads are dropped by hooks, whenever they arrive."""
+    import logging
+    import types
+
+    from subboost.checkpoint_io import orbax_io
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(str(unraisable.exc_value)))
+    damaged, healthy = tmp_path / "damaged", tmp_path / "healthy"
+    with pytest.raises(ValueError, match="first read failed"):
+        with orbax_io.quiet_event_loop_noise(damaged):
+            raise ValueError("first read failed")
+    with orbax_io.quiet_event_loop_noise(healthy):
+        pass  # a restore that succeeds marks nothing
+
+    def unraisable(err):
+        return types.SimpleNamespace(exc_type=type(err), exc_value=err, exc_traceback=None, err_msg=None, object=None)
+
+    for err in (RuntimeError("Event loop is closed"), RuntimeError("Event loop is closing"), ValueError("x")):
+        sys.unraisablehook(unraisable(err))
+    assert seen == ["Event loop is closing", "x"]
+
+    asyncio_logger = logging.getLogger("asyncio")
+    for path in (damaged, healthy):
+        try:
+            raise ValueError(f'OUT_OF_RANGE: Error reading local file "{path}/d/abc"')
+        except ValueError:
+            asyncio_logger.error("Task exception was never retrieved\nfuture: <Task>", exc_info=True)
+    asyncio_logger.error("unhandled exception during asyncio.run() shutdown")  # no exception: kept
+    kept = [(r.getMessage().splitlines()[0], str(r.exc_info[1]) if r.exc_info else None)
+            for r in caplog.records if r.name == "asyncio"]
+    assert kept == [("Task exception was never retrieved", f'OUT_OF_RANGE: Error reading local file "{healthy}/d/abc"'),
+                    ("unhandled exception during asyncio.run() shutdown", None)]
+
+
 # --- 14. Ctrl-C leaves no hidden partial folders -------------------------------------------------
 def test_interrupted_save_leaves_no_partial_folder(tmp_path, monkeypatch):
     import orbax.checkpoint as ocp

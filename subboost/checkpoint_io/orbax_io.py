@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import os
-import time
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -22,59 +25,75 @@ def short_error(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_LOOP_NOISE = ("asyncio/base_events.py", "self._check_closed()", "raise RuntimeError('Event loop is closed')",
-               "RuntimeError: Event loop is closed")
+_LOOP_CLOSED = "Event loop is closed"
+_ORPHANED_READ_REPORTS = ("Task exception was never retrieved", "unhandled exception during asyncio.run() shutdown")
+_damaged_checkpoints: set[str] = set()  # absolute paths whose restore failed in this process
+
+
+def _is_loop_closed_noise(err: BaseException | None) -> bool:
+    return isinstance(err, RuntimeError) and str(err) == _LOOP_CLOSED
+
+
+def _names_a_damaged_checkpoint(err: BaseException | None) -> bool:
+    text = str(err) if err is not None else ""
+    return any(path in text for path in _damaged_checkpoints)
+
+
+class _OrphanedReadFilter(logging.Filter):
+    """Drops asyncio's reports of sibling reads of a checkpoint whose failure was already raised."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_ORPHANED_READ_REPORTS):
+            return True
+        err = record.exc_info[1] if record.exc_info else None
+        return not _names_a_damaged_checkpoint(err)
+
+
+def _install_noise_filters() -> None:
+    """Process-wide, once: drop the two kinds of noise a failed orbax restore leaves behind.
+
+    When tensorstore reports damaged data, orbax stops its event loop while sibling reads
+    are still in flight, in tensorstore's own threads. Each late read then
+      * calls ``loop.call_soon_threadsafe`` on the closed loop; the ``RuntimeError("Event loop
+        is closed")`` cannot be raised anywhere, so Python reports it through
+        ``sys.unraisablehook``, as a traceback on stderr;
+      * or leaves an asyncio task whose exception nobody retrieves; asyncio logs it (logger
+        ``asyncio``) with a traceback when the task is collected.
+    Both arrive at unpredictable times, possibly after the restore has returned, so a time
+    window on stderr cannot catch them reliably. Hooks can: the first drops exactly that
+    unraisable ``RuntimeError``, the second only reports whose exception names a checkpoint
+    whose restore already failed (and was raised as a `SubboostError`). Everything else is
+    passed on unchanged to the hooks and handlers that were there before.
+    """
+    if not getattr(sys.unraisablehook, "_subboost_drops_loop_closed", False):
+        previous = sys.unraisablehook
+
+        def unraisablehook(unraisable: Any) -> None:
+            if not _is_loop_closed_noise(unraisable.exc_value):
+                previous(unraisable)
+
+        unraisablehook._subboost_drops_loop_closed = True  # type: ignore[attr-defined]
+        sys.unraisablehook = unraisablehook
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedReadFilter) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_OrphanedReadFilter())
 
 
 @contextlib.contextmanager
-def quiet_event_loop_noise(grace: float = 0.5) -> Iterator[None]:
-    """Drops the "Event loop is closed" tracebacks orbax's reader threads print after a failed restore.
+def quiet_event_loop_noise(path: str | os.PathLike) -> Iterator[None]:
+    """Runs an orbax restore of ``path`` so that, if it fails, only the raised error is reported.
 
-    When tensorstore reports damaged data, orbax closes its event loop while other reads
-    are still in flight; each then prints a traceback from its own thread. Output to
-    stderr (the file descriptor and ``sys.stderr``) is collected while the block runs and,
-    on an error, for ``grace`` seconds more; everything but those tracebacks is then
-    written back, so a damaged checkpoint yields one clean error line.
+    Installs `_install_noise_filters` (see there for the why). On an error, ``path`` is
+    recorded as damaged and orphaned asyncio tasks are collected now, so their reports are
+    filtered while the caller handles the error rather than at some later collection.
     """
-    import io
-    import sys
-    import tempfile
-
-    try:
-        sys.stderr.flush()
-        saved_fd = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to keep clean
-        yield
-        return
-    saved_stream = sys.stderr
-    capture = tempfile.TemporaryFile(mode="w+b")
-    buffer = io.StringIO()
-    os.dup2(capture.fileno(), 2)
-    sys.stderr = buffer
+    _install_noise_filters()
     try:
         yield
     except BaseException:
-        time.sleep(grace)  # the in-flight reads finish and print now, into the capture
+        _damaged_checkpoints.update({str(Path(path).absolute()), str(Path(path).resolve())})
+        gc.collect()
         raise
-    finally:
-        sys.stderr = saved_stream
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-        capture.seek(0)
-        text = capture.read().decode(errors="replace") + buffer.getvalue()
-        capture.close()
-        lines = text.splitlines(keepends=True)
-        kept = []
-        for i, line in enumerate(lines):
-            if any(marker in line for marker in _LOOP_NOISE):
-                continue
-            if line.startswith("Traceback (most recent call last):") and i + 1 < len(lines) and \
-                    _LOOP_NOISE[0] in lines[i + 1]:
-                continue
-            kept.append(line)
-        if kept:
-            saved_stream.write("".join(kept))
-            saved_stream.flush()
 
 
 def restore_orbax(path: Path) -> PyTree:
@@ -83,7 +102,7 @@ def restore_orbax(path: Path) -> PyTree:
 
     checkpointer = ocp.PyTreeCheckpointer()
     try:
-        with quiet_event_loop_noise():
+        with quiet_event_loop_noise(path):
             metadata = checkpointer.metadata(path.absolute())
             tree = getattr(metadata, "item_metadata", metadata)
             tree = getattr(tree, "tree", tree)

@@ -130,7 +130,7 @@ class OrbaxReader(CheckpointReader):
             args = ocp.args.PyTreeRestore(item=item, restore_args=nest({n: as_numpy for n in names}),
                                           partial_restore=True)
         try:
-            with quiet_event_loop_noise():
+            with quiet_event_loop_noise(self.path):
                 restored = self._checkpointer.restore(self.path, args=args)
         except Exception as err:
             self.close()  # stops orbax's event loop cleanly (else "Event loop is closed" tracebacks at exit)
