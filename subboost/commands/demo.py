@@ -8,9 +8,9 @@ cached in ``--out``/cache (orbax checkpoints) and reused by the next run.
 
 Examples::
 
-  subboost demo                          # default size, ~6 min on 2 idle CPU cores (training included)
+  subboost demo                          # default size, ~15 min on 2 idle CPU cores (fine-tuning included)
   subboost demo --size tiny --out /tmp/demo   # the same pipeline in about 2 min
-  subboost demo --size wide --out results_wide   # the default pipeline on a width-128 encoder
+  subboost demo --size wide --out results_wide   # the width-128 benchmark before the tasks' own looks
   subboost demo --suite text --out results_text   # experts fine-tuned from all-MiniLM-L6-v2
                                                   # (needs the `text` extra)
 """
@@ -81,8 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="vision: generated images, a ViT pretrained here (default); "
                              "text: generated sentences, experts fine-tuned from all-MiniLM-L6-v2")
     parser.add_argument("--size", choices=("tiny", "default", "wide"), default="default",
-                        help="benchmark size (default: default; tiny is for CI; wide: default's pipeline on a "
-                             "width-128 encoder, about 2.5x the time)")
+                        help="benchmark size (default: default; tiny is for CI; wide: default's pipeline with "
+                             "one shared look and an 8000-step base, as before the tasks' own looks)")
     parser.add_argument("--out", default="results", help="output directory (default: results)")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0): same seed, same tables")
     parser.add_argument("--cache-dir", default=None,
