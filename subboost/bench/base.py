@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from subboost.bench.config import SHIPPED_BASES, BenchConfig
-from subboost.bench.splits import build_pretraining_mixture
+from subboost.bench.splits import PretrainData, build_pretraining_mixture
 from subboost.bench.pretrain import pretrain
-from subboost.bench.generators import TASKS
+from subboost.bench.generators import TASKS, Task
 from subboost.tree import nest
 
 BASES_DIR = Path(__file__).parent / "bases"
@@ -82,11 +83,20 @@ def load_shipped_base(name: str) -> tuple[dict, float]:
     return load_base(base_path(name), sha256=SHIPPED_BASES[name])
 
 
+def pretraining_mixture(config: BenchConfig, tasks: Sequence[Task], *, seed: int, progress: bool = True) -> PretrainData:
+    """The images and captions ``config`` pretrains on: ``tasks``' pretraining streams, in their looks.
+
+    The one place a config's pretraining settings become data, so the shipped base
+    (`pretrain_base`) and a run that pretrains in-process (`subboost.bench.pipeline`) see the same.
+    """
+    return build_pretraining_mixture(tasks, per_task=config.pretrain_per_task, seed=seed,
+                                     labels=config.pretrain_labels, style=config.domain_style, progress=progress)
+
+
 def pretrain_base(config: BenchConfig, *, seed: int, path: str | Path, progress: bool = True, log=print) -> str:
     """Pretrains ``config``'s encoder from scratch (deterministic in ``seed``) and saves it to ``path``; returns its SHA-256."""
     start = time.perf_counter()
-    mixture = build_pretraining_mixture(TASKS[: config.num_tasks], per_task=config.pretrain_per_task, seed=seed,
-                                        labels=config.pretrain_labels, style=config.domain_style, progress=progress)
+    mixture = pretraining_mixture(config, TASKS[: config.num_tasks], seed=seed, progress=progress)
     result = pretrain(config, mixture, seed=seed, progress=progress)
     digest = save_base(path, result.encoder, result.logit_scale)
     log(f"pretrained {config.pretrain_steps} steps in {time.perf_counter() - start:.0f} s "

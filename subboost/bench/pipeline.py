@@ -41,12 +41,12 @@ from tqdm.auto import tqdm
 import subboost as sb
 from subboost.bench.cache import ModelCache, training_key
 from subboost.bench.config import SVD_BATCH_SIZE, BenchConfig
-from subboost.bench.splits import SuiteData, build_pretraining_mixture, build_suite
+from subboost.bench.splits import SuiteData, build_suite
 from subboost.bench import evaluate as bench_eval
 from subboost.bench.finetune import finetune_experts
 from subboost.bench.centroid_heads import build_heads
 from subboost.bench.model import make_encoder
-from subboost.bench.base import load_shipped_base
+from subboost.bench.base import load_shipped_base, pretraining_mixture
 from subboost.bench.pretrain import PretrainResult, pretrain
 from subboost.bench.regime import linear_probe_accuracy, task_vector_geometry
 from subboost.bench.sweep import select
@@ -154,9 +154,7 @@ def train_models(config: BenchConfig, data: SuiteData, *, seed: int, progress: b
         log(f"loaded the shipped pretrained base {config.base!r} (logit scale {scale:.1f})")
     else:
         start = time.perf_counter()
-        mixture = build_pretraining_mixture(data.tasks, per_task=config.pretrain_per_task, seed=seed,
-                                            labels=config.pretrain_labels, style=config.domain_style,
-                                            progress=progress)
+        mixture = pretraining_mixture(config, data.tasks, seed=seed, progress=progress)
         timings["pretraining_data_s"] = time.perf_counter() - start
         start = time.perf_counter()
         pretrained = pretrain(config, mixture, seed=seed, progress=progress)
