@@ -281,6 +281,33 @@ def test_config_validation_and_training_key():
     assert training_key(tiny, 0) != training_key(dataclasses.replace(tiny, domain_style=0.1), 0)
     with pytest.raises(ValueError, match="domain_style"):
         bench_config.get_config("tiny", domain_style=-0.1)
+    assert training_key(tiny, 0) != training_key(dataclasses.replace(tiny, head_seed=None), 0)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="head_seed"):
+            bench_config.get_config("tiny", head_seed=bad)
+    # The shipped bases' sizes draw their heads with the base's seed; `wide` keeps its run-seed heads.
+    assert [bench_config.get_config(s).head_seed for s in ("tiny", "default", "wide")] == [0, 0, None]
+
+
+def test_heads_drawn_with_head_seed_are_the_same_for_every_run_seed():
+    from subboost.bench.pipeline import head_draw
+
+    tasks = bench_tasks.TASKS[: MICRO.num_tasks]
+    suites = [bench_data.build_suite(tasks, train=MICRO.train_per_task, val=MICRO.val_per_task,
+                                     test=MICRO.test_per_task, seed=s, progress=False) for s in (0, 1)]
+    # head_seed 0: run seed 1 draws from seed 0's training split, the rest of its data stays its own
+    seed, drawn = head_draw(MICRO, suites[1], seed=1)
+    assert seed == 0
+    np.testing.assert_array_equal(drawn.train.images, suites[0].train.images)
+    np.testing.assert_array_equal(drawn.train.labels, suites[0].train.labels)
+    assert drawn.test is suites[1].test and drawn.val is suites[1].val
+    seed, drawn = head_draw(MICRO, suites[0], seed=0)
+    assert seed == 0 and drawn is suites[0]
+    # head_seed None: each run seed draws its own, and the draws differ
+    own = dataclasses.replace(MICRO, head_seed=None)
+    seed, drawn = head_draw(own, suites[1], seed=1)
+    assert seed == 1 and drawn is suites[1]
+    assert not np.array_equal(suites[0].train.images, suites[1].train.images)
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 import subboost as sb
 from subboost.bench.cache import ModelCache, training_key
 from subboost.bench.config import SVD_BATCH_SIZE, BenchConfig
-from subboost.bench.splits import SuiteData, build_suite
+from subboost.bench.splits import SuiteData, build_suite, generate_split
 from subboost.bench import evaluate as bench_eval
 from subboost.bench.finetune import finetune_experts
 from subboost.bench.centroid_heads import build_heads
@@ -143,6 +143,20 @@ def boost_candidates(tau: dict, betas) -> tuple[dict[float, dict], dict[float, l
     return candidates, equivalent, cutoffs
 
 
+def head_draw(config: BenchConfig, data: SuiteData, *, seed: int) -> tuple[int, SuiteData]:
+    """The seed and the suite the frozen heads' examples are drawn from.
+
+    ``config.head_seed`` (the shipped base's own seed) when set, so every run seed evaluates the same
+    pretrained model with the same heads; else the run seed and its own data. Only the training split of
+    ``head_seed`` is generated: `few_shot_examples` reads nothing else.
+    """
+    if config.head_seed is None or config.head_seed == seed:
+        return seed, data
+    train = generate_split(data.tasks, "train", config.train_per_task, seed=config.head_seed,
+                           style=config.domain_style)
+    return config.head_seed, dataclasses.replace(data, train=train)
+
+
 def train_models(config: BenchConfig, data: SuiteData, *, seed: int, progress: bool, log: Callable[[str], None]):
     """Pretrains the base, builds the heads and fine-tunes the experts (timed)."""
     timings = {}
@@ -162,8 +176,9 @@ def train_models(config: BenchConfig, data: SuiteData, *, seed: int, progress: b
         log(f"pretrained {config.pretrain_steps} steps in {timings['pretrain_s']:.0f} s "
             f"(loss {pretrained.losses[0]:.3f} -> {pretrained.losses[-1]:.3f}, logit scale {pretrained.logit_scale:.1f})")
     start = time.perf_counter()
-    heads = build_heads(make_encoder(config.model), pretrained.encoder, data, shots=config.head_shots,
-                        logit_scale=pretrained.logit_scale, seed=seed)
+    head_seed, head_data = head_draw(config, data, seed=seed)
+    heads = build_heads(make_encoder(config.model), pretrained.encoder, head_data, shots=config.head_shots,
+                        logit_scale=pretrained.logit_scale, seed=head_seed)
     # Label noise reaches fine-tuning only: the heads above were built from clean labels.
     finetune_data = with_label_noise(data, rate=config.finetune_label_noise, seed=seed)
     experts, losses = finetune_experts(config, pretrained.encoder, finetune_data, heads, seed=seed, progress=progress)

@@ -53,18 +53,21 @@ class SuiteData:
     num_classes: np.ndarray
 
 
+def generate_split(tasks: Sequence[Task], split: str, n: int, *, seed: int, style: float = 0.0,
+                   progress: bool = False) -> Split:
+    """``n`` images of every task's ``split`` (clean for ``"train"``, noisy otherwise), deterministic in ``seed``,
+    in each task's look of amplitude ``style`` (`generators.domain_style`; 0: one shared look)."""
+    items = [generate(task, split, n, seed=seed, noisy=split != "train", style=style)
+             for task in tqdm(tasks, desc=f"generating {split} split", disable=not progress, leave=False)]
+    return Split(np.stack([x for x, _ in items]), np.stack([y for _, y in items]))
+
+
 def build_suite(tasks: Sequence[Task], *, train: int, val: int, test: int, seed: int, style: float = 0.0,
                 progress: bool = True) -> SuiteData:
-    """Generates every split of every task (deterministic in ``seed``), in each task's look of amplitude ``style``
-    (`generators.domain_style`; 0: one shared look)."""
-    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    """Generates every split of every task (`generate_split`: deterministic in ``seed``, in each task's look)."""
     sizes = {"train": train, "val": val, "test": test}
-    for task in tqdm(tasks, desc="generating tasks", disable=not progress, leave=False):
-        for split, n in sizes.items():
-            splits[split].append(generate(task, split, n, seed=seed, noisy=split != "train", style=style))
-    stacked = {
-        split: Split(np.stack([x for x, _ in items]), np.stack([y for _, y in items])) for split, items in splits.items()
-    }
+    stacked = {split: generate_split(tasks, split, n, seed=seed, style=style, progress=progress)
+               for split, n in sizes.items()}
     return SuiteData(
         tasks=tuple(tasks),
         noise=np.array([t.noise for t in tasks], np.float32),
