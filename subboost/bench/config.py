@@ -42,10 +42,12 @@ SWEEP_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 # Shipped pretrained bases (`subboost.bench.base`): name -> sha256 of the .npz file.
 # ``default_seed0``: `get_config("default")`'s pretraining (width 128, each task in its own look, amplitude 0.3,
 # 4000 steps), seed 0: ``subboost demo --pretrain-base --seed 0 --out DIR`` runs it (this file was written by the
-# same `pretrain_base` call from a script, with the config under another base name: 568 s wall on 2 idle cores).
+# same `pretrain_base` call from a script, with the config under another base name: 568 s wall on 2 idle cores;
+# the command, re-run since, wrote the same bytes).
 # ``tiny_seed0``: `get_config("tiny")`'s pretraining, seed 0, made by
 # ``subboost demo --size tiny --pretrain-base --seed 0 --out DIR`` (39 s on 2 shared cores; the same bits
-# as the in-run pretraining it replaced, so the tiny results did not change).
+# as the in-run pretraining it replaced, so the tiny results did not change). On a later machine (AMD EPYC) the
+# command writes other bits (weights within 0.005), from the shipping commit too: XLA's CPU results differ.
 # ``wide_seed0``: `get_config("wide")`'s pretraining (width 128, one shared look, 8000 steps), seed 0 (``subboost demo --size wide --pretrain-base --seed 0
 # --out DIR``; 1016 s wall on 2 idle cores).
 SHIPPED_BASES: dict[str, str] = {
