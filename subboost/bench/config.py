@@ -11,8 +11,9 @@ to 128 dims; ~600k parameters), loaded from the shipped base (`subboost.bench.ba
 pretrained once, CLIP-style, on fine captions of all 20 tasks, 4000 steps of 128);
 every task in its own look (``domain_style=0.3``, `subboost.bench.generators.domain_style`);
 frozen 1-shot prototype heads that come with the base (drawn with its seed, whatever the run
-seed); 20 experts fine-tuned gently (Adam lr 5e-4, 400 steps of 32); merged at 8 / 14 / 20 tasks. Calibrated against published CLIP
-facts (issue 19; the README lists the targets and the measurements behind each choice).
+seed); 20 experts fine-tuned gently (Adam lr 5e-4, 400 steps of 32); merged at 8 / 14 / 20
+tasks. Calibrated against published CLIP facts (issue 19; the README lists the targets and the
+measurements behind each choice).
 
 ``wide``: the width-128 benchmark as it was before the tasks got their own looks: one
 shared look (``domain_style=0``) and its own shipped base, pretrained for 8000 steps; its heads
