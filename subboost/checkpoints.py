@@ -39,7 +39,8 @@ from subboost.checkpoint_io.orbax_io import restore_orbax
 from subboost.checkpoint_io.readers import read_params
 from subboost.outputs import check_output, write_atomically
 from subboost.task_vectors import SubboostError
-from subboost.tree import PyTree, leaves_with_paths
+from subboost.files import describe
+from subboost.tree import PyTree, key_name, leaves_with_paths
 
 
 def _to_host(tree: PyTree) -> PyTree:
@@ -91,7 +92,9 @@ def save_params(
         raise SubboostError(f"save_params: content must be one of {tuple(checkpoint_metadata.CONTENTS)}, got {content!r}.")
     if not leaves_with_paths(params):
         raise SubboostError("save_params: the parameter tree is empty.")
-    check_output(Path(path).absolute(), inputs=inputs, overwrite=overwrite)  # before the (slow) device-to-host copy
+    key_paths = [tuple(key_name(k) for k in key_path) for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    checkpoint_metadata.check_leaf_names(key_paths, source=f"save_params({describe(path)!r})")
+    check_output(path, inputs=inputs, overwrite=overwrite)  # before the (slow) device-to-host copy
     host = _to_host(params)
     meta = {k: v for k, v in (metadata or {}).items() if k not in ("checksums", "content", "subboost_checkpoint")}
     meta.update(subboost_checkpoint=checkpoint_metadata.FORMAT_VERSION, content=content,
@@ -123,11 +126,10 @@ def load_params(path: str | os.PathLike, *, as_numpy: bool = False, content: str
         checkpoint recording other contents (`checkpoint_identity`).
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
+    form = checkpoint_metadata.checkpoint_format(path)
     if content is not None:
         require_content(path, content)
-    if checkpoint_metadata.is_checkpoint_dir(path):
+    if form == "orbax":
         tree = restore_orbax(path)
         info = checkpoint_info(path)
         checkpoint_metadata.verify_checksums(path, dict(leaves_with_paths(tree)), None if info is None else info.get("checksums"))

@@ -81,10 +81,20 @@ def setup_cli_compile_cache(*, enabled: bool = True) -> Path | None:
     """
     import sys
 
-    directory = resolve_cache_dir(enabled=enabled)
+    import tempfile
+
+    try:
+        directory = resolve_cache_dir(enabled=enabled)
+    except RuntimeError as err:  # "~nosuchuser"
+        print(f"subboost: compilation cache off ({err}); set {ENV_VAR}=0 to silence this.", file=sys.stderr)
+        return None
     if directory is None:
         return None
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # JAX warns on every program it cannot write: a read-only directory is refused here, in one line.
+        with tempfile.TemporaryFile(dir=directory):
+            pass
         return enable_compile_cache(directory)
     except OSError as err:
         print(f"subboost: compilation cache off ({directory}: {err.strerror or err}); "

@@ -1,13 +1,20 @@
 """The one output-safety rule every subboost writer follows.
 
-* An output never is, contains or lies inside any of the run's inputs (paths
-  compared after resolving symbolic links), so no input can be overwritten.
+* An output never is, contains or lies inside any of the run's inputs, so no
+  input can be overwritten: paths are compared after resolving symbolic links,
+  and file identities (device, inode) too, so a bind mount or other alias of an
+  input is caught as well (`check_not_an_input`).
 * An existing output is replaced only with ``overwrite`` (``--overwrite``), and
-  only when it is a directory subboost wrote, recognised by its marker file
-  (`MARKER_FILES`: ``subboost.json`` of a checkpoint, ``merge_info.json`` of a
-  streaming merge, ``summary.json`` of an analysis), or an empty directory.
-  An ordinary file, a symbolic link, or a folder of the user's is never
-  replaced, even with ``overwrite``.
+  only when it is an empty directory or a directory subboost wrote: its marker
+  file (`OUTPUT_KINDS`: ``subboost.json`` of a checkpoint, ``merge_info.json``
+  of a streaming merge, ``summary.json`` of an analysis) is a JSON object whose
+  subboost field and version say so, and every other entry is one that kind of
+  output holds (`written_by_subboost`). An ordinary file, a symbolic link, a
+  mount point, or a folder of the user's is never replaced, even with
+  ``overwrite``.
+* Deleting never crosses a file-system boundary: an old output holding a mount
+  point is refused before anything moves, and `remove_tree` refuses to delete a
+  tree with a mount point (or another device) inside.
 * Directories created for an output that then fails are removed again
   (`make_parents` / `remove_created`).
 * Outputs are written atomically (`staged_output`, `write_atomically`): built in
@@ -21,24 +28,74 @@ the final rename (something may have appeared meanwhile).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fnmatch
 import json
 import os
 import shutil
 import socket
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
+from subboost.files import describe, read_json
 
+
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """A kind of output subboost writes, recognised by its marker file.
+
+    Attributes:
+      marker: the marker file's name inside the output directory.
+      field: the field of the marker's JSON object that says subboost wrote it.
+      versions: the accepted values of ``field`` (what each version of subboost writes).
+      entries: glob patterns of every entry such an output holds (the marker included).
+      description: the kind, as named in messages.
+    """
+
+    marker: str
+    field: str
+    versions: tuple
+    entries: tuple[str, ...]
+    description: str
+
+    def recognises(self, folder: Path, names: list[str]) -> bool:
+        """Whether ``folder`` (holding ``names``) is this kind of output: marker field and every entry."""
+        if self.marker not in names or not (folder / self.marker).is_file():
+            return False
+        try:
+            info = read_json(folder / self.marker, what="marker", max_bytes=64 * 2**20)
+        except SubboostError:
+            return False
+        if not isinstance(info, dict) or info.get(self.field) not in self.versions:
+            return False
+        return all(any(fnmatch.fnmatchcase(name, pattern) for pattern in self.entries) for name in names)
+
+
+# What an orbax PyTree checkpoint directory holds (orbax 0.x, OCDBT layout), plus subboost.json.
+ORBAX_ENTRIES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "manifest.ocdbt", "ocdbt.process_*", "d",
+                 "array_metadatas", "descriptor", "commit_success.txt")
+# The files `subboost analyze` writes into its output folder.
+ANALYSIS_FILES: tuple[str, ...] = (
+    "gsv_distributions.png", "gsv_distributions.json", "alignment.png", "alignment.json",
+    "rank_collapse.png", "rank_collapse.json", "spectra.png", "spectra.json",
+    "spectra_boosted.png", "spectra_boosted.json", "summary.json",
+)
+ANALYSIS_FORMAT = "subboost.analysis/1"  # summary.json's "format"
+
+OUTPUT_KINDS: tuple[OutputKind, ...] = (
+    OutputKind("subboost.json", "subboost_checkpoint", (1, 2), (*ORBAX_ENTRIES, "subboost.json"),
+               "a subboost checkpoint"),
+    OutputKind("merge_info.json", "format", ("subboost.streaming/1",),
+               ("params.safetensors", "merge_info.json", "COMPLETE"), "a streaming merge output"),
+    OutputKind("summary.json", "format", (ANALYSIS_FORMAT,), ANALYSIS_FILES, "a subboost analysis"),
+)
 # Marker file -> what wrote the directory holding it.
-MARKER_FILES: dict[str, str] = {
-    "subboost.json": "a subboost checkpoint",
-    "merge_info.json": "a streaming merge output",
-    "summary.json": "a subboost analysis",
-}
+MARKER_FILES: dict[str, str] = {kind.marker: kind.description for kind in OUTPUT_KINDS}
 
 
 class OutputOverlapError(SubboostError):
@@ -46,28 +103,91 @@ class OutputOverlapError(SubboostError):
 
 
 def _resolved(path: str | os.PathLike) -> Path:
-    return Path(path).expanduser().resolve(strict=False)
+    try:
+        return Path(path).expanduser().resolve(strict=False)
+    except RuntimeError as err:  # "~nosuchuser", or a symbolic-link loop (Python < 3.13)
+        raise SubboostError(f"{describe(path)!r}: cannot resolve the path ({err}).") from err
+    except OSError as err:  # a symbolic-link loop (Python >= 3.13)
+        raise SubboostError(f"{describe(path)!r}: cannot resolve the path ({err.strerror or err}).") from err
+
+
+def absolute_path(path: str | os.PathLike, *, name: str = "path") -> Path:
+    """``path`` with ``~`` expanded, made absolute; `SubboostError` for an unknown user or a link loop."""
+    try:
+        expanded = Path(path).expanduser()
+    except RuntimeError as err:
+        raise SubboostError(f"{name} {describe(path)!r}: cannot expand the home directory ({err}).") from err
+    _resolved(expanded)  # refuses a symbolic-link loop
+    return expanded.absolute()
+
+
+def mount_points() -> list[Path]:
+    """Every mount point of this process's mount namespace (Linux ``/proc/self/mountinfo``; else none)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4:  # field 5 is the mount point, with " ", "\t", "\n", "\\" octal-escaped
+            points.append(Path(fields[4].encode().decode("unicode_escape").encode("latin-1").decode(
+                "utf-8", "surrogateescape")))
+    return points
+
+
+def mounts_inside(path: str | os.PathLike) -> list[Path]:
+    """Mount points at or below ``path`` (a bind mount of the same file system included)."""
+    root = _resolved(path)
+    points = mount_points()
+    found = [point for point in points if point == root or root in point.parents]
+    if not points and Path(root).is_dir():  # where mountinfo is missing: a change of device
+        with contextlib.suppress(OSError):
+            device = os.lstat(root).st_dev
+            for folder, dirs, _ in os.walk(root):
+                for d in dirs:
+                    child = Path(folder) / d
+                    with contextlib.suppress(OSError):
+                        if os.lstat(child).st_dev != device:
+                            found.append(child)
+    return found
 
 
 def written_by_subboost(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a directory holding one of `MARKER_FILES` (or is empty)."""
+    """Whether ``path`` is an empty directory or an output subboost wrote (`OUTPUT_KINDS`)."""
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return False
     try:
-        if not any(path.iterdir()):
-            return True
+        names = os.listdir(path)
     except OSError:
         return False
-    return any((path / marker).is_file() for marker in MARKER_FILES)
+    if not names:
+        return True
+    return any(kind.recognises(path, names) for kind in OUTPUT_KINDS)
 
 
-def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, name: str = "--out") -> None:
-    """Raises `OutputOverlapError` if ``out`` is, contains or lies inside any input."""
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, name: str = "--out",
+                       replaced: Iterable[str | os.PathLike] = ()) -> None:
+    """Raises `OutputOverlapError` if ``out`` is, contains or lies inside any input.
+
+    Compared twice: as paths (symbolic links resolved), and as file identities
+    (device, inode), which also catches a bind mount or hard-linked alias: ``out`` and
+    its existing parents against every input, and every file and folder under the
+    ``replaced`` paths (what the write would delete) against every input.
+    """
     target = _resolved(out)
+    inputs = [item for item in inputs if item is not None]
+    identities: dict[tuple[int, int], str] = {}
     for item in inputs:
-        if item is None:
-            continue
         source = _resolved(item)
         if target == source:
             relation = "is"
@@ -76,11 +196,42 @@ def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
         elif target in source.parents:
             relation = "contains"
         else:
+            identity = _identity(source)
+            if identity is not None:
+                identities.setdefault(identity, str(item))
             continue
         raise OutputOverlapError(
-            f"{name} {str(out)!r} {relation} the input {str(item)!r}; an input is never overwritten. "
+            f"{name} {describe(out)!r} {relation} the input {describe(item)!r}; an input is never overwritten. "
             "Choose another output path."
         )
+    if not identities:
+        return
+
+    def refuse(relation: str, item: str) -> None:
+        raise OutputOverlapError(
+            f"{name} {describe(out)!r} {relation} the input {describe(item)!r} (the same file under another path: "
+            "a bind mount, hard link or alias); an input is never overwritten. Choose another output path."
+        )
+
+    identity = _identity(target)
+    if identity in identities:
+        refuse("is", identities[identity])
+    for parent in target.parents:
+        identity = _identity(parent)
+        if identity in identities:
+            refuse("lies inside", identities[identity])
+    for root in replaced:
+        root = Path(root)
+        if root.is_symlink() or not root.exists():
+            continue
+        identity = _identity(root)
+        if identity in identities:
+            refuse("would replace", identities[identity])
+        for folder, dirs, files in os.walk(root):
+            for entry in (*dirs, *files):
+                identity = _identity(Path(folder) / entry)
+                if identity in identities:
+                    refuse("contains", identities[identity])
 
 
 def check_output(
@@ -92,28 +243,40 @@ def check_output(
 ) -> Path:
     """Applies the rule (see the module docstring) to ``out``; returns its absolute path.
 
+    ``name`` names ``out`` in messages; a command-line flag (``"--out"``) makes them say
+    ``--overwrite`` rather than ``overwrite=True``.
+
     Raises:
       OutputOverlapError: ``out`` is, contains or lies inside an input.
       FileExistsError: ``out`` exists and ``overwrite`` is False, or it exists
-        and is not a directory subboost wrote.
+        and is not a directory subboost wrote, or it holds a mount point.
     """
+    path = absolute_path(out, name=name)
+    inputs = list(inputs)
     check_not_an_input(out, inputs, name=name)
-    path = Path(out).expanduser().absolute()
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise SubboostError(f"{name} {describe(out)!r}: the path is not valid UTF-8; choose another.") from None
     if not path.exists() and not path.is_symlink():
         return path
+    flag = "--overwrite" if name.startswith("-") else "overwrite=True"
     if not overwrite:
-        raise FileExistsError(f"{name} {str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(f"{name} {describe(out)!r} already exists; pass {flag} to replace it.")
     if path.is_symlink():
         problem = "is a symbolic link"
     elif not path.is_dir():
         problem = "is a file, not a directory subboost wrote"
+    elif mounts_inside(path):
+        problem = f"holds a mount point ({describe(mounts_inside(path)[0])})"
     elif not written_by_subboost(path):
-        problem = (f"is not a checkpoint or other output written by subboost (it has none of "
-                   f"{', '.join(MARKER_FILES)})")
+        problem = ("is not a checkpoint or other output written by subboost (no subboost marker file "
+                   f"({', '.join(MARKER_FILES)}) recording it, or entries subboost does not write)")
     else:
+        check_not_an_input(out, inputs, name=name, replaced=[path])
         return path
     raise FileExistsError(
-        f"{name} {str(out)!r} {problem}; refusing to replace it even with overwrite. "
+        f"{name} {describe(out)!r} {problem}; refusing to replace it even with {flag}. "
         "Remove it yourself or choose another path."
     )
 
@@ -143,6 +306,8 @@ OWNER_FILE = "owner.json"
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # unknown owner: treat as alive (never delete what we cannot attribute)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -156,10 +321,11 @@ def _remove_dead_partials(out: Path) -> None:
     """Deletes staging directories of earlier runs for ``out`` whose process is gone."""
     for partial in out.parent.glob(f".{out.name}.partial-*"):
         try:
-            owner = json.loads((partial / OWNER_FILE).read_text())
-        except (OSError, ValueError):
+            owner = read_json(partial / OWNER_FILE, what="staging owner", max_bytes=4096)
+            pid = int(owner.get("pid", -1))
+        except (SubboostError, AttributeError, TypeError, ValueError, OverflowError):
             continue
-        if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+        if owner.get("host") == socket.gethostname() and not _pid_alive(pid) and not mounts_inside(partial):
             shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -180,8 +346,26 @@ def _wait_for_threads(before: set[threading.Thread], timeout: float = 60.0) -> N
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+def remove_tree(path: str | os.PathLike) -> None:
+    """``rm -r path`` that never crosses a file-system boundary.
+
+    Refuses (`SubboostError`, nothing deleted) a tree holding a mount point, a bind
+    mount of the same file system included, or a folder on another device.
+    """
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    mounts = mounts_inside(path)
+    if mounts:
+        raise SubboostError(f"{describe(path)!r} holds a mount point ({describe(mounts[0])}); not deleting it.")
+    shutil.rmtree(path)
+
+
 def _remove_tree(path: Path) -> None:
-    """``rm -r`` that retries: a writer finishing late can recreate files while we delete."""
+    """`remove_tree` that retries: a writer finishing late can recreate files while we delete."""
+    if path.exists() and mounts_inside(path):
+        return  # never delete across a mount; check_output refused such an output before it moved
     for _ in range(20):
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
@@ -248,12 +432,20 @@ def write_atomically(dst: str | os.PathLike, build: Callable[[Path], None], *, o
 
 
 __all__ = [
+    "ANALYSIS_FILES",
+    "ANALYSIS_FORMAT",
     "MARKER_FILES",
+    "OUTPUT_KINDS",
+    "OutputKind",
     "OutputOverlapError",
+    "absolute_path",
     "check_not_an_input",
     "check_output",
     "make_parents",
+    "mount_points",
+    "mounts_inside",
     "remove_created",
+    "remove_tree",
     "staged_output",
     "write_atomically",
     "written_by_subboost",

@@ -64,7 +64,7 @@ def fingerprint(root: Path) -> dict[str, str]:
 
 
 def _merge(r, *extra):
-    return ["merge", r / "e0", r / "e1", "--base", r / "base", *extra]
+    return ["merge", "--alpha", "0.5", r / "e0", r / "e1", "--base", r / "base", *extra]
 
 
 def _boost(r, *extra):
@@ -82,13 +82,13 @@ def _eval(r, *extra):
 # (family, argv from the library root, fragment the single error line must contain)
 CASES = [
     # merge
-    ("missing", lambda r: ["merge", r / "nope", r / "e1", "--base", r / "base", "--out", r / "o"], "nope"),
-    ("missing", lambda r: ["merge", r / "e0", "--base", r / "nope", "--out", r / "o"], "nope"),
-    ("corrupt", lambda r: ["merge", r / "corrupt", r / "e1", "--base", r / "base", "--out", r / "o"], "fails its checksum"),
-    ("corrupt", lambda r: ["merge", r / "e0", "--base", r / "garbage.pt", "--out", r / "o"], "garbage.pt"),
-    ("wrong kind", lambda r: ["merge", r / "tv", r / "e1", "--base", r / "base", "--out", r / "o"], "holds a task vector"),
-    ("wrong kind", lambda r: ["merge", r / "e0", "--base", r / "head", "--out", r / "o"], "holds a classification head"),
-    ("wrong arch", lambda r: ["merge", r / "other_arch", "--base", r / "base", "--out", r / "o"], "architecture"),
+    ("missing", lambda r: ["merge", "--alpha", "0.5", r / "nope", r / "e1", "--base", r / "base", "--out", r / "o"], "nope"),
+    ("missing", lambda r: ["merge", "--alpha", "0.5", r / "e0", "--base", r / "nope", "--out", r / "o"], "nope"),
+    ("corrupt", lambda r: ["merge", "--alpha", "0.5", r / "corrupt", r / "e1", "--base", r / "base", "--out", r / "o"], "fails its checksum"),
+    ("corrupt", lambda r: ["merge", "--alpha", "0.5", r / "e0", "--base", r / "garbage.pt", "--out", r / "o"], "garbage.pt"),
+    ("wrong kind", lambda r: ["merge", "--alpha", "0.5", r / "tv", r / "e1", "--base", r / "base", "--out", r / "o"], "holds a task vector"),
+    ("wrong kind", lambda r: ["merge", "--alpha", "0.5", r / "e0", "--base", r / "head", "--out", r / "o"], "holds a classification head"),
+    ("wrong arch", lambda r: ["merge", "--alpha", "0.5", r / "other_arch", "--base", r / "base", "--out", r / "o"], "architecture"),
     ("dangerous out", lambda r: _merge(r, "--out", r / "base", "--overwrite"), "is the input"),
     ("dangerous out", lambda r: _merge(r, "--out", r / "e1" / "sub", "--overwrite"), "lies inside the input"),
     ("dangerous out", lambda r: _merge(r, "--out", r, "--overwrite"), "contains the input"),

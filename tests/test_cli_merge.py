@@ -45,14 +45,14 @@ def test_merge_command_equals_library_call(checkpoints, capsys):
 def test_merge_command_errors_are_one_line(checkpoints, capsys):
     tmp_path, _, _, paths = checkpoints
     base = str(tmp_path / "base")
-    assert cli.main(["merge", *paths, "--base", base, "--method", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["merge", "--alpha", "0.5", *paths, "--base", base, "--method", "nope", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unknown merge method 'nope'" in err and len(err.strip().splitlines()) == 1
     # An existing destination is never overwritten without --overwrite.
-    assert cli.main(["merge", *paths, "--base", base, "--out", paths[0]]) == 2
+    assert cli.main(["merge", "--alpha", "0.5", *paths, "--base", base, "--out", paths[0]]) == 2
     assert "is the input" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
-    assert cli.main(["merge", *paths, "--base", base, "--out", str(tmp_path / "taken")]) == 2
+    assert cli.main(["merge", "--alpha", "0.5", *paths, "--base", base, "--out", str(tmp_path / "taken")]) == 2
     assert "exists" in capsys.readouterr().err
-    assert cli.main(["merge", *paths, "--base", base, "--param", "k", "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["merge", "--alpha", "0.5", *paths, "--base", base, "--param", "k", "--out", str(tmp_path / "o")]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def work(ckpts, tmp_path):
 # --- 1. --overwrite never destroys an input ---------------------------------------
 def test_overwrite_never_replaces_an_input(work, capsys):
     before = fingerprint(work)
-    merge = ["merge", work / "e0", work / "e1", "--base", work / "base", "--overwrite"]
+    merge = ["merge", "--alpha", "0.5", work / "e0", work / "e1", "--base", work / "base", "--overwrite"]
     assert_one_line_error(*run_cli(capsys, *merge, "--out", work / "base"), "is the input", "base")
     assert_one_line_error(*run_cli(capsys, *merge, "--out", work / "e1"), "is the input")
     assert_one_line_error(*run_cli(capsys, *merge, "--out", work / "base" / "inner"), "lies inside the input")
@@ -107,7 +107,7 @@ def test_overwrite_never_replaces_an_ordinary_file(work, tmp_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "data.csv").write_text("1,2\n")
-    assert_one_line_error(*run_cli(capsys, "merge", work / "e0", "--base", work / "base", "--out", folder,
+    assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "e0", "--base", work / "base", "--out", folder,
                                    "--overwrite"), "not a checkpoint or other output written by subboost")
     assert notes.read_text() == "my notes\n" and (folder / "data.csv").read_text() == "1,2\n"
     # what subboost wrote (marker subboost.json) is replaced with --overwrite
@@ -120,7 +120,7 @@ def test_overwrite_never_replaces_an_ordinary_file(work, tmp_path, capsys):
 def test_non_finite_alpha_or_task_vector_is_refused(work, capsys):
     before = fingerprint(work)
     for alpha in ("nan", "inf", "-inf"):
-        assert_one_line_error(*run_cli(capsys, "merge", work / "e0", work / "e1", "--base", work / "base",
+        assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "e0", work / "e1", "--base", work / "base",
                                        f"--alpha={alpha}", "--out", work / "x"), "--alpha must be a finite number")
     assert fingerprint(work) == before
     base = {"w": jnp.ones((2, 2))}
@@ -134,7 +134,7 @@ def test_non_finite_alpha_or_task_vector_is_refused(work, capsys):
 
 # --- 4. architecture checked by the CLI ---------------------------------------------
 def test_merge_refuses_an_expert_of_another_architecture(work, capsys):
-    code, err = run_cli(capsys, "merge", work / "gelu", work / "e1", "--base", work / "base", "--out", work / "x")
+    code, err = run_cli(capsys, "merge", "--alpha", "0.5", work / "gelu", work / "e1", "--base", work / "base", "--out", work / "x")
     assert_one_line_error(code, err, f"expert 0 ({work / 'gelu'})", "'gelu'", "'quick_gelu'")
     assert not (work / "x").exists()
     with pytest.raises(SubboostError, match="architecture"):
@@ -147,7 +147,7 @@ def test_a_task_vector_is_not_accepted_as_parameters(work, capsys):
                                                               "architecture": ("clip_vision", QUICK_GELU["architecture"])}
     assert_one_line_error(*run_cli(capsys, "boost", work / "tv", "--base", work / "base", "--out", work / "x"),
                           "holds a task vector, not model parameters")
-    assert_one_line_error(*run_cli(capsys, "merge", work / "tv", work / "e1", "--base", work / "base",
+    assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "tv", work / "e1", "--base", work / "base",
                                    "--out", work / "x"), f"expert 0 ({work / 'tv'}) holds a task vector")
     with pytest.raises(SubboostError, match="holds a task vector"):
         sb.merge_from_checkpoints(work / "base", [work / "tv"], out=work / "y", progress=False)
@@ -170,7 +170,7 @@ def test_corrupt_checkpoint_data_is_refused_naming_the_file(work, capsys):
     (work / "e0" / "subboost.json").write_text(json.dumps(info))
     with pytest.raises(SubboostError, match=r"e0: parameter 'proj' fails its checksum .* corrupt"):
         sb.load_params(work / "e0")
-    assert_one_line_error(*run_cli(capsys, "merge", work / "e0", work / "e1", "--base", work / "base",
+    assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "e0", work / "e1", "--base", work / "base",
                                    "--out", work / "x"), str(work / "e0"), "fails its checksum")
     with pytest.raises(SubboostError, match="fails its checksum"):  # streaming reads verify too
         sb.merge_from_checkpoints(work / "base", [work / "e0"], out=work / "y", progress=False)
@@ -316,7 +316,7 @@ def test_analyze_validates_everything_before_writing(work, tmp_path, capsys):
 
 # --- 13. one line, never a traceback ------------------------------------------------------------
 def test_bad_inputs_give_one_line_not_a_traceback(work, tmp_path, capsys):
-    merge = ["merge", work / "e0", work / "e1", "--out", tmp_path / "x"]
+    merge = ["merge", "--alpha", "0.5", work / "e0", work / "e1", "--out", tmp_path / "x"]
     assert_one_line_error(*run_cli(capsys, *merge, "--base", "/dev/zero"), "/dev/zero: not a checkpoint")
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
     assert_one_line_error(*run_cli(capsys, "analyze", tmp_path / "bad.npz", "--out", tmp_path / "an"),
@@ -425,7 +425,7 @@ def test_interrupted_save_leaves_no_partial_folder(tmp_path, monkeypatch):
 def test_error_messages_name_the_file(work, tmp_path, capsys):
     short = tmp_path / "short"
     sb.save_params({k: v for k, v in sb.load_params(work / "e1", as_numpy=True).items() if k != "proj"}, short)
-    assert_one_line_error(*run_cli(capsys, "merge", work / "e0", short, "--base", work / "base", "--out", tmp_path / "x"),
+    assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "e0", short, "--base", work / "base", "--out", tmp_path / "x"),
                           f"expert 1 ({short})", "missing parameters ['proj']")
     from subboost.convert.common import ConversionError, count_blocks
 

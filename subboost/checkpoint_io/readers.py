@@ -13,7 +13,6 @@ Recorded checksums are verified on every read.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,8 +24,10 @@ from subboost.checkpoint_io.metadata import (
     COMPLETE_MARKER,
     INFO_FILE,
     PARAMS_FILE,
+    check_leaf_names,
+    checkpoint_format,
     checkpoint_info,
-    is_checkpoint_dir,
+    merge_info,
     verify_checksums,
 )
 from subboost.checkpoint_io.orbax_io import quiet_event_loop_noise, short_error
@@ -64,6 +65,7 @@ class SafetensorsReader(CheckpointReader):
         self._checksums = checksums  # recorded by a streaming merge (merge_info.json); verified on read
         header, self._data_start = read_safetensors_header(self.path)
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        check_leaf_names([name.split("/") for name in entries], source=self.source)
         self.metadata = header.get("__metadata__", {})
         self._entries = entries
         self.specs = {
@@ -173,34 +175,17 @@ def open_checkpoint(source: str | os.PathLike | PyTree) -> CheckpointReader:
     if not isinstance(source, (str, os.PathLike)):
         return TreeReader(source)
     path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
-    if path.is_file():
+    form = checkpoint_format(path)  # what this folder itself holds; subfolders are never searched
+    if form == "safetensors":
         return SafetensorsReader(path)
-    if not path.is_dir():
-        raise SubboostError(f"{path}: not a checkpoint (neither a .safetensors file nor a directory).")
-    if (path / PARAMS_FILE).exists() or (path / INFO_FILE).exists():
+    if form == "merge_output":
         if not (path / COMPLETE_MARKER).exists():
             raise SubboostError(
                 f"{path}: merge output without a {COMPLETE_MARKER} marker (an interrupted run?); re-run the merge."
             )
-        try:
-            checksums = json.loads((path / INFO_FILE).read_text()).get("checksums")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
-            raise SubboostError(f"{path / INFO_FILE}: unreadable merge metadata ({err}).") from err
+        checksums = merge_info(path).get("checksums")
         return SafetensorsReader(path / PARAMS_FILE, checksums=checksums)
-    if is_checkpoint_dir(path):
-        return OrbaxReader(path)
-    try:
-        candidates = [p for p in sorted(path.iterdir()) if p.is_dir() and is_checkpoint_dir(p)]
-    except OSError as err:
-        raise SubboostError(f"{path}: cannot read the directory ({err}).") from err
-    if len(candidates) == 1:  # e.g. a checkpoint saved as one named item
-        return OrbaxReader(candidates[0])
-    raise SubboostError(
-        f"{path}: unknown checkpoint format (expected a .safetensors file, an orbax checkpoint "
-        f"directory or a subboost merge output directory)."
-    )
+    return OrbaxReader(path)
 
 
 def read_params(source: str | os.PathLike, names: Sequence[str] | None = None) -> dict:

@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from subboost.errors import SubboostError
+from subboost.files import check_regular_file, describe, parse_json
 from subboost.tree import PyTree, leaves_with_paths
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -44,47 +45,78 @@ def _safetensors_dtype_name(dtype: Any, what: str) -> str:
     return name
 
 
+def _entry_layout(path: Path, name: str, entry: Any) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry, checked against the format's rules."""
+    shown = describe(path)
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise SubboostError(f"{shown}: parameter {name[:200]!r} has a malformed header entry "
+                            "(expected exactly dtype, shape and data_offsets).")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise SubboostError(f"{shown}: parameter {name[:200]!r} has an unknown dtype {str(dtype)[:40]!r} "
+                            f"(known: {', '.join(SAFETENSORS_DTYPES)}).")
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise SubboostError(f"{shown}: parameter {name[:200]!r}: shape {str(shape)[:80]} is not a list of integers.")
+    if any(d < 0 for d in shape):
+        raise SubboostError(f"{shown}: parameter {name[:200]!r} has a negative dimension in its shape {shape}.")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(v) is int for v in offsets):
+        raise SubboostError(f"{shown}: parameter {name[:200]!r}: data_offsets {str(offsets)[:80]} is not two integers.")
+    begin, end = offsets
+    # Python integers: a huge shape cannot overflow, it just fails to match the byte range.
+    if begin < 0 or end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
+        raise SubboostError(f"{shown}: parameter {name[:200]!r}: byte range {begin}..{end} does not fit shape "
+                            f"{shape[:8]}{'...' if len(shape) > 8 else ''}.")
+    return begin, end
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
-    """``(header, data_start)`` of a safetensors file, checked against the file size."""
+    """``(header, data_start)`` of a safetensors file, checked against the format's rules.
+
+    Checked before anything is allocated for the data: a regular file; a header length of
+    at most 100 MiB inside the file; a JSON object of bounded depth; ``__metadata__`` a
+    string-to-string map; every entry a known dtype, a shape of non-negative integers and
+    a byte range of exactly that size; the ranges together tile the data without gap or
+    overlap, and end where the file ends.
+    """
     path = Path(path)
+    shown = describe(path)
+    size = check_regular_file(path, what="safetensors file").st_size
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise SubboostError(f"{path}: not a safetensors file (shorter than 8 bytes).")
+                raise SubboostError(f"{shown}: not a safetensors file (shorter than 8 bytes).")
             header_len = int.from_bytes(prefix, "little")
             if header_len > min(_MAX_HEADER_BYTES, size - 8):
-                raise SubboostError(f"{path}: not a safetensors file (header length {header_len} is invalid).")
+                raise SubboostError(f"{shown}: not a safetensors file (header length {header_len} is invalid).")
             raw = f.read(header_len)
     except OSError as err:
-        raise SubboostError(f"{path}: cannot read the file ({err}).") from err
+        raise SubboostError(f"{shown}: cannot read the file ({err.strerror or err}).") from err
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SubboostError(f"{path}: not a safetensors file (corrupted header: {err}).") from err
+        header = parse_json(raw, source=f"{shown}: safetensors header")
+    except SubboostError as err:
+        raise SubboostError(f"{err} Not a safetensors file, or a corrupted one.") from err
     if not isinstance(header, dict):
-        raise SubboostError(f"{path}: not a safetensors file (header is not a JSON object).")
+        raise SubboostError(f"{shown}: not a safetensors file (header is not a JSON object).")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SubboostError(f"{shown}: __metadata__ is not a map of strings to strings, as the format requires.")
     data_start = 8 + header_len
     data_size = size - data_start
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(v) for v in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise SubboostError(f"{path}: parameter {name!r} has a malformed header entry {entry!r}.") from err
-        if any(d < 0 for d in shape):
-            raise SubboostError(f"{path}: parameter {name!r} has a negative dimension in its shape {list(shape)}.")
-        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-            raise SubboostError(f"{path}: parameter {name!r}: byte range {begin}..{end} does not fit shape {shape}.")
-        if end > data_size:
-            raise SubboostError(
-                f"{path}: parameter {name!r} ends at byte {end} of the data, but the file holds only "
-                f"{data_size} data bytes (truncated file?)."
-            )
+    ranges = sorted((_entry_layout(path, name, entry), name) for name, entry in header.items()
+                    if name != "__metadata__")
+    position = 0
+    for (begin, end), name in ranges:
+        if begin != position:
+            problem = "overlaps the previous tensor" if begin < position else f"leaves a gap at byte {position}"
+            raise SubboostError(f"{shown}: parameter {name[:200]!r} (bytes {begin}..{end}) {problem}; "
+                                "the header is corrupt.")
+        position = end
+    if position > data_size:
+        raise SubboostError(
+            f"{shown}: the tensors end at byte {position} of the data, but the file holds only "
+            f"{data_size} data bytes (truncated file?)."
+        )
     return header, data_start
 
 

@@ -20,6 +20,7 @@ and summary.json (settings, expert names, the greedy expert ranking).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,15 +32,12 @@ import jax
 import numpy as np
 
 from subboost.commands.common import add_command, add_merge_method_arguments
+from subboost.outputs import ANALYSIS_FILES, ANALYSIS_FORMAT
 from subboost.task_vectors import SubboostError, num_experts
 from subboost.tree import ATTENTION_MODES, PyTree, leaves_with_paths
 
 NAMES_KEY = "__names__"
-OUTPUT_FILES: tuple[str, ...] = (
-    "gsv_distributions.png", "gsv_distributions.json", "alignment.png", "alignment.json",
-    "rank_collapse.png", "rank_collapse.json", "spectra.png", "spectra.json",
-    "spectra_boosted.png", "spectra_boosted.json", "summary.json",
-)
+OUTPUT_FILES: tuple[str, ...] = ANALYSIS_FILES
 
 
 def save_task_vectors_npz(path: str | os.PathLike, tvs: PyTree, names: Sequence[str] | None = None) -> None:
@@ -94,28 +92,72 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[str] = ()) -> Non
     with ``overwrite``, and only where that analysis's ``summary.json`` shows subboost wrote them."""
     from subboost.outputs import check_not_an_input
 
-    check_not_an_input(out, inputs, name="--out")
+    from subboost.files import describe
+    from subboost.outputs import absolute_path
+
+    absolute_path(out, name="--out")  # "~nosuchuser" or a symbolic-link loop: one line
+    shown = describe(out)
+    check_not_an_input(out, inputs, name="--out",
+                       replaced=[out / name for name in OUTPUT_FILES] if out.is_dir() else ())
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {str(out)!r} exists and is not a directory.")
+        raise FileExistsError(f"--out {shown!r} exists and is not a directory.")
     if out.is_dir():
         clashing = [name for name in OUTPUT_FILES if (out / name).exists() or (out / name).is_symlink()]
         if clashing and not overwrite:
             raise FileExistsError(
-                f"--out {str(out)!r} already holds {', '.join(clashing)}; pass --overwrite to replace them."
+                f"--out {shown!r} already holds {', '.join(clashing)}; pass --overwrite to replace them."
             )
         if clashing and not _earlier_analysis(out):
             raise FileExistsError(
-                f"--out {str(out)!r} holds {', '.join(clashing)} but no summary.json of an earlier analysis; "
+                f"--out {shown!r} holds {', '.join(clashing)} but no summary.json of an earlier analysis; "
                 "refusing to replace files subboost did not write, even with --overwrite."
+            )
+        odd = [name for name in clashing if (out / name).is_symlink() or not (out / name).is_file()]
+        if odd:
+            raise FileExistsError(
+                f"--out {shown!r}: {', '.join(odd)} is not a regular file (a directory, link or device); "
+                "refusing to replace it even with --overwrite. Remove it yourself or choose another --out."
             )
 
 
 def _earlier_analysis(out: Path) -> bool:
+    """Whether ``out/summary.json`` is the summary of an analysis subboost wrote (its ``format`` field)."""
+    from subboost.files import read_json
+
     try:
-        summary = json.loads((out / "summary.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        summary = read_json(out / "summary.json", what="summary")
+    except SubboostError:
         return False
-    return isinstance(summary, dict) and "figures" in summary and "experts" in summary
+    return isinstance(summary, dict) and summary.get("format") == ANALYSIS_FORMAT
+
+
+def replace_files(staging: Path, out: Path) -> None:
+    """Moves every file of ``staging`` into ``out``, all or nothing.
+
+    The files they replace are first moved aside into ``staging/.replaced``; if any move
+    fails, everything moved so far is moved back, so ``out`` holds exactly its old files.
+    """
+    aside = staging / ".replaced"
+    aside.mkdir()
+    names = sorted(n for n in os.listdir(staging) if n != aside.name)
+    moved_aside: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in names:
+            if (out / name).exists() or (out / name).is_symlink():
+                os.replace(out / name, aside / name)
+                moved_aside.append(name)
+        for name in names:
+            os.replace(staging / name, out / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in moved_in:
+            with contextlib.suppress(OSError):
+                os.replace(out / name, staging / name)
+        for name in moved_aside:
+            with contextlib.suppress(OSError):
+                os.replace(aside / name, out / name)
+        raise
 
 
 def _load(args: argparse.Namespace) -> tuple[PyTree, list[str]]:
@@ -198,6 +240,7 @@ def analyze(
         written["spectra_boosted"] = str(out / "spectra_boosted.png")
     ranking = [select_experts(None, k=k, alignment=alignment[:num, :num]) for k in range(2, num + 1)]
     summary = {
+        "format": ANALYSIS_FORMAT,
         "experts": names,
         "merge_method": method,
         "merge_kwargs": {k: v for k, v in merge_kwargs.items() if k != "key"},
@@ -216,7 +259,7 @@ def analyze(
 
 def _check_arguments(args: argparse.Namespace) -> dict:
     """Every argument checked before anything is loaded, computed or written."""
-    from subboost.commands.merge import parse_param
+    from subboost.commands.common import merge_method_kwargs
     from subboost.merging import METHODS
     from subboost.validation import check_real
 
@@ -227,10 +270,7 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         check_real("--pi", args.pi, what="analyze", low=0.0, low_open=True)
     if args.method not in METHODS:
         raise SubboostError(f"unknown merge method {args.method!r}; known methods: {', '.join(METHODS)}.")
-    merge_kwargs = dict(parse_param(p) for p in args.param)
-    if args.method == "dare" and "key" not in merge_kwargs:
-        merge_kwargs["key"] = jax.random.key(args.seed)
-    return merge_kwargs
+    return merge_method_kwargs(args)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -259,8 +299,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         try:
             build(staging_dir)
             _check_output(out, args.overwrite, inputs)
-            for name in sorted(os.listdir(staging_dir)):
-                os.replace(staging_dir / name, out / name)
+            replace_files(staging_dir, out)
         finally:
             shutil.rmtree(staging_dir, ignore_errors=True)
     else:

@@ -13,7 +13,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,23 +21,9 @@ import jax
 
 import subboost as sb
 from subboost.boosting import BOOST_MODES
-from subboost.commands.common import add_command, add_merge_method_arguments
+from subboost.errors import SubboostError
+from subboost.commands.common import add_command, add_merge_method_arguments, merge_method_kwargs, parse_param
 from subboost.tree import ATTENTION_MODES
-
-
-def parse_param(text: str) -> tuple[str, Any]:
-    """``"k=0.2"`` -> ``("k", 0.2)``; values are Python literals or bare strings."""
-    if "=" not in text:
-        raise ValueError(f"--param expects NAME=VALUE, got {text!r}.")
-    name, raw = text.split("=", 1)
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        try:  # "nan", "inf": numbers, so that the method's check refuses them by name
-            value = float(raw)
-        except ValueError:
-            value = raw
-    return name.strip(), value
 
 
 def stable_rank_table(before: dict, after: dict | None = None) -> str:
@@ -65,13 +50,15 @@ def _fmt(value) -> str:
 def _add_boost_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--beta", type=float, default=None if not required else 0.01,
                         help="Subspace Boosting cutoff in [0, 1] (paper grid 0.0, 0.01, 0.02)"
-                        + ("" if required else "; omit for no boosting"))
+                        + ("; default 0.01" if required else "; omit for no boosting"))
     parser.add_argument("--attn-beta", type=float, default=None,
-                        help="cutoff of the attention q/k/v matrices (default: --beta; the authors use 0.10)")
+                        help="cutoff of the attention q/k/v matrices (default: --beta; the authors use 0.10)"
+                        + ("" if required else "; needs --beta"))
     parser.add_argument("--rank-rtol", type=float, default=None,
                         help="singular values <= RANK_RTOL * s_0 stay zero (defined result on rank-deficient "
-                        "matrices); default: raise them like the authors' code")
-    parser.add_argument("--mode", choices=BOOST_MODES, default="cumsum", help="cutoff rule (default cumsum)")
+                        "matrices); default: raise them like the authors' code" + ("" if required else "; needs --beta"))
+    parser.add_argument("--mode", choices=BOOST_MODES, default=None,
+                        help="cutoff rule (default cumsum)" + ("" if required else "; needs --beta"))
     parser.add_argument("--attention", choices=ATTENTION_MODES, default="per_qkv",
                         help="how attention kernels form matrices (default per_qkv)")
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
@@ -101,24 +88,31 @@ def _check_arguments(args: argparse.Namespace, inputs: list[str]) -> dict[str, A
     from subboost.outputs import check_output
     from subboost.validation import check_real
 
+    if args.command == "merge" and args.alpha is None:
+        raise SubboostError("--alpha is required: the scaling of the merged task vector (no default: choose it on "
+                            "validation data, e.g. from 0.1, 0.2, ..., 1.0 as the paper does).")
     if getattr(args, "alpha", None) is not None:
         check_real("--alpha", args.alpha, what=args.command)
-    if args.beta is not None:
+    if args.beta is None:
+        unused = [flag for flag, value in (("--attn-beta", args.attn_beta), ("--rank-rtol", args.rank_rtol),
+                                           ("--mode", args.mode)) if value is not None]
+        if unused:
+            raise SubboostError(f"{', '.join(unused)} only apply to boosting: pass --beta too, or drop them.")
+    else:
         check_real("--beta", args.beta, what=args.command, low=0.0, high=1.0)
+        args.mode = args.mode or "cumsum"
     if args.attn_beta is not None:
         check_real("--attn-beta", args.attn_beta, what=args.command, low=0.0, high=1.0)
     if args.rank_rtol is not None:
         check_real("--rank-rtol", args.rank_rtol, what=args.command, low=0.0, high=1.0, low_open=True,
                    high_open=True)
     check_output(args.out, inputs=inputs, overwrite=args.overwrite, name="--out")
-    kwargs = dict(parse_param(p) for p in getattr(args, "param", []))
-    if args.command == "merge":
-        from subboost.merging import check_arguments, method_record
+    if args.command != "merge":
+        return {}
+    from subboost.merging import check_arguments
 
-        method_record(args.method)
-        if args.method == "dare" and "key" not in kwargs:
-            kwargs["key"] = jax.random.key(args.seed)
-        check_arguments(args.method, kwargs, len(args.experts))
+    kwargs = merge_method_kwargs(args)
+    check_arguments(args.method, kwargs, len(args.experts))
     return kwargs
 
 
@@ -172,7 +166,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("experts", nargs="+", help="expert checkpoint directories")
     merge.add_argument("--base", required=True, help="pretrained checkpoint directory")
     add_merge_method_arguments(merge, methods=sb.available_methods())
-    merge.add_argument("--alpha", type=float, default=1.0, help="scaling of the merged task vector")
+    merge.add_argument("--alpha", type=float, default=None,
+                       help="scaling of the merged task vector (required: no default; choose it on validation data)")
     _add_boost_flags(merge, required=False)
     merge.set_defaults(func=run_merge)
 
