@@ -40,8 +40,8 @@ import numpy as np
 
 import subboost as sb
 from subboost import data as sbdata
-from subboost.eval import (Evaluator, code_version, encoder_config, find_checkpoint, load_checkpoint, load_heads,
-                           select_alpha_beta, selection_score, summarize, tune_tall_lambdas)
+from subboost.evaluation import (Evaluator, code_version, encoder_config, find_checkpoint, load_checkpoint,
+                                 load_heads, select_alpha_beta, selection_score, summarize, tune_tall_lambdas)
 from subboost.reference import reference_settings, reference_ties_k
 
 PyTree = Any

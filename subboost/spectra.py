@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from subboost import linalg
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
 from subboost.task_vectors import SubboostError, check_finite
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 from subboost.validation import no_matrices_message

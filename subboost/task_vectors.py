@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost.errors import SubboostError
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
 from subboost.tree import PyTree, leaves_with_paths, path_str
 from subboost.validation import check_real
 

@@ -72,8 +72,8 @@ def run_eval(args: argparse.Namespace) -> int:
     import jax
 
     from subboost import data as sbdata
-    from subboost.eval import (Evaluator, code_version, encoder_config, find_checkpoint, load_checkpoint, load_heads,
-                               summarize)
+    from subboost.evaluation import (Evaluator, code_version, encoder_config, find_checkpoint, load_checkpoint,
+                                     load_heads, summarize)
     from subboost.models import param_shapes
     from subboost.task_vectors import check_same_structure
 

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
 from subboost.task_vectors import in_host_memory
 from subboost.tree import PyTree
 
