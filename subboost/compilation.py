@@ -187,7 +187,7 @@ class SizeAwareJit:
 
     def __init__(self, fn: Callable, **jit_kwargs: Any):
         if "compiler_options" in jit_kwargs:
-            raise TypeError("size_aware_jit sets compiler_options itself; use jax.jit for your own options.")
+            raise SubboostError("size_aware_jit sets compiler_options itself; use jax.jit for your own options.")
         self.optimized = jax.jit(fn, **jit_kwargs)
         self.quick = jax.jit(fn, compiler_options=QUICK_COMPILER_OPTIONS, **jit_kwargs)
         functools.update_wrapper(self, fn)

@@ -119,5 +119,5 @@ def test_limit_default_and_override():
 
 
 def test_own_compiler_options_are_refused():
-    with pytest.raises(TypeError, match="compiler_options"):
+    with pytest.raises(SubboostError, match="compiler_options"):
         compilation.size_aware_jit(lambda x: x, compiler_options={"xla_backend_optimization_level": 1})

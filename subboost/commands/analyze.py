@@ -70,28 +70,28 @@ def _load(args: argparse.Namespace) -> tuple[PyTree, list[str]]:
     paths = [Path(p) for p in args.experts]
     if len(paths) == 1 and paths[0].suffix == ".npz":
         if args.base is not None:
-            raise ValueError("--base is not used with an .npz of task vectors (they are differences already).")
+            raise SubboostError("--base is not used with an .npz of task vectors (they are differences already).")
         tvs, names = load_task_vectors_npz(paths[0])
         tvs = jax.tree_util.tree_map(np.asarray, tvs)
         default_names = names or [f"expert {t}" for t in range(num_experts(tvs))]
     else:
         if args.base is None:
-            raise ValueError("--base BASE is required when the experts are checkpoints.")
+            raise SubboostError("--base BASE is required when the experts are checkpoints.")
         for p in paths:
             if p.suffix == ".npz":
-                raise ValueError(f"{str(p)!r}: an .npz of task vectors must be the only EXPERTS argument.")
+                raise SubboostError(f"{str(p)!r}: an .npz of task vectors must be the only EXPERTS argument.")
         from subboost.checkpoints import load_experts
 
         tvs = load_experts(args.base, paths)
         default_names = [p.name or str(p) for p in paths]
     num = num_experts(tvs)
     if num < 2:
-        raise ValueError(f"analyze needs at least 2 experts, got {num}.")
+        raise SubboostError(f"analyze needs at least 2 experts, got {num}.")
     names = [n.strip() for n in args.names.split(",")] if args.names else default_names
     if len(names) != num:
-        raise ValueError(f"--names gives {len(names)} names for {num} experts.")
+        raise SubboostError(f"--names gives {len(names)} names for {num} experts.")
     if len(set(names)) != len(names):
-        raise ValueError(f"expert names must be distinct, got {names}.")
+        raise SubboostError(f"expert names must be distinct, got {names}.")
     return tvs, names
 
 
