@@ -27,10 +27,12 @@ USER_ERRORS = (ValueError, OSError, KeyError, TypeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from subboost.commands.common import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="subboost",
         description="Merge fine-tuned experts with Subspace Boosting (arXiv 2506.16506).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--no-compile-cache", action="store_true",

@@ -6,7 +6,8 @@ Examples::
   subboost analyze expert_a expert_b expert_c --base base_ckpt --out analysis/
 
   # or stacked task vectors in one .npz ("a/b/kernel" keys, leading expert axis;
-  # optional "__names__" string array), e.g. written by subboost.checkpoint_io.task_vectors_npz.save_task_vectors_npz
+  # optional "__names__" string array), e.g. written by `save_task_vectors_npz`
+  # (subboost.checkpoint_io.task_vectors_npz)
   subboost analyze task_vectors.npz --out analysis/ --method ties --param k=0.2
 
 Writes, each PNG with a JSON of the numbers drawn next to it:
