@@ -100,6 +100,7 @@ def _check_arguments(args: argparse.Namespace) -> dict:
     """Every argument checked before anything is loaded, computed or written."""
     from subboost.commands.merge import parse_param
     from subboost.merging import METHODS
+    from subboost.merging.keys import with_seed_key
     from subboost.validation import check_real
 
     check_real("--fraction", args.fraction, what="analyze", low=0.0, high=1.0, low_open=True)
@@ -109,10 +110,7 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         check_real("--pi", args.pi, what="analyze", low=0.0, low_open=True)
     if args.method not in METHODS:
         raise SubboostError(f"unknown merge method {args.method!r}; known methods: {', '.join(METHODS)}.")
-    merge_kwargs = dict(parse_param(p) for p in args.param)
-    if args.method == "dare" and "key" not in merge_kwargs:
-        merge_kwargs["key"] = jax.random.key(args.seed)
-    return merge_kwargs
+    return with_seed_key(args.method, dict(parse_param(p) for p in args.param), seed=args.seed)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
