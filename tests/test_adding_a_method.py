@@ -19,7 +19,7 @@ from subboost import sharding
 from subboost.errors import SubboostError
 from subboost.merging import METHODS, MergeMethod, register
 from subboost.merging.keys import takes_key, with_seed_key
-from subboost.merging.registry import local_scheme, signature_arguments
+from subboost.merging.registry import jitted, local_scheme, signature_arguments
 from subboost.validation import check_real
 
 NAME = "toy_median"
@@ -48,7 +48,7 @@ def registered():
     register(RECORD)
     yield RECORD
     del METHODS[NAME]
-    register(METHODS["task_arithmetic"])  # clears the compiled-program caches of the removed record
+    jitted.cache_clear()  # the compiled programs of the removed record
 
 
 @pytest.fixture
@@ -120,4 +120,22 @@ def test_a_randomised_method_gets_its_key_from_the_seed_without_being_named():
         assert not np.array_equal(first, sb.merge(tvs, "noisy_mean", **with_seed_key("noisy_mean", {}, seed=2))["w"])
     finally:
         del METHODS["noisy_mean"]
-        register(METHODS["task_arithmetic"])
+        jitted.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_registered_method_runs_through_the_demo_and_its_report(registered, tiny_bench_cache, tmp_path):
+    from subboost.bench.config import get_config
+    from subboost.bench.pipeline import run_benchmark
+
+    # The tiny demo with the toy method only, at its smallest task count, from the shared cached models.
+    config = dataclasses.replace(get_config("tiny"), methods=(NAME,), task_counts=(4,), sweep_methods=(NAME,))
+    results = run_benchmark(config, seed=0, out_dir=tmp_path / "demo", cache_dir=tiny_bench_cache, progress=False,
+                            log=lambda _: None)
+    entry = results["settings"][0]["methods"][NAME]
+    assert entry["status"] == "ok"
+    assert 0.0 < entry["plain"]["absolute"] <= 1.0 and 0.0 < entry["boosted"]["absolute"] <= 1.0
+    assert set(results["boost_sweep"]["methods"]) == {NAME}
+    report = (tmp_path / "demo" / "results.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith(f"| {NAME}")]
+    assert f"| {NAME} + boost |" in report and len(rows) >= 3  # accuracy table (plain, boosted), choices, ...
