@@ -73,7 +73,7 @@ import numpy as np
 import subboost as sb
 from subboost import data as sbdata
 from subboost.data.preprocessing import normalize_images
-from subboost.eval import LINEAR_ALPHAS, Evaluator, select_alpha_beta, summarize
+from subboost.evaluation import LINEAR_ALPHAS, Evaluator, select_alpha_beta, summarize
 from subboost.models import ClassificationHead, CLIPVisionTransformer, get_config
 
 WORK = Path(tempfile.mkdtemp(prefix="subboost_byo_"))  # converted checkpoints go here (a fresh directory)

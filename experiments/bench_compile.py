@@ -15,7 +15,7 @@ Modes, side by side on the same inputs:
     DARE's masks in one draw, the task axis padded to buckets of 16 for TA, TIES,
     DARE and Consensus, small host trees checked by numpy, beta traced, and every
     program over at most 4 MiB of inputs compiled without LLVM optimisation
-    (`subboost.quick_compile`).
+    (`subboost.compilation.size_aware_jit`).
 
 and each mode twice on one fresh persistent compilation cache: ``cold`` (empty,
 programs written) then ``warm`` (a second process, programs read back). Prints
@@ -46,7 +46,7 @@ from pathlib import Path
 METHODS = ("weight_averaging", "task_arithmetic", "ties", "dare", "consensus", "tsv", "iso_c", "iso_cts")
 # Programs issue 17 changed with the benchmark's hyper-parameters (`DEFAULT_METHOD_KWARGS`): TIES flat,
 # DARE's masks in one draw, TA / TIES / DARE / Consensus padded to task buckets, the sweep's beta traced.
-# On the tiny tree every program also compiles quickly (`subboost.quick_compile`; the ViT-B/16 trees are larger).
+# On the tiny tree every program also compiles quickly (`size_aware_jit`; the ViT-B/16 trees are larger).
 CHANGED = frozenset({"task_arithmetic", "ties", "dare", "consensus", "boost_sweep"})
 
 
@@ -77,8 +77,8 @@ def use_before_programs() -> None:
     boosting = importlib.import_module("subboost.boosting")
     boosting.beta_can_be_traced = lambda tau, **kwargs: False
     dare.keep_masks = lambda keys, shapes, q: [jax.random.bernoulli(k, q, s) for k, s in zip(keys, shapes)]
-    quick_compile = importlib.import_module("subboost.quick_compile")
-    os.environ[quick_compile.ENV_VAR] = "0"  # every program fully optimised
+    compilation = importlib.import_module("subboost.compilation")
+    os.environ[compilation.QUICK_COMPILE_ENV_VAR] = "0"  # every program fully optimised
 
 
 def worker(args: argparse.Namespace) -> None:

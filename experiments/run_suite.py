@@ -40,8 +40,9 @@ import numpy as np
 
 import subboost as sb
 from subboost import data as sbdata
-from subboost.eval import (Evaluator, code_version, encoder_config, find_checkpoint, load_checkpoint, load_heads,
-                           select_alpha_beta, selection_score, summarize, tune_tall_lambdas)
+from subboost.evaluation import (Evaluator, code_version, encoder_config, find_checkpoint, load_checkpoint,
+                                 load_heads, select_alpha_beta, selection_score, summarize, tune_tall_lambdas)
+from subboost.merging.keys import takes_key, with_seed_key
 from subboost.reference import reference_settings, reference_ties_k
 
 PyTree = Any
@@ -326,8 +327,8 @@ class SuiteRun:
         """The merged task vector and the hyper-parameters it was made with (as recorded)."""
         kwargs = self.merge_kwargs(entry)
         extra: dict[str, Any] = {}
-        if entry["method"] == "dare":
-            kwargs["key"] = jax.random.key(int(self.config.seed))
+        if takes_key(entry["method"], kwargs):
+            kwargs = with_seed_key(entry["method"], kwargs, seed=int(self.config.seed))
             extra["seed"] = int(self.config.seed)
         if entry["method"] == "consensus" and entry.get("tall_lambdas"):
             evaluate_task = lambda p, t: self.val_accuracies(p, [tasks[t]])[tasks[t]]  # noqa: E731

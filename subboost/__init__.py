@@ -5,7 +5,7 @@ The top level holds the core: task vectors, merging, boosting, spectra,
 HO-GSVD, alignment, rank-collapse analysis, checkpoints and models.
 Applications are reached through their subpackages:
 
-- ``subboost.eval``: the paper suites' evaluator and alpha/beta search
+- ``subboost.evaluation``: the paper suites' evaluator and alpha/beta search
   (``Evaluator``, ``select_alpha_beta``, ``normalized_accuracies``, ...);
 - ``subboost.selection``: the one alpha/beta selection rule;
 - ``subboost.data``: task registry and tf.data pipelines;

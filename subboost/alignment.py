@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost.hogsvd import Method, hogsvd_kernel, check_layers_arguments, check_layers_rcond, project
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
 from subboost.task_vectors import SubboostError, check_finite, check_floating, check_same_structure, num_experts
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 

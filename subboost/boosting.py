@@ -62,7 +62,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from subboost import linalg, polar_boost
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
 from subboost.task_vectors import SubboostError, check_finite, check_floating
 from subboost.sharding import mesh_axes, place_parameters
 from subboost.tree import AttentionMode, MatrixLayout, PyTree, matrix_plan

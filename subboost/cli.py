@@ -92,10 +92,12 @@ def one_line(message: object, limit: int = MAX_MESSAGE_CHARS) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from subboost.commands.common import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="subboost",
         description="Merge fine-tuned experts with Subspace Boosting (arXiv 2506.16506).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--no-compile-cache", action="store_true",

@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost import linalg
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
 from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 from subboost.validation import check_int

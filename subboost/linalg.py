@@ -13,6 +13,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from subboost.errors import SubboostError
+
 SvdMethod = Literal["auto", "direct", "qr"]
 # Backends on which `svd(method="auto")` reduces tall/wide matrices by a thin QR
 # first. Empty: on CPU, LAPACK's gesdd already QR-reduces tall input itself and
@@ -88,7 +90,7 @@ def svd(x: jax.Array, *, method: SvdMethod = "auto") -> tuple[jax.Array, jax.Arr
       ``(..., r, n)`` with ``r = min(m, n)``.
     """
     if method not in ("auto", "direct", "qr"):
-        raise ValueError(f"svd: method must be 'auto', 'direct' or 'qr', got {method!r}.")
+        raise SubboostError(f"svd: method must be 'auto', 'direct' or 'qr', got {method!r}.")
     x = x.astype(compute_dtype(x.dtype))
     m, n = x.shape[-2:]
     if method == "auto":

@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 
 from subboost import linalg
+from subboost.errors import SubboostError
 
 BoostMode = Literal["cumsum", "index"]
 
@@ -133,7 +134,7 @@ def qdwh_schedule(lower_bound: float, eps: float) -> tuple[tuple[float, float, f
     ``[1 - eps, 1]``; the last step is (nearly) plain Halley, ``(3, 1, 3)``.
     """
     if not 0.0 < lower_bound < 1.0:
-        raise ValueError(f"qdwh_schedule: lower_bound must be in (0, 1), got {lower_bound!r}.")
+        raise SubboostError(f"qdwh_schedule: lower_bound must be in (0, 1), got {lower_bound!r}.")
     steps = []
     l = lower_bound
     while True:

@@ -37,7 +37,7 @@ Which parameters are matrices (every SVD-based method):
   ``attn_beta`` on q/k/v only (the output projection keeps ``beta``).
 
 Other reference choices (hyper-parameters and selection, not keyword arguments
-of one call; see `subboost.eval` and ``experiments/run_suite.py``):
+of one call; see `subboost.evaluation` and ``experiments/run_suite.py``):
 
 * TIES (TALL-masks / Consensus code): the global top-k runs over the flattened
   *whole* CLIP checkpoint the task-vectors code keeps, i.e. the vision tower
@@ -48,7 +48,7 @@ of one call; see `subboost.eval` and ``experiments/run_suite.py``):
   fraction of the vision weights; pass ``k=reference_ties_k(backbone)`` to match.
 * Consensus (TALL): per-task lambda in {0.2, ..., 0.6} chosen on that task's
   validation split at merging coefficient 1.0, then alpha tuned
-  (`subboost.eval.tune_tall_lambdas` with ``alpha=1.0``); Consensus-TIES masks
+  (`subboost.evaluation.tune_tall_lambdas` with ``alpha=1.0``); Consensus-TIES masks
   are built from the TIES vector and TIES uses a disjoint *sum*
   (``reference_settings("consensus_ties")``).
 * Alpha chosen by the mean *normalized* validation accuracy.
@@ -189,7 +189,7 @@ def reference_settings(method: str, family: str = "clip") -> dict[str, Any]:
         (see `reference_ties_k`).
       * ``consensus``: ``min_tasks=2`` (Consensus-TA); ``consensus_ties``: adds
         ``base="ties"``, ``merge="sum"`` and ``mask_from="merged"`` (masks from
-        the TIES vector). The lambdas are tuned per task (`subboost.eval`).
+        the TIES vector). The lambdas are tuned per task (`subboost.evaluation`).
     """
     if family not in FAMILIES:
         raise SubboostError(f"reference_settings: family must be one of {FAMILIES}, got {family!r}.")

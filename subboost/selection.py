@@ -1,6 +1,6 @@
 """Choosing the merging coefficient alpha (and the boosting cutoff beta) on validation.
 
-One rule, shared by the paper suites (`subboost.eval.select_alpha_beta`) and
+One rule, shared by the paper suites (`subboost.evaluation.select_alpha_beta`) and
 the mini-benchmarks (`subboost.bench.sweep.select`, the text suite)::
 
     candidates: an ordered mapping {key: tau_key}     # key = beta (None: no boost)
@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from subboost.errors import SubboostError
+
 __all__ = ["Choice", "check_grid", "choose"]
 
 # score(key, alphas (A,)) -> (A,) validation scores of the candidate ``key`` at each alpha.
@@ -63,19 +65,19 @@ class Choice:
 
 
 def check_grid(name: str, values: Sequence[Any], *, allow_none: bool = False, positive: bool = False) -> tuple:
-    """The grid as a tuple; raises ValueError for an empty grid, repeats, or bad values."""
+    """The grid as a tuple; raises `SubboostError` for an empty grid, repeats, or bad values."""
     values = tuple(values)
     if not values:
-        raise ValueError(f"the {name} grid is empty.")
+        raise SubboostError(f"the {name} grid is empty.")
     for v in values:
         if v is None and allow_none:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v) \
                 or (positive and v <= 0):
             need = f"{name}s must be positive" if positive else f"{name}s must be finite numbers or None"
-            raise ValueError(f"bad {name} grid value {v!r}: {need}.")
+            raise SubboostError(f"bad {name} grid value {v!r}: {need}.")
     if len(set(values)) != len(values):
-        raise ValueError(f"the {name} grid {list(values)} repeats values.")
+        raise SubboostError(f"the {name} grid {list(values)} repeats values.")
     return values
 
 
@@ -97,10 +99,10 @@ def choose(
     """
     keys = list(keys)
     if not keys:
-        raise ValueError("choose needs at least one candidate.")
+        raise SubboostError("choose needs at least one candidate.")
     grid = np.asarray(alphas)
     if grid.ndim != 1 or grid.size == 0:
-        raise ValueError("choose needs a non-empty one-dimensional alpha grid.")
+        raise SubboostError("choose needs a non-empty one-dimensional alpha grid.")
     best = None  # (score, key, index)
     for key in keys:
         values = np.asarray(score(key, grid), np.float64)

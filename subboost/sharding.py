@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from subboost.errors import SubboostError
 from subboost.tree import MatrixLayout, PyTree, map_groups_on_mesh, matrix_plan, pad_groups
 
 
@@ -84,7 +85,7 @@ def make_mesh(devices: Any = None, *, axis_name: str = "devices") -> Mesh:
 def mesh_axes(mesh: Mesh) -> tuple[str, ...]:
     """All axis names of ``mesh``: arrays are split over every device at once."""
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+        raise SubboostError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
     return tuple(mesh.axis_names)
 
 
@@ -169,7 +170,7 @@ def _matrix_merge_fn(
             rest = plan.rebuild(tvs, {i: None for i in new_leaves})
             rest_out = jax.tree_util.tree_leaves(fn(rest, **kwargs))
             if len(rest_out) != len(rest_ids):
-                raise ValueError(f"{getattr(fn, '__name__', fn)}: unexpected output structure on non-matrix parameters.")
+                raise SubboostError(f"{getattr(fn, '__name__', fn)}: unexpected output structure on non-matrix parameters.")
             new_leaves.update(zip(rest_ids, rest_out))
         merged_leaves = [new_leaves[i] for i in range(len(leaves))]
         return jax.tree_util.tree_unflatten(plan.treedef, merged_leaves)

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from subboost import linalg
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
 from subboost.task_vectors import SubboostError, check_finite
 from subboost.tree import AttentionMode, PyTree, matrix_plan
-from subboost.validation import no_matrices_message
+from subboost.validation import check_real, no_matrices_message
 
 
 def warn_no_matrices(tree: PyTree, *, what: str, is_matrix: Callable | None, lead_ndim: int = 0) -> None:
@@ -118,7 +118,10 @@ def stable_rank(x: PyTree, **kwargs) -> jax.Array | dict[str, jax.Array]:
 
 
 def energy_rank(x: PyTree, *, fraction: float = 0.95, **kwargs) -> jax.Array | dict[str, jax.Array]:
-    """Number of singular directions holding ``fraction`` of the energy ``sum s^2``."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"energy_rank: fraction must be in (0, 1], got {fraction!r}.")
+    """Number of singular directions holding ``fraction`` of the energy ``sum s^2``.
+
+    Raises:
+      SubboostError: ``fraction`` is not a number in ``(0, 1]``.
+    """
+    fraction = check_real("fraction", fraction, what="energy_rank", low=0.0, high=1.0, low_open=True)
     return _apply(lambda s: energy_rank_from_singular_values(s, fraction=fraction), spectra(x, **kwargs))

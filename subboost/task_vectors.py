@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost.errors import SubboostError
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
 from subboost.tree import PyTree, leaves_with_paths, path_str
 from subboost.validation import check_real
 
@@ -191,7 +191,7 @@ def task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], *, validate: b
     return tvs
 
 
-def apply_task_vector(pretrained: PyTree, tau: PyTree, alpha: float = 1.0) -> PyTree:
+def apply_task_vector(pretrained: PyTree, tau: PyTree, *, alpha: float = 1.0) -> PyTree:
     """``theta = theta_0 + alpha * tau``, in the dtype of ``theta_0``.
 
     Args:
@@ -207,7 +207,6 @@ def apply_task_vector(pretrained: PyTree, tau: PyTree, alpha: float = 1.0) -> Py
         skipped under a caller's `jax.jit`, where values are unknown.
     """
     if not isinstance(alpha, jax.core.Tracer):
-
         alpha = check_real("alpha", alpha, what="apply_task_vector")
     check_same_structure(pretrained, tau, what="task vector", check_dtype=False)
     result = jax.tree_util.tree_map(

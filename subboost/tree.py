@@ -153,7 +153,7 @@ def resolve_layout(is_matrix: Callable | None, path: str, leaf: Any) -> MatrixLa
     if answer is True:
         layout = layout_from_name(path, len(np.shape(leaf)))
         if len(np.shape(leaf)) < 2:
-            raise ValueError(
+            raise SubboostError(
                 f"is_matrix selected {path!r} with shape {tuple(np.shape(leaf))}, "
                 "but a matrix needs at least 2 dimensions."
             )
@@ -162,13 +162,13 @@ def resolve_layout(is_matrix: Callable | None, path: str, leaf: Any) -> MatrixLa
         return dataclasses.replace(layout, layer_axes=max(extra, 0))
     if isinstance(answer, MatrixLayout):
         if len(np.shape(leaf)) != answer.ndim:
-            raise ValueError(
+            raise SubboostError(
                 f"is_matrix gave layout {answer} for {path!r}, whose shape "
                 f"{tuple(np.shape(leaf))} has {len(np.shape(leaf))} dimensions, "
                 f"not {answer.ndim}."
             )
         return answer
-    raise TypeError(
+    raise SubboostError(
         f"is_matrix must return None/False, True or a MatrixLayout; got {answer!r} for {path!r}."
     )
 
@@ -239,7 +239,7 @@ class MatrixPlan:
         """Stacks every group's matrices into ``(G, *lead, m, n)`` arrays."""
         leaves = jax.tree_util.tree_leaves(tree)
         if len(leaves) != len(self.paths):
-            raise ValueError("tree does not match the plan it is gathered with.")
+            raise SubboostError("tree does not match the plan it is gathered with.")
         return {g: self._gather_group(g, leaves) for g in self.groups}
 
     def _gather_group(self, group: GroupKey, leaves: list) -> jax.Array:
@@ -370,7 +370,7 @@ class MatrixPlan:
         """
         leaves = jax.tree_util.tree_leaves(tree)
         if len(leaves) != len(self.paths):
-            raise ValueError("tree does not match the plan it is mapped with.")
+            raise SubboostError("tree does not match the plan it is mapped with.")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             # Public callers check it first (`subboost.validation.check_int`, naming themselves).
             raise SubboostError(f"map_groups: batch_size must be a positive integer or None, got {batch_size!r}.")
@@ -511,7 +511,7 @@ def matrix_plan(
       A `MatrixPlan`.
     """
     if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}.")
+        raise SubboostError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}.")
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = tuple(path_str(p) for p, _ in flat)
     layouts: dict[int, MatrixLayout] = {}
@@ -520,7 +520,7 @@ def matrix_plan(
     for i, (path, (_, leaf)) in enumerate(zip(paths, flat)):
         shape = tuple(np.shape(leaf))
         if len(shape) < lead_ndim:
-            raise ValueError(
+            raise SubboostError(
                 f"leaf {path!r} has shape {shape}, fewer than the {lead_ndim} lead axes expected."
             )
         core_shape = shape[lead_ndim:]

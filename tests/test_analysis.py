@@ -13,7 +13,7 @@ import subboost as sb
 from subboost import plots
 from subboost.analysis import layer_type
 from subboost.cli import main
-from subboost.commands.analyze import load_task_vectors_npz, save_task_vectors_npz
+from subboost.checkpoint_io.task_vectors_npz import load_task_vectors_npz, save_task_vectors_npz
 from tests import numpy_reference as ref
 from tests.trees import dense_tree, vit_like_params
 

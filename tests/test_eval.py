@@ -1,4 +1,4 @@
-"""subboost.eval: metrics, batched evaluation, the alpha/beta search, TALL lambdas, `subboost eval`."""
+"""subboost.evaluation: metrics, batched evaluation, the alpha/beta search, TALL lambdas, `subboost eval`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import subboost as sb
-from subboost import eval as sbeval
+from subboost import evaluation as sbeval
+from subboost.errors import SubboostError
+from subboost.evaluation import evaluator as evaluator_module
 from subboost.data.preprocessing import normalize_images_np
 from subboost.models import CLIPVisionTransformer, get_config, param_shapes
 
@@ -62,9 +64,9 @@ def test_summarize_hand_computed():
 
 
 def test_normalized_accuracy_bad_input():
-    with pytest.raises(ValueError, match=r"expert accuracy of task\(s\) \['B'\]; got experts for \['A'\]"):
+    with pytest.raises(SubboostError, match=r"expert accuracy of task\(s\) \['B'\]; got experts for \['A'\]"):
         sbeval.normalized_accuracies({"A": 0.5, "B": 0.5}, {"A": 1.0})
-    with pytest.raises(ValueError, match=r"expert accuracy of task\(s\) \['A'\] is 0"):
+    with pytest.raises(SubboostError, match=r"expert accuracy of task\(s\) \['A'\] is 0"):
         sbeval.normalized_accuracies({"A": 0.5}, {"A": 0.0})
 
 
@@ -103,7 +105,8 @@ def test_one_compiled_encoder_for_all_tasks_and_parameters(model, monkeypatch):
     # Traced once: every task, every parameter set and every evaluator of this encoder share one program.
     encode = chex.assert_max_traces(lambda p, x: clip.apply({"params": p}, x), n=1)
     # One head program per class count (3 here), reused by every later call.
-    monkeypatch.setattr(sbeval, "ClassificationHead", chex.assert_max_traces(sbeval.ClassificationHead, n=3))
+    monkeypatch.setattr(evaluator_module, "ClassificationHead",
+                        chex.assert_max_traces(evaluator_module.ClassificationHead, n=3))
     ev = sbeval.Evaluator(encode, heads, batch_size=4)
     splits = {}
     for i, task in enumerate(("MNIST", "PCAM", "DTD")):
@@ -118,19 +121,19 @@ def test_one_compiled_encoder_for_all_tasks_and_parameters(model, monkeypatch):
 
 def test_head_class_count_must_match_dataset(model):
     _, heads, _ = model
-    with pytest.raises(ValueError, match=r"head of task 'PCAM' has 2 classes \(kernel shape \(16, 2\)\), "
+    with pytest.raises(SubboostError, match=r"head of task 'PCAM' has 2 classes \(kernel shape \(16, 2\)\), "
                                          r"but the dataset has 7 classes"):
         sbeval.Evaluator.for_clip(CONFIG, heads, num_classes={"PCAM": 7})
     ev = sbeval.Evaluator.for_clip(CONFIG, heads, num_classes={"PCAM": 2, "MNIST": 10})
-    with pytest.raises(ValueError, match=r"labels span 0..5, but the head has 2 classes"):
+    with pytest.raises(SubboostError, match=r"labels span 0..5, but the head has 2 classes"):
         ev.prepare("PCAM", _images(2), np.array([0, 5]))
-    with pytest.raises(ValueError, match=r"no head for task 'Cars'; heads exist for \['DTD', 'MNIST', 'PCAM'\]"):
+    with pytest.raises(SubboostError, match=r"no head for task 'Cars'; heads exist for \['DTD', 'MNIST', 'PCAM'\]"):
         ev.accuracy(None, "Cars", (_images(1), np.zeros(1, np.int32)))
-    with pytest.raises(ValueError, match="must be ClassificationHead parameters"):
+    with pytest.raises(SubboostError, match="must be ClassificationHead parameters"):
         sbeval.Evaluator.for_clip(CONFIG, {"MNIST": {"w": np.zeros((16, 10))}})
-    with pytest.raises(ValueError, match=r"kernel \(16, 10\) and bias \(9,\)"):
+    with pytest.raises(SubboostError, match=r"kernel \(16, 10\) and bias \(9,\)"):
         sbeval.Evaluator.for_clip(CONFIG, {"MNIST": {"kernel": np.zeros((16, 10)), "bias": np.zeros(9)}})
-    with pytest.raises(ValueError, match="2 images but 3 labels"):
+    with pytest.raises(SubboostError, match="2 images but 3 labels"):
         ev.prepare("MNIST", _images(2), np.zeros(3, np.int32))
 
 
@@ -192,13 +195,13 @@ def test_search_ties_edges_and_bad_grids():
     assert rising.alpha == 0.3 and rising.alpha_on_edge
     single = sbeval.select_alpha_beta(base, tau, lambda p: {"A": 0.5}, alphas=(1.0,), progress=False)
     assert not single.alpha_on_edge
-    with pytest.raises(ValueError, match="alpha grid is empty"):
+    with pytest.raises(SubboostError, match="alpha grid is empty"):
         sbeval.select_alpha_beta(base, tau, lambda p: {"A": 0.5}, alphas=(), progress=False)
-    with pytest.raises(ValueError, match="alphas must be positive"):
+    with pytest.raises(SubboostError, match="alphas must be positive"):
         sbeval.select_alpha_beta(base, tau, lambda p: {"A": 0.5}, alphas=(0.0, 0.1), progress=False)
-    with pytest.raises(ValueError, match="repeats values"):
+    with pytest.raises(SubboostError, match="repeats values"):
         sbeval.select_alpha_beta(base, tau, lambda p: {"A": 0.5}, alphas=(0.1, 0.1), progress=False)
-    with pytest.raises(ValueError, match="score at alpha=0.1, beta=None is nan"):
+    with pytest.raises(SubboostError, match="score at alpha=0.1, beta=None is nan"):
         sbeval.select_alpha_beta(base, tau, lambda p: {"A": float("nan")}, alphas=(0.1,), progress=False)
 
 
@@ -233,7 +236,7 @@ def test_encoder_config_and_find_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"heads/Cars'.*Cars.safetensors.*task Cars"):
         sbeval.find_checkpoint(tmp_path, "heads/{task}", "Cars")
     assert sbeval.encoder_config("tiny") == CONFIG
-    with pytest.raises(ValueError, match="records no architecture"):
+    with pytest.raises(SubboostError, match="records no architecture"):
         sbeval.encoder_config(None, tmp_path)
     # A converted checkpoint's recorded architecture wins (an open_clip LAION tower uses exact GELU).
     import dataclasses
@@ -242,7 +245,7 @@ def test_encoder_config_and_find_checkpoint(tmp_path):
     (tmp_path / "subboost.json").write_text(json.dumps({"kind": "clip_vision", "architecture": recorded.to_dict()}))
     assert sbeval.encoder_config(None, tmp_path) == recorded
     assert sbeval.encoder_config("tiny", tmp_path) == recorded
-    with pytest.raises(ValueError, match="not ViT-B/32"):
+    with pytest.raises(SubboostError, match="not ViT-B/32"):
         sbeval.encoder_config("ViT-B/32", tmp_path)
 
 

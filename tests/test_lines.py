@@ -102,7 +102,7 @@ def test_after_any_merge_commutes_with_boosting_and_sweeps_alpha(experts, method
     want = ref_svd.lines_tree(_flat(tau), alpha=0.4, beta=0.8)
     base_flat = _flat(base)
     for alpha in (0.5, 1.0, 2.0):
-        params = _flat(sb.apply_task_vector(base, scaled, alpha))
+        params = _flat(sb.apply_task_vector(base, scaled, alpha=alpha))
         for path in want:
             np.testing.assert_allclose(params[path], base_flat[path] + alpha * want[path], rtol=1e-5, atol=1e-6)
 

@@ -1,4 +1,4 @@
-"""Quick compilation (`subboost.quick_compile`): small CPU inputs compile without LLVM optimisation, same bits.
+"""Quick compilation (`subboost.compilation.size_aware_jit`): small CPU inputs skip LLVM optimisation, same bits.
 
 No timings are asserted: `experiments/bench_compile.py` measures them.
 """
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import subboost as sb
-from subboost import quick_compile
+from subboost import compilation
+from subboost.errors import SubboostError
 from subboost.merging import registry
 from tests.trees import vit_like_params
 
@@ -74,9 +75,9 @@ def test_quick_boosting_spectra_and_task_vectors_give_the_optimised_bits(dtype):
 
 
 def test_program_choice_follows_size_backend_and_tracing(monkeypatch):
-    program = quick_compile.size_aware_jit(lambda x, *, scale: scale * x, static_argnames=("scale",))
+    program = compilation.size_aware_jit(lambda x, *, scale: scale * x, static_argnames=("scale",))
     small, large = np.ones((4, 4), np.float32), np.ones((64, 64), np.float32)
-    monkeypatch.setenv(quick_compile.ENV_VAR, str(small.nbytes))
+    monkeypatch.setenv(compilation.QUICK_COMPILE_ENV_VAR, str(small.nbytes))
     assert program.program(small, scale=2.0) is program.quick
     assert program.program(large, scale=2.0) is program.optimized  # over the limit
     np.testing.assert_array_equal(program(large, scale=2.0), 2 * large)
@@ -91,32 +92,32 @@ def test_program_choice_follows_size_backend_and_tracing(monkeypatch):
     np.testing.assert_array_equal(outer(small), 3 * small)
     assert chosen == [program.optimized]
 
-    monkeypatch.setenv(quick_compile.ENV_VAR, "0")  # off
+    monkeypatch.setenv(compilation.QUICK_COMPILE_ENV_VAR, "0")  # off
     assert program.program(small, scale=2.0) is program.optimized
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setenv(quick_compile.ENV_VAR, str(10**9))
+    monkeypatch.setenv(compilation.QUICK_COMPILE_ENV_VAR, str(10**9))
     assert program.program(small, scale=2.0) is program.optimized  # only the CPU backend
 
 
 def test_input_bytes_counts_arrays_and_skips_keys_and_static_values():
     x = np.zeros((3, 5), np.float32)
-    assert quick_compile.input_bytes((x, {"y": jnp.zeros(7, jnp.float32)}),
+    assert compilation.input_bytes((x, {"y": jnp.zeros(7, jnp.float32)}),
                                      {"key": jax.random.key(0), "name": "ties", "k": 0.2}) == 60 + 28
 
 
 @pytest.mark.parametrize("value", ["lots", "-1", "1.5"])
 def test_bad_limit_names_the_variable(monkeypatch, value):
-    monkeypatch.setenv(quick_compile.ENV_VAR, value)
-    with pytest.raises(ValueError, match=quick_compile.ENV_VAR):
-        quick_compile.max_bytes()
+    monkeypatch.setenv(compilation.QUICK_COMPILE_ENV_VAR, value)
+    with pytest.raises(SubboostError, match=compilation.QUICK_COMPILE_ENV_VAR):
+        compilation.quick_compile_max_bytes()
 
 
 def test_limit_default_and_override():
-    assert quick_compile.max_bytes({}) == quick_compile.DEFAULT_MAX_BYTES == 4 << 20
-    assert quick_compile.max_bytes({quick_compile.ENV_VAR: " 1024 "}) == 1024
-    assert quick_compile.max_bytes({quick_compile.ENV_VAR: ""}) == quick_compile.DEFAULT_MAX_BYTES
+    assert compilation.quick_compile_max_bytes({}) == compilation.DEFAULT_MAX_BYTES == 4 << 20
+    assert compilation.quick_compile_max_bytes({compilation.QUICK_COMPILE_ENV_VAR: " 1024 "}) == 1024
+    assert compilation.quick_compile_max_bytes({compilation.QUICK_COMPILE_ENV_VAR: ""}) == compilation.DEFAULT_MAX_BYTES
 
 
 def test_own_compiler_options_are_refused():
-    with pytest.raises(TypeError, match="compiler_options"):
-        quick_compile.size_aware_jit(lambda x: x, compiler_options={"xla_backend_optimization_level": 1})
+    with pytest.raises(SubboostError, match="compiler_options"):
+        compilation.size_aware_jit(lambda x: x, compiler_options={"xla_backend_optimization_level": 1})

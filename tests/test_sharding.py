@@ -21,6 +21,7 @@ import pytest
 
 import subboost as sb
 from subboost import sharding
+from subboost.errors import SubboostError
 
 INNER = "SUBBOOST_SHARDING_SUBPROCESS"
 NUM_DEVICES = 8
@@ -244,5 +245,5 @@ def test_parameter_spec_and_padding_on_any_device_count():
     assert sharding.parameter_spec((3, 8, 16), mesh, lead_ndim=1) == jax.sharding.PartitionSpec()
     x = jnp.arange(5.0)[:, None]
     np.testing.assert_array_equal(np.asarray(sharding.pad_groups(x, 4))[:, 0], [0, 1, 2, 3, 4, 4, 4, 4])
-    with pytest.raises(TypeError, match="Mesh"):
+    with pytest.raises(SubboostError, match="mesh must be a jax.sharding.Mesh, got str"):
         sharding.mesh_axes("not a mesh")

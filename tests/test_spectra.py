@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import subboost as sb
+from subboost.errors import SubboostError
 from tests import numpy_reference as ref
 from tests.conftest import vit_like_params
 
@@ -41,6 +42,7 @@ def test_spectra_with_expert_axis(rng):
     np.testing.assert_allclose(s[0], s[2])
 
 
-def test_energy_fraction_checked():
-    with pytest.raises(ValueError, match="fraction"):
-        sb.energy_rank(jnp.ones((2, 2)), fraction=1.5)
+@pytest.mark.parametrize("fraction", [1.5, 0.0, -0.1, float("nan"), "0.9", True])
+def test_energy_fraction_checked(fraction):
+    with pytest.raises(SubboostError, match=r"energy_rank: fraction must be in \(0, 1\]"):
+        sb.energy_rank(jnp.ones((2, 2)), fraction=fraction)

@@ -72,7 +72,7 @@ def in_memory(base, experts, method, kwargs, boost=None, alpha=None):
     tau = sb.merge(sb.task_vectors(base, experts), method, **kwargs)
     if boost is not None:
         tau = sb.subspace_boost(tau, beta=boost)
-    return tau if alpha is None else sb.apply_task_vector(base, tau, alpha)
+    return tau if alpha is None else sb.apply_task_vector(base, tau, alpha=alpha)
 
 
 def assert_trees_equal(expected, actual, *, exact: bool = True):
@@ -143,7 +143,7 @@ def test_streaming_boost_and_alpha_equal_in_memory(setup, tmp_path):
     out = streaming.merge_from_checkpoints(base_path, paths, method="ties", k=0.3, boost=boost, alpha=0.4,
                                            out=tmp_path / "out", chunk_bytes=SMALL_CHUNK, progress=False)
     tau = sb.subspace_boost(sb.merge(sb.task_vectors(base, experts), "ties", k=0.3), beta=0.05, attention="full")
-    expected = sb.apply_task_vector(base, tau, 0.4)
+    expected = sb.apply_task_vector(base, tau, alpha=0.4)
     assert_trees_equal(expected, streaming.read_params(out), exact=False)
     unboosted = in_memory(base, experts, "ties", {"k": 0.3}, alpha=0.4)
     kernel = "transformer/resblocks_0/mlp/c_fc/kernel"

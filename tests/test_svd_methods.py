@@ -266,7 +266,7 @@ def test_composes_with_subspace_boost_and_alpha_sweep(method, kwargs):
         _assert_close_relative(ref.flat(jax.tree_util.tree_map(np.asarray, boosted)), want, rtol=1e-9)
         base_flat = ref.flat(base)
         for alpha in (0.1, 1.0, 2.5):
-            params = ref.flat(jax.tree_util.tree_map(np.asarray, sb.apply_task_vector(base, boosted, alpha)))
+            params = ref.flat(jax.tree_util.tree_map(np.asarray, sb.apply_task_vector(base, boosted, alpha=alpha)))
             _assert_close_relative(params, {k: base_flat[k] + alpha * want[k] for k in want}, rtol=1e-9)
 
 

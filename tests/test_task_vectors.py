@@ -25,6 +25,8 @@ def test_apply_task_vector_alpha_zero_is_pretrained_and_keeps_dtype():
     out = sb.apply_task_vector(base, tau, alpha=0.5)["w"]
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), [0.5, 1.5, 2.5, 3.5])
+    with pytest.raises(TypeError, match="positional"):  # alpha is keyword-only, like every hyper-parameter
+        sb.apply_task_vector(base, tau, 0.5)
 
 
 def test_shape_mismatch_names_path_and_both_shapes(experts):

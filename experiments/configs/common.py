@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from subboost.eval import BETAS, TALL_LAMBDAS, alpha_grid
+from subboost.evaluation.grids import BETAS, TALL_LAMBDAS, alpha_grid
 
 # Base merges the paper boosts, and the SVD-based merges it compares with.
 BOOSTABLE = ("task_arithmetic", "ties", "consensus", "dare")

@@ -4,12 +4,13 @@
 * `orbax_io`: whole restores of orbax PyTree checkpoints, with clean errors for damaged ones;
 * `metadata`: what a checkpoint records (content, architecture, checksums) and the one
   comparison of an expert with its base (`check_same_parameters`, `check_same_architecture`);
-* `readers`: lazy readers of every format (`open_checkpoint`), one chunk of parameters at a time.
+* `readers`: lazy readers of every format (`open_checkpoint`), one chunk of parameters at a time;
+* `task_vectors_npz`: stacked task vectors in one ``.npz`` (what ``subboost analyze`` reads).
 
 Atomic output (staging directory, then rename) and the rule for what may be overwritten
 live in `subboost.outputs`.
 """
 
-from subboost.checkpoint_io import metadata, orbax_io, readers, safetensors_format
+from subboost.checkpoint_io import metadata, orbax_io, readers, safetensors_format, task_vectors_npz
 
-__all__ = ["metadata", "orbax_io", "readers", "safetensors_format"]
+__all__ = ["metadata", "orbax_io", "readers", "safetensors_format", "task_vectors_npz"]

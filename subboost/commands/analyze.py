@@ -7,6 +7,7 @@ Examples::
 
   # or stacked task vectors in one .npz ("a/b/kernel" keys, leading expert axis;
   # optional "__names__" string array), e.g. written by `save_task_vectors_npz`
+  # (subboost.checkpoint_io.task_vectors_npz)
   subboost analyze task_vectors.npz --out analysis/ --method ties --param k=0.2
 
 Writes, each PNG with a JSON of the numbers drawn next to it:
@@ -25,66 +26,17 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from subboost.checkpoint_io.task_vectors_npz import load_task_vectors_npz
 from subboost.commands.common import add_command, add_merge_method_arguments
-from subboost.outputs import ANALYSIS_FILES, ANALYSIS_FORMAT
+from subboost.expert_analysis import OUTPUT_FILES, analyze
 from subboost.task_vectors import SubboostError, num_experts
-from subboost.tree import ATTENTION_MODES, PyTree, leaves_with_paths
-
-NAMES_KEY = "__names__"
-OUTPUT_FILES: tuple[str, ...] = ANALYSIS_FILES
-
-
-def save_task_vectors_npz(path: str | os.PathLike, tvs: PyTree, names: Sequence[str] | None = None) -> None:
-    """Writes stacked task vectors (nested dicts) to an ``.npz`` with ``"a/b/c"`` keys."""
-    arrays = {p: np.asarray(x) for p, x in leaves_with_paths(tvs)}
-    if NAMES_KEY in arrays:
-        raise SubboostError(f"a parameter is named {NAMES_KEY!r}, which the .npz format reserves.")
-    if names is not None:
-        arrays[NAMES_KEY] = np.asarray(list(names), dtype=str)
-    np.savez(path, **arrays)
-
-
-def load_task_vectors_npz(path: str | os.PathLike) -> tuple[dict, list[str] | None]:
-    """Reads `save_task_vectors_npz` output: (nested dict of arrays, names or None)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task-vector file {str(path)!r} does not exist.")
-    tree: dict = {}
-    names = None
-    import zipfile
-    import zlib
-
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise SubboostError(f"{path}: not a readable .npz of task vectors ({type(err).__name__}: {err}).") from err
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise SubboostError(f"{path}: holds a single array, not an .npz archive of named task vectors.")
-    with data:
-        for key in data.files:
-            try:
-                value = data[key]
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-                raise SubboostError(f"{path}: entry {key!r} is corrupt ({type(err).__name__}: {err}).") from err
-            if key == NAMES_KEY:
-                names = [str(n) for n in value]
-                continue
-            node = tree
-            *parents, leaf = key.split("/")
-            for part in parents:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise SubboostError(f"{path}: key {key!r} nests under a parameter.")
-            node[leaf] = np.asarray(value)
-    if not tree:
-        raise SubboostError(f"{path}: holds no task vectors.")
-    return tree, names
+from subboost.tree import ATTENTION_MODES, PyTree
 
 
 def _check_output(out: Path, overwrite: bool, inputs: Sequence[str] = ()) -> None:
@@ -164,103 +116,36 @@ def _load(args: argparse.Namespace) -> tuple[PyTree, list[str]]:
     paths = [Path(p) for p in args.experts]
     if len(paths) == 1 and paths[0].suffix == ".npz":
         if args.base is not None:
-            raise ValueError("--base is not used with an .npz of task vectors (they are differences already).")
+            raise SubboostError("--base is not used with an .npz of task vectors (they are differences already).")
         tvs, names = load_task_vectors_npz(paths[0])
         tvs = jax.tree_util.tree_map(np.asarray, tvs)
         default_names = names or [f"expert {t}" for t in range(num_experts(tvs))]
     else:
         if args.base is None:
-            raise ValueError("--base BASE is required when the experts are checkpoints.")
+            raise SubboostError("--base BASE is required when the experts are checkpoints.")
         for p in paths:
             if p.suffix == ".npz":
-                raise ValueError(f"{str(p)!r}: an .npz of task vectors must be the only EXPERTS argument.")
+                raise SubboostError(f"{str(p)!r}: an .npz of task vectors must be the only EXPERTS argument.")
         from subboost.checkpoints import load_experts
 
         tvs = load_experts(args.base, paths)
         default_names = [p.name or str(p) for p in paths]
     num = num_experts(tvs)
     if num < 2:
-        raise ValueError(f"analyze needs at least 2 experts, got {num}.")
+        raise SubboostError(f"analyze needs at least 2 experts, got {num}.")
     names = [n.strip() for n in args.names.split(",")] if args.names else default_names
     if len(names) != num:
-        raise ValueError(f"--names gives {len(names)} names for {num} experts.")
+        raise SubboostError(f"--names gives {len(names)} names for {num} experts.")
     if len(set(names)) != len(names):
-        raise ValueError(f"expert names must be distinct, got {names}.")
+        raise SubboostError(f"expert names must be distinct, got {names}.")
     return tvs, names
-
-
-def analyze(
-    tvs: PyTree,
-    names: Sequence[str],
-    out: str | os.PathLike,
-    *,
-    method: str = "task_arithmetic",
-    merge_kwargs: Mapping | None = None,
-    beta: float | None = 0.01,
-    hogsvd_method: str = "robust",
-    pi: float | None = None,
-    attention: str = "per_qkv",
-    fraction: float = 0.95,
-    progress: bool = True,
-) -> dict[str, str]:
-    """Computes every analysis and writes the figures; returns ``{figure: path}``."""
-    import subboost as sb
-    from subboost import plots
-    from subboost.alignment import generalized_singular_values, mean_alignment, select_experts
-    from subboost.analysis import rank_collapse
-
-    from subboost.validation import check_real
-
-    out = Path(out)
-    check_real("fraction", fraction, what="analyze", low=0.0, high=1.0, low_open=True)  # before any file
-    if beta is not None:
-        check_real("beta", beta, what="analyze", low=0.0, high=1.0)
-    merge_kwargs = dict(merge_kwargs or {})
-    names = list(names)
-    merged = sb.merge(tvs, method, **merge_kwargs)
-    reference = f"merged ({method})"
-    sigmas = generalized_singular_values(tvs, merged, method=hogsvd_method, pi=pi, attention=attention)
-    num = len(names)
-    rows = names + [reference]
-    written = {}
-    pooled = plots.pool_generalized_singular_values(sigmas, rows, num_experts=num)
-    plots.plot_gsv_distributions(pooled, out / "gsv_distributions.png")
-    written["gsv_distributions"] = str(out / "gsv_distributions.png")
-    alignment = np.asarray(mean_alignment(sigmas))
-    plots.plot_alignment(alignment, rows, out / "alignment.png")
-    written["alignment"] = str(out / "alignment.png")
-    curves = rank_collapse(tvs, method, beta=beta, fraction=fraction, attention=attention, progress=progress,
-                           **merge_kwargs)
-    plots.plot_rank_collapse(curves, out / "rank_collapse.png")
-    written["rank_collapse"] = str(out / "rank_collapse.png")
-    plots.plot_spectra_evolution(curves, out / "spectra.png")
-    written["spectra"] = str(out / "spectra.png")
-    if beta is not None:
-        plots.plot_spectra_evolution(curves, out / "spectra_boosted.png", boosted=True)
-        written["spectra_boosted"] = str(out / "spectra_boosted.png")
-    ranking = [select_experts(None, k=k, alignment=alignment[:num, :num]) for k in range(2, num + 1)]
-    summary = {
-        "format": ANALYSIS_FORMAT,
-        "experts": names,
-        "merge_method": method,
-        "merge_kwargs": {k: v for k, v in merge_kwargs.items() if k != "key"},
-        "beta": beta,
-        "hogsvd_method": hogsvd_method,
-        "pi": pi if pi is not None else 1.0 / num,
-        "attention": attention,
-        "energy_fraction": fraction,
-        "selected_experts": {str(len(sel)): [names[i] for i in sel] for sel in ranking},
-        "figures": {name: Path(path).name for name, path in written.items()},
-    }
-    with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=1, allow_nan=False, default=str)
-    return written
 
 
 def _check_arguments(args: argparse.Namespace) -> dict:
     """Every argument checked before anything is loaded, computed or written."""
     from subboost.commands.common import merge_method_kwargs
     from subboost.merging import METHODS
+    from subboost.merging.keys import with_seed_key
     from subboost.validation import check_real
 
     check_real("--fraction", args.fraction, what="analyze", low=0.0, high=1.0, low_open=True)
@@ -270,7 +155,7 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         check_real("--pi", args.pi, what="analyze", low=0.0, low_open=True)
     if args.method not in METHODS:
         raise SubboostError(f"unknown merge method {args.method!r}; known methods: {', '.join(METHODS)}.")
-    return merge_method_kwargs(args)
+    return with_seed_key(args.method, dict(parse_param(p) for p in args.param), seed=args.seed)
 
 
 def run_analyze(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from subboost.commands.common import add_command
+from subboost.errors import SubboostError
 
 
 def read_expert_accuracies(path: str, split: str) -> dict[str, float]:
@@ -31,12 +32,12 @@ def read_expert_accuracies(path: str, split: str) -> dict[str, float]:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--experts file {path!r} does not exist.") from err
     except json.JSONDecodeError as err:
-        raise ValueError(f"--experts file {path!r} is not valid JSON ({err}).") from err
+        raise SubboostError(f"--experts file {path!r} is not valid JSON ({err}).") from err
     if isinstance(record, dict) and "experts" in record:
         return {task: float(v[split]) for task, v in record["experts"].items()}
     if isinstance(record, dict) and all(isinstance(v, (int, float)) for v in record.values()):
         return {task: float(v) for task, v in record.items()}
-    raise ValueError(f"--experts file {path!r}: expected {{task: accuracy}} or run_suite's reference.json.")
+    raise SubboostError(f"--experts file {path!r}: expected {{task: accuracy}} or run_suite's reference.json.")
 
 
 def accuracy_table(summary: dict[str, Any]) -> str:
@@ -72,8 +73,8 @@ def run_eval(args: argparse.Namespace) -> int:
     import jax
 
     from subboost import data as sbdata
-    from subboost.eval import (Evaluator, code_version, encoder_config, find_checkpoint, load_checkpoint, load_heads,
-                               summarize)
+    from subboost.evaluation import (Evaluator, code_version, encoder_config, find_checkpoint, load_checkpoint,
+                                     load_heads, summarize)
     from subboost.models import param_shapes
     from subboost.task_vectors import check_same_structure
 
@@ -84,18 +85,18 @@ def run_eval(args: argparse.Namespace) -> int:
         _check_out(out, args)
     for name in ("batch_size", "max_examples", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+            raise SubboostError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     tasks = [t.name for t in sbdata.suite_tasks(args.tasks)]
     checkpoint = find_checkpoint(Path(args.checkpoint).parent, Path(args.checkpoint).name)
     require_content(checkpoint, "params", what="the checkpoint")
     config = encoder_config(args.backbone, checkpoint)
     image_size = args.image_size or config.image_size
     if image_size != config.image_size:
-        raise ValueError(f"--image_size {image_size} does not match --backbone {args.backbone} "
+        raise SubboostError(f"--image_size {image_size} does not match --backbone {args.backbone} "
                          f"(input {config.image_size}).")
     experts = read_expert_accuracies(args.experts, args.split) if args.experts else None
     if experts is not None and [t for t in tasks if t not in experts]:
-        raise ValueError(f"--experts {args.experts!r} has no {args.split} accuracy for task(s) "
+        raise SubboostError(f"--experts {args.experts!r} has no {args.split} accuracy for task(s) "
                          f"{[t for t in tasks if t not in experts]}.")
     params = load_checkpoint(checkpoint)
     check_same_structure(param_shapes(config), params, what=f"checkpoint {args.checkpoint}",
@@ -126,8 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--heads", required=True, help="directory of per-task heads <Task>[.safetensors]")
     parser.add_argument("--tasks", required=True, help="8, 14, 20 or comma-separated task names")
     parser.add_argument("--data_dir", default=None, help="tfds data_dir (local tasks in subdirectories)")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"), help="the split to score")
+    parser.add_argument("--batch_size", type=int, default=128, help="examples per compiled encoder call")
     parser.add_argument("--max_examples", type=int, default=None, help="first N examples per task")
     parser.add_argument("--image_size", type=int, default=None, help="default: the backbone's input size")
     parser.add_argument("--experts", default=None, help="JSON of expert accuracies, for normalized accuracy")

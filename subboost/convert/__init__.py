@@ -35,6 +35,7 @@ from subboost.convert import hf as _hf
 from subboost.convert import open_clip as _open_clip
 from subboost.convert.common import ConversionError, Converted, config_name, file_record, finalize
 from subboost.convert.torch_pickle import UnsafePickleError
+from subboost.errors import SubboostError
 from subboost.models.clip_vit import CLIPVisionConfig
 
 FORMATS: tuple[str, ...] = ("auto", "open_clip", "pickled_module", "hf", "head", "bert")
@@ -76,7 +77,7 @@ def convert_checkpoint(
     from subboost.convert.torch_pickle import StandIn
 
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}.")
+        raise SubboostError(f"unknown format {format!r}; expected one of {FORMATS}.")
     overrides = {k: v for k, v in overrides.items() if v is not None}  # None: "not given" (the CLI's defaults)
     path = Path(src)
     source = str(path)
@@ -88,7 +89,7 @@ def convert_checkpoint(
         return _convert_bert(path, config=config, dtype=dtype, overrides=overrides)
     if path.is_dir():
         if format not in ("auto", "hf"):
-            raise ValueError(f"{source} is a directory; only --format hf (or auto) reads directories.")
+            raise SubboostError(f"{source} is a directory; only --format hf (or auto) reads directories.")
         if not _hf.is_hf_dir(path):
             raise ConversionError(
                 f"{source}: not a Hugging Face model directory (needs config.json and model.safetensors, "
@@ -128,7 +129,7 @@ def convert_checkpoint(
         hints = architecture_hints(obj, source=source) if pickled else {}
         if detected == "head":
             if config is not None or overrides:
-                raise ValueError(f"{source}: a classification head takes no architecture arguments.")
+                raise SubboostError(f"{source}: a classification head takes no architecture arguments.")
             params, architecture = _heads.convert_head(
                 tensors, source=source, normalize=head_normalize(obj) if pickled else None
             )
@@ -167,7 +168,7 @@ def _is_bert_source(path: Path) -> bool:
 
 def _convert_bert(path: Path, *, config, dtype, overrides) -> Converted:
     if config is not None or any(v is not None for v in overrides.values()):
-        raise ValueError(f"{path}: a BERT encoder's architecture comes from its config.json; "
+        raise SubboostError(f"{path}: a BERT encoder's architecture comes from its config.json; "
                          "config= / heads= / act= do not apply.")
     params, cfg, info, files, what = _bert.convert_source(path)
     params = finalize(params, source=str(path), dtype=dtype)

@@ -28,6 +28,7 @@ import numpy as np
 
 from subboost.data.preprocessing import DEFAULT_IMAGE_SIZE, normalize_images_tf, resize_and_center_crop
 from subboost.data.tasks import Task, get_task, split_spec
+from subboost.errors import SubboostError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".pnm")
 # Fixed seed of the permutation applied to local file lists before slicing.
@@ -61,10 +62,10 @@ def _class_label(task: Task, name: str, split_dir: Path) -> int:
         label = task.class_dirs.index(name.lower())
     else:
         accepted = f"integer labels or one of {list(task.class_dirs)}" if task.class_dirs else "integer labels"
-        raise ValueError(f"{task.name}: unexpected class directory {str(split_dir / name)!r}; "
+        raise SubboostError(f"{task.name}: unexpected class directory {str(split_dir / name)!r}; "
                          f"class directories must be named by {accepted}.")
     if not 0 <= label < task.num_classes:
-        raise ValueError(f"{task.name}: class directory {str(split_dir / name)!r} gives label {label}, "
+        raise SubboostError(f"{task.name}: class directory {str(split_dir / name)!r} gives label {label}, "
                          f"outside 0..{task.num_classes - 1}.")
     return label
 
@@ -118,19 +119,19 @@ def _decode_ppm(data: bytes) -> np.ndarray:
     for _ in range(4):  # magic, width, height, maxval; comments allowed in between
         match = _PNM_TOKEN.match(data, position)
         if match is None:
-            raise ValueError("truncated PNM header.")
+            raise SubboostError("truncated PNM header.")
         fields.append(match.group(1))
         position = match.end()
     try:
         magic, width, height, maxval = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
     except ValueError as err:
-        raise ValueError(f"bad PNM header {fields!r}.") from err
+        raise SubboostError(f"bad PNM header {fields!r}.") from err
     if magic not in (b"P5", b"P6") or maxval > 255:
-        raise ValueError(f"unsupported PNM image (magic {magic!r}, maxval {maxval}); use 8-bit binary P5/P6.")
+        raise SubboostError(f"unsupported PNM image (magic {magic!r}, maxval {maxval}); use 8-bit binary P5/P6.")
     channels = 3 if magic == b"P6" else 1
     size = width * height * channels
     if len(data) < position + 1 + size:
-        raise ValueError(f"truncated PNM image: {width}x{height}x{channels} needs {size} bytes of pixels.")
+        raise SubboostError(f"truncated PNM image: {width}x{height}x{channels} needs {size} bytes of pixels.")
     pixels = np.frombuffer(data, np.uint8, size, position + 1)  # one whitespace byte ends the header
     return pixels.reshape(height, width, channels)
 
@@ -172,7 +173,7 @@ def _tfds_dataset(task: Task, spec: str, data_dir: str | None) -> Any:
     builder = tfds.builder(task.tfds_name, data_dir=data_dir, try_gcs=False)
     num_classes = builder.info.features["label"].num_classes
     if num_classes != task.num_classes:
-        raise ValueError(f"{task.name}: tfds builder {task.tfds_name!r} has {num_classes} classes, "
+        raise SubboostError(f"{task.name}: tfds builder {task.tfds_name!r} has {num_classes} classes, "
                          f"the task registry says {task.num_classes}.")
     try:
         ds = builder.as_dataset(split=spec, shuffle_files=False,
@@ -224,9 +225,9 @@ def split_dataset(
     task = get_task(task)
     spec = split_spec(task, split)
     if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
+        raise SubboostError(f"image_size must be a positive integer, got {image_size!r}.")
     if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}.")
+        raise SubboostError(f"max_examples must be a positive integer or None, got {max_examples!r}.")
     if task.is_local:
         ds = _local_dataset(task, spec, data_dir or default_data_dir())
     else:
@@ -260,5 +261,5 @@ def split_arrays(task: str | Task, split: str, *, batch_size: int = 256, **kwarg
         images.append(batch_images)
         labels.append(batch_labels)
     if not images:
-        raise ValueError(f"{get_task(task).name}: split {split!r} ({split_spec(task, split)}) has no examples.")
+        raise SubboostError(f"{get_task(task).name}: split {split!r} ({split_spec(task, split)}) has no examples.")
     return np.concatenate(images), np.concatenate(labels).astype(np.int32)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from subboost.errors import SubboostError
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 _CARVED = {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"}
@@ -130,13 +132,13 @@ def get_task(name: str | Task) -> Task:
     """The `Task` called ``name`` (case, ``-``/``_`` and a trailing ``Val`` ignored).
 
     Raises:
-      ValueError: for an unknown name, listing the valid ones.
+      SubboostError: for an unknown name, listing the valid ones.
     """
     if isinstance(name, Task):
         return name
     canonical = _LOOKUP.get(_key(str(name)))
     if canonical is None:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}.")
+        raise SubboostError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}.")
     return TASKS[canonical]
 
 
@@ -146,16 +148,16 @@ def suite_tasks(suite: int | str | Sequence[str]) -> tuple[Task, ...]:
         suite = int(suite)
     if isinstance(suite, int):
         if suite not in SUITES:
-            raise ValueError(f"unknown suite {suite}; suites have {sorted(SUITES)} tasks.")
+            raise SubboostError(f"unknown suite {suite}; suites have {sorted(SUITES)} tasks.")
         return tuple(TASKS[name] for name in SUITES[suite])
     if isinstance(suite, str):
         suite = [part for part in suite.split(",") if part.strip()]
     tasks = tuple(get_task(name.strip() if isinstance(name, str) else name) for name in suite)
     if not tasks:
-        raise ValueError("a suite needs at least one task.")
+        raise SubboostError("a suite needs at least one task.")
     duplicates = sorted({t.name for t in tasks if sum(u.name == t.name for u in tasks) > 1})
     if duplicates:
-        raise ValueError(f"suite lists task(s) {duplicates} more than once.")
+        raise SubboostError(f"suite lists task(s) {duplicates} more than once.")
     return tasks
 
 
@@ -163,5 +165,5 @@ def split_spec(task: str | Task, split: str) -> str:
     """The split spec (tfds slicing syntax) of ``split`` in {train, validation, test}."""
     task = get_task(task)
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} for task {task.name}; valid splits: {', '.join(SPLITS)}.")
+        raise SubboostError(f"unknown split {split!r} for task {task.name}; valid splits: {', '.join(SPLITS)}.")
     return task.splits[split]

@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
+from subboost.errors import SubboostError
 from subboost.task_vectors import in_host_memory
 from subboost.tree import PyTree
 
@@ -80,7 +81,7 @@ def pad_task_axis(tvs: PyTree, num_tasks: int) -> PyTree:
     leaves, treedef = jax.tree_util.tree_flatten(tvs)
     extra = num_tasks - leaves[0].shape[0]
     if extra < 0:
-        raise ValueError(f"cannot pad {leaves[0].shape[0]} task vectors down to {num_tasks}")
+        raise SubboostError(f"cannot pad {leaves[0].shape[0]} task vectors down to {num_tasks}")
     if all(map(in_host_memory, leaves)):
         # `jax.device_put`, not `jnp.asarray`: the latter compiles a copy program for every new shape.
         padded = [jax.device_put(np.concatenate([np.asarray(x), np.zeros((extra,) + x.shape[1:], x.dtype)]))

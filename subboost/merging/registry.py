@@ -50,7 +50,7 @@ from subboost.merging.padding import threefry_is_partitionable
 from subboost.merging.iso import check_common_space_fraction, iso_c, iso_cts
 from subboost.merging.ties import MERGE_MODES, TRIM_SCOPES, ties
 from subboost.merging.tsv import check_batch_size, tsv
-from subboost.quick_compile import size_aware_jit
+from subboost.compilation import size_aware_jit
 from subboost.tree import PyTree
 from subboost.validation import check_choice, check_int, check_real
 

@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from subboost.errors import SubboostError
 from subboost.models.config import ArchitectureConfig
 
 BERT_ACTIVATIONS: tuple[str, ...] = ("gelu",)
@@ -79,9 +80,9 @@ class BertConfig(ArchitectureConfig):
         )
         self.check_heads_divide_width()
         if not self.layer_norm_eps > 0:
-            raise ValueError(f"BertConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}.")
+            raise SubboostError(f"BertConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}.")
         if self.act not in BERT_ACTIVATIONS:
-            raise ValueError(f"BertConfig.act must be one of {BERT_ACTIVATIONS}, got {self.act!r}.")
+            raise SubboostError(f"BertConfig.act must be one of {BERT_ACTIVATIONS}, got {self.act!r}.")
 
 
 # all-MiniLM-L6-v2 (sentence-transformers), the BERT the `text` extra installs.
@@ -152,15 +153,15 @@ class BertEncoder(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         if input_ids.ndim != 2:
-            raise ValueError(f"BertEncoder expects input_ids of shape (batch, length), got {tuple(input_ids.shape)}.")
+            raise SubboostError(f"BertEncoder expects input_ids of shape (batch, length), got {tuple(input_ids.shape)}.")
         if input_ids.shape[1] > cfg.max_positions:
-            raise ValueError(
+            raise SubboostError(
                 f"BertEncoder: input length {input_ids.shape[1]} exceeds max_positions {cfg.max_positions}."
             )
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(
+            raise SubboostError(
                 f"BertEncoder: attention_mask has shape {tuple(attention_mask.shape)}, "
                 f"input_ids {tuple(input_ids.shape)}."
             )

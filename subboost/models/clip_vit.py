@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from subboost.errors import SubboostError
 from subboost.models.config import ArchitectureConfig
 
 ACTIVATIONS: tuple[str, ...] = ("quick_gelu", "gelu")
@@ -74,14 +75,14 @@ class CLIPVisionConfig(ArchitectureConfig):
     def __post_init__(self):
         self.check_positive_ints(("image_size", "patch_size", "width", "layers", "heads", "embed_dim", "in_channels"))
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise SubboostError(
                 f"CLIPVisionConfig: image_size {self.image_size} is not divisible by patch_size {self.patch_size}."
             )
         self.check_heads_divide_width()
         if self.act not in ACTIVATIONS:
-            raise ValueError(f"CLIPVisionConfig.act must be one of {ACTIVATIONS}, got {self.act!r}.")
+            raise SubboostError(f"CLIPVisionConfig.act must be one of {ACTIVATIONS}, got {self.act!r}.")
         if self.mlp_dim is not None and (not isinstance(self.mlp_dim, int) or self.mlp_dim <= 0):
-            raise ValueError(f"CLIPVisionConfig.mlp_dim must be a positive integer or None, got {self.mlp_dim!r}.")
+            raise SubboostError(f"CLIPVisionConfig.mlp_dim must be a positive integer or None, got {self.mlp_dim!r}.")
 
     @property
     def hidden_dim(self) -> int:
@@ -118,7 +119,7 @@ def get_config(name: str, **overrides: Any) -> CLIPVisionConfig:
     """
     key = name.replace("-", "/").replace("ViT/", "ViT-") if name.startswith("ViT") else name
     if key not in _CONFIGS:
-        raise ValueError(f"unknown CLIP vision config {name!r}; available: {list(_CONFIGS)}.")
+        raise SubboostError(f"unknown CLIP vision config {name!r}; available: {list(_CONFIGS)}.")
     return dataclasses.replace(_CONFIGS[key], **overrides)
 
 
@@ -132,7 +133,7 @@ def activation(name: str):
         return quick_gelu
     if name == "gelu":
         return lambda x: jax.nn.gelu(x, approximate=False)
-    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}.")
+    raise SubboostError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}.")
 
 
 class MLP(nn.Module):
@@ -184,7 +185,7 @@ class CLIPVisionTransformer(nn.Module):
         cfg = self.config
         expected = (cfg.image_size, cfg.image_size, cfg.in_channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
+            raise SubboostError(
                 f"CLIPVisionTransformer expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
                 f"(NHWC), got {tuple(images.shape)}."
             )

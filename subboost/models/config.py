@@ -11,20 +11,22 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from subboost.errors import SubboostError
+
 
 class ArchitectureConfig:
     """Mixin for a frozen dataclass with ``width`` and ``heads`` fields."""
 
     def check_positive_ints(self, names: Iterable[str]) -> None:
-        """Raises ValueError naming the first of ``names`` that is not a positive int (bools refused)."""
+        """Raises `SubboostError` naming the first of ``names`` that is not a positive int (bools refused)."""
         for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
+                raise SubboostError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
 
     def check_heads_divide_width(self) -> None:
         if self.width % self.heads:
-            raise ValueError(f"{type(self).__name__}: width {self.width} is not divisible by heads {self.heads}.")
+            raise SubboostError(f"{type(self).__name__}: width {self.width} is not divisible by heads {self.heads}.")
 
     @property
     def head_dim(self) -> int:
@@ -35,9 +37,9 @@ class ArchitectureConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Any:
-        """The config from `to_dict`'s output; unknown keys raise ValueError naming them."""
+        """The config from `to_dict`'s output; unknown keys raise `SubboostError` naming them."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known: {sorted(fields)}.")
+            raise SubboostError(f"{cls.__name__}: unknown fields {unknown}; known: {sorted(fields)}.")
         return cls(**d)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subboost.errors import SubboostError
+
 # Floor on ||f||^2: an all-zero feature vector maps to zero logits + bias, not NaN.
 _MIN_SQUARED_NORM = 1e-30
 
@@ -51,12 +53,12 @@ def heads_from_class_embeddings(class_embeddings, *, logit_scale: float = 100.0)
     """
     emb = jnp.asarray(class_embeddings)
     if emb.ndim not in (2, 3):
-        raise ValueError(
+        raise SubboostError(
             "heads_from_class_embeddings expects (num_classes, embed_dim) or "
             f"(num_classes, num_templates, embed_dim), got shape {tuple(emb.shape)}."
         )
     if not bool(jnp.all(jnp.isfinite(emb))):
-        raise ValueError("heads_from_class_embeddings: class_embeddings contain NaN or inf.")
+        raise SubboostError("heads_from_class_embeddings: class_embeddings contain NaN or inf.")
     emb = l2_normalize(emb)
     if emb.ndim == 3:
         emb = l2_normalize(emb.mean(axis=1))
@@ -68,10 +70,10 @@ def head_from_linear(weight, bias=None) -> dict:
     """PyTorch ``Linear`` ``(num_classes, embed_dim)`` weight (+ bias) -> `ClassificationHead` params."""
     weight = np.asarray(weight)
     if weight.ndim != 2:
-        raise ValueError(f"head weight must be 2-D (num_classes, embed_dim), got shape {weight.shape}.")
+        raise SubboostError(f"head weight must be 2-D (num_classes, embed_dim), got shape {weight.shape}.")
     if bias is None:
         bias = np.zeros((weight.shape[0],), weight.dtype)
     bias = np.asarray(bias)
     if bias.shape != (weight.shape[0],):
-        raise ValueError(f"head bias has shape {bias.shape}, expected ({weight.shape[0]},) to match weight {weight.shape}.")
+        raise SubboostError(f"head bias has shape {bias.shape}, expected ({weight.shape[0]},) to match weight {weight.shape}.")
     return {"kernel": jnp.asarray(weight.T), "bias": jnp.asarray(bias)}

@@ -118,7 +118,7 @@ def merge_from_checkpoints(
         tvs = sb.task_vectors(base, experts)
         tau = sb.merge(tvs, method, **method_kwargs)
         tau = sb.subspace_boost(tau, **boost)              # if boost
-        result = tau if alpha is None else sb.apply_task_vector(base, tau, alpha)
+        result = tau if alpha is None else sb.apply_task_vector(base, tau, alpha=alpha)
 
     with memory for one chunk of ``chunk_bytes`` across all experts instead
     of all experts at once (see the module docstring for the exact schemes
@@ -274,7 +274,7 @@ def _merge_chunk(names, tvs, base_arrays, stream, scheme, thresholds, majority, 
     if boost_options is not None:  # per matrix: exact chunk by chunk
         merged = dict(leaves_with_paths(subspace_boost(nest(merged), **boost_options, validate=False)))
     if alpha is not None:
-        params = apply_task_vector(nest({n: base_arrays[n] for n in names}), nest(merged), alpha)
+        params = apply_task_vector(nest({n: base_arrays[n] for n in names}), nest(merged), alpha=alpha)
         merged = dict(leaves_with_paths(params))
     return merged
 
