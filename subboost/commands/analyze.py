@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import uuid
@@ -80,6 +79,8 @@ def _earlier_analysis(out: Path) -> bool:
         summary = read_json(out / "summary.json", what="summary")
     except SubboostError:
         return False
+    from subboost.outputs import ANALYSIS_FORMAT
+
     return isinstance(summary, dict) and summary.get("format") == ANALYSIS_FORMAT
 
 
@@ -145,7 +146,6 @@ def _check_arguments(args: argparse.Namespace) -> dict:
     """Every argument checked before anything is loaded, computed or written."""
     from subboost.commands.common import merge_method_kwargs
     from subboost.merging import METHODS
-    from subboost.merging.keys import with_seed_key
     from subboost.validation import check_real
 
     check_real("--fraction", args.fraction, what="analyze", low=0.0, high=1.0, low_open=True)
@@ -155,7 +155,7 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         check_real("--pi", args.pi, what="analyze", low=0.0, low_open=True)
     if args.method not in METHODS:
         raise SubboostError(f"unknown merge method {args.method!r}; known methods: {', '.join(METHODS)}.")
-    return with_seed_key(args.method, dict(parse_param(p) for p in args.param), seed=args.seed)
+    return merge_method_kwargs(args)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
