@@ -14,7 +14,7 @@ Applications are reached through their subpackages:
 """
 
 from subboost import linalg, merging, tree
-from subboost.boosting import BoostReport, GroupReport, boost_singular_values, subspace_boost
+from subboost.boosting import BoostReport, GroupReport, boost_singular_values, subspace_boost, subspace_boost_sweep
 from subboost.merging import available_methods, merge
 from subboost.merging.averaging import task_arithmetic, weight_averaging
 from subboost.merging.consensus import consensus
@@ -68,6 +68,7 @@ __all__ = [
     "GroupReport",
     "boost_singular_values",
     "subspace_boost",
+    "subspace_boost_sweep",
     # matrix view of parameter trees
     "MatrixLayout",
     "default_is_matrix",
