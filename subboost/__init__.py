@@ -9,7 +9,7 @@ Applications are reached through their subpackages:
   (``Evaluator``, ``select_alpha_beta``, ``normalized_accuracies``, ...);
 - ``subboost.selection``: the one alpha/beta selection rule;
 - ``subboost.data``: task registry and tf.data pipelines;
-- ``subboost.bench``, ``subboost.text_bench``: the offline mini-benchmarks;
+- ``subboost.bench``, ``subboost.bench.suites.text``: the offline mini-benchmarks;
 - ``subboost.cli``, ``subboost.commands``: the command line.
 """
 

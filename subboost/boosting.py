@@ -15,7 +15,7 @@ singular values of every merged weight matrix::
 projections (the q/k/v matrices in the layout ``attention=`` selects), like the
 authors' separate ``attn_svd_thresh``.
 
-Rank-deficient matrices. With ``k = 0`` (the usual case at ``beta = 0.01``)
+Rank-deficient matrices. With ``k = 0`` (the usual case at the default ``beta``)
 every singular value is raised to ``s_0``, exact zeros included, and their
 singular vectors are not unique: the result then depends on the SVD's choice
 of null-space basis (different on one device and on a mesh, or between
@@ -524,7 +524,7 @@ def subspace_boost(
     Args:
       tau: merged task vector (a parameter pytree), or a bare array whose two
         trailing axes form the matrices.
-      beta: cutoff in [0, 1] (paper grid {0.0, 0.01, 0.02}).
+      beta: cutoff in [0, 1] (the paper's grid: `subboost.grids.PAPER_BETAS`).
       attn_beta: cutoff of the attention q/k/v matrices (as formed by
         ``attention``); ``None`` = ``beta``. The authors' code uses 0.10.
       rank_rtol: singular values ``<= rank_rtol * s_0`` count as exact zeros
@@ -676,7 +676,7 @@ def subspace_boost_sweep(
 
     Args:
       tau: merged task vector (a parameter pytree) or a bare array, as for `subspace_boost`.
-      betas: the cutoffs, each in [0, 1] (e.g. the paper's grid ``(0.0, 0.01, 0.02)``).
+      betas: the cutoffs, each in [0, 1] (e.g. the paper's grid, `subboost.grids.PAPER_BETAS`).
       attn_beta: cutoff of the attention q/k/v matrices for every beta; ``None``: each beta's own.
       rank_rtol, mode, attention, is_matrix, batch_size, solver, tol, validate, mesh: as in `subspace_boost`.
 

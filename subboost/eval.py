@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subboost import grids
 from subboost.data.preprocessing import CLIP_MEAN, CLIP_STD, normalize_images
 from subboost.models.heads import ClassificationHead
 from subboost.selection import check_grid, choose
@@ -72,11 +73,11 @@ __all__ = [
 
 EncodeFn = Callable[[PyTree, jax.Array], jax.Array]
 
-# Alpha grids of the paper (validation sweep): linear merges and SVD-based merges.
-LINEAR_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
-SVD_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 31))
-BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)
-TALL_LAMBDAS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
+# Grids of the paper (validation sweep; `subboost.grids`): linear merges and SVD-based merges.
+LINEAR_ALPHAS: tuple[float, ...] = grids.PAPER_LINEAR_ALPHAS
+SVD_ALPHAS: tuple[float, ...] = grids.PAPER_SVD_ALPHAS
+BETAS: tuple[float, ...] = grids.PAPER_BETAS
+TALL_LAMBDAS: tuple[float, ...] = grids.TALL_LAMBDAS
 SVD_METHODS: frozenset[str] = frozenset({"tsv", "iso_c", "iso_cts"})
 
 
