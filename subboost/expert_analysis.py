@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from subboost.grids import DEFAULT_BETA
 from subboost.outputs import ANALYSIS_FILES, ANALYSIS_FORMAT
 from subboost.tree import PyTree
 
@@ -34,7 +35,7 @@ def analyze(
     *,
     method: str = "task_arithmetic",
     merge_kwargs: Mapping | None = None,
-    beta: float | None = 0.01,
+    beta: float | None = DEFAULT_BETA,
     hogsvd_method: str = "robust",
     pi: float | None = None,
     attention: str = "per_qkv",

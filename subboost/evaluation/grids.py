@@ -9,13 +9,15 @@ beta on ``(0, 0.01, 0.02)``; the TALL-mask threshold of Consensus merging on
 
 from __future__ import annotations
 
+from subboost import grids
+
 __all__ = ["BETAS", "LINEAR_ALPHAS", "SVD_ALPHAS", "SVD_METHODS", "TALL_LAMBDAS", "alpha_grid"]
 
-# Alpha grids of the paper (validation sweep): linear merges and SVD-based merges.
-LINEAR_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
-SVD_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 31))
-BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)
-TALL_LAMBDAS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
+# The paper's grids live in `subboost.grids` (their one home); the names the evaluation has always used.
+LINEAR_ALPHAS: tuple[float, ...] = grids.PAPER_LINEAR_ALPHAS
+SVD_ALPHAS: tuple[float, ...] = grids.PAPER_SVD_ALPHAS
+BETAS: tuple[float, ...] = grids.PAPER_BETAS
+TALL_LAMBDAS: tuple[float, ...] = grids.TALL_LAMBDAS
 SVD_METHODS: frozenset[str] = frozenset({"tsv", "iso_c", "iso_cts"})
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from subboost.bench.generators import PIXEL_MEAN, PIXEL_STD
+from subboost.bench.suites.vision.generators import PIXEL_MEAN, PIXEL_STD
 from subboost.models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
 
 Encoder = Callable[[dict, jax.Array], jax.Array]

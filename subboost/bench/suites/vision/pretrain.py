@@ -7,7 +7,7 @@ cosine similarity under a learned temperature:
     loss      = mean_i  cross_entropy(logits_i, caption_i)
 
 The captions form a small fixed vocabulary (one caption per class of each task,
-or per pair of neighbouring classes, see `subboost.bench.splits.build_pretraining_mixture`), so the text tower is an embedding
+or per pair of neighbouring classes, see `subboost.bench.suites.vision.splits.build_pretraining_mixture`), so the text tower is an embedding
 table ``w`` and every caption is a negative for every image (CLIP's
 image-to-text loss with the whole vocabulary in the batch; the text-to-image
 half adds nothing when captions repeat within a batch).
@@ -29,9 +29,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from subboost.bench.config import BenchConfig
-from subboost.bench.splits import PretrainData
-from subboost.bench.model import add_pixel_noise, init_encoder, make_encoder
+from subboost.bench.suites.vision.config import BenchConfig
+from subboost.bench.suites.vision.splits import PretrainData
+from subboost.bench.suites.vision.model import add_pixel_noise, init_encoder, make_encoder
 from subboost.models.heads import l2_normalize
 
 MAX_LOGIT_SCALE = 100.0

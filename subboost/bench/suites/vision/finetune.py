@@ -1,6 +1,6 @@
 """Fine-tuning one expert per task: the encoder only, the task's head frozen.
 
-For task ``t`` with frozen head ``(W_t, b_t)`` (`subboost.bench.centroid_heads`):
+For task ``t`` with frozen head ``(W_t, b_t)`` (`subboost.bench.suites.vision.centroid_heads`):
 
     loss_t(theta) = mean_i cross_entropy( normalise(f_theta(x_i)) @ W_t + b_t , y_i )
 
@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from subboost.bench.config import BenchConfig
-from subboost.bench.splits import SuiteData
-from subboost.bench.centroid_heads import task_logits
-from subboost.bench.model import add_pixel_noise, make_encoder
-from subboost.bench.pretrain import chunk_sizes
+from subboost.bench.suites.vision.config import BenchConfig
+from subboost.bench.suites.vision.splits import SuiteData
+from subboost.bench.suites.vision.centroid_heads import task_logits
+from subboost.bench.suites.vision.model import add_pixel_noise, make_encoder
+from subboost.bench.suites.vision.pretrain import chunk_sizes
 
 FINETUNE_MOMENTUM = 0.9
 

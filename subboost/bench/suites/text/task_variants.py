@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from subboost.text_bench.generators import NAMES, NUMBERS, PLACES, TASKS, THINGS, TIMES, TextTask
-from subboost.text_bench.splits import TextSuite, build_suite
+from subboost.bench.suites.text.generators import NAMES, NUMBERS, PLACES, TASKS, THINGS, TIMES, TextTask
+from subboost.bench.suites.text.splits import TextSuite, build_suite
 
 _BY_NAME = {t.name: t for t in TASKS}
 

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.bench.evaluate import map_in_batches, params_at, sweep_alphas
+from subboost.bench.accuracy import map_in_batches, params_at, sweep_alphas
 from subboost.models.bert import BertConfig
-from subboost.text_bench.prototype_heads import task_logits
-from subboost.text_bench.model import make_embedder, with_encoder
+from subboost.bench.suites.text.prototype_heads import task_logits
+from subboost.bench.suites.text.model import make_embedder, with_encoder
 
 _STATIC = ("model", "batch")
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.bench.splits import SuiteData, few_shot_examples
-from subboost.bench.generators import add_noise
+from subboost.bench.suites.vision.splits import SuiteData, few_shot_examples
+from subboost.bench.suites.vision.generators import add_noise
 from subboost.models.heads import l2_normalize
 
 PAD_BIAS = -1e9
@@ -66,7 +66,7 @@ def build_heads(encode, params: dict, data: SuiteData, *, shots: int, logit_scal
     """Zero-shot-like heads of every task of ``data`` from ``shots`` noisy training images per class.
 
     Args:
-      encode: ``encode(params, images)`` (see `subboost.bench.model.make_encoder`).
+      encode: ``encode(params, images)`` (see `subboost.bench.suites.vision.model.make_encoder`).
       params: the pretrained encoder.
       data: the task suite (examples come from its training split, noised with
         each task's pixel noise from a stream fixed by ``seed``).

@@ -3,7 +3,7 @@
 Merging users start from released weights; so does the default benchmark. Its
 base encoder is pretrained once (`pretrain_base`, reproduced by
 ``subboost demo --pretrain-base``) and committed as a small ``.npz`` under
-``subboost/bench/bases/`` with its SHA-256 in `SHIPPED_BASES` (`subboost.bench.config`). A run whose
+``subboost/bench/bases/`` with its SHA-256 in `SHIPPED_BASES` (`subboost.bench.suites.vision.config`). A run whose
 config names a shipped base (`BenchConfig.base`) loads it, checks the checksum
 and skips pretraining; a config without one pretrains in the run.
 
@@ -22,10 +22,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from subboost.bench.config import SHIPPED_BASES, BenchConfig
-from subboost.bench.splits import PretrainData, build_pretraining_mixture
-from subboost.bench.pretrain import pretrain
-from subboost.bench.generators import TASKS, Task
+from subboost.bench.suites.vision.config import SHIPPED_BASES, BenchConfig
+from subboost.bench.suites.vision.splits import PretrainData, build_pretraining_mixture
+from subboost.bench.suites.vision.pretrain import pretrain
+from subboost.bench.suites.vision.generators import TASKS, Task
 from subboost.tree import nest
 
 BASES_DIR = Path(__file__).parent / "bases"

@@ -170,7 +170,7 @@ class TextTask:
       description: what the label says about the sentence.
       stream: index of the task's random streams in `generate` (``None``: its position in
         `TASK_NAMES`; tasks outside the standard twelve set their own, e.g.
-        `subboost.text_bench.task_variants`).
+        `subboost.bench.suites.text.task_variants`).
     """
 
     name: str

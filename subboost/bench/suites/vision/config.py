@@ -2,14 +2,14 @@
 
 Everything the benchmark does is decided here, so a run is described by its
 config and seed alone (they are written into ``results.json``). The part that
-decides the trained models (`subboost.bench.cache.training_key`) keys the checkpoint
+decides the trained models (`subboost.bench.suites.vision.keys.training_key`) keys the checkpoint
 cache: changing an evaluation setting reuses the trained base and experts,
 changing a training setting retrains them.
 
 ``default``: a 3-block ViT (16x16 RGB, patch 4, width 128, 4 heads, projection
-to 128 dims; ~600k parameters), loaded from the shipped base (`subboost.bench.base`:
+to 128 dims; ~600k parameters), loaded from the shipped base (`subboost.bench.suites.vision.base`:
 pretrained once, CLIP-style, on fine captions of all 20 tasks, 4000 steps of 128);
-every task in its own look (``domain_style=0.3``, `subboost.bench.generators.domain_style`);
+every task in its own look (``domain_style=0.3``, `subboost.bench.suites.vision.generators.domain_style`);
 frozen 1-shot prototype heads that come with the base (drawn with its seed, whatever the run
 seed); 20 experts fine-tuned gently (Adam lr 5e-4, 400 steps of 32); merged at 8 / 14 / 20
 tasks. Calibrated against published CLIP facts (issue 19; the README lists the targets and the
@@ -30,18 +30,20 @@ boosting sweep and regime figures were added).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
+from subboost import grids
+from subboost.bench.settings import DEFAULT_FIXED_ALPHAS, DEFAULT_METHOD_KWARGS, check_suite_settings
 from subboost.models.clip_vit import CLIPVisionConfig
 
-# Coarse log-spaced alpha grid, 0.01 * 2^k (0.01 .. 5.12); the sweep refines the
+# Coarse log-spaced alpha grid (`subboost.grids.BENCH_ALPHAS`); the sweep refines the
 # best point by 2^(+-1/2) and flags choices on the grid's edges.
-DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.01 * 2**k, 6) for k in range(10))
-DEFAULT_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)
+DEFAULT_ALPHAS: tuple[float, ...] = grids.BENCH_ALPHAS
+DEFAULT_BETAS: tuple[float, ...] = grids.PAPER_BETAS
 # Boosting-strength sweep at the largest task count (beta = 1: no boost).
-SWEEP_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+SWEEP_BETAS: tuple[float, ...] = grids.BOOST_SWEEP_BETAS
 
-# Shipped pretrained bases (`subboost.bench.base`): name -> sha256 of the .npz file.
+# Shipped pretrained bases (`subboost.bench.suites.vision.base`): name -> sha256 of the .npz file.
 # ``default_seed0``: `get_config("default")`'s pretraining (width 128, each task in its own look, amplitude 0.3,
 # 4000 steps), seed 0: ``subboost demo --pretrain-base --seed 0 --out DIR`` runs it (this file was written by the
 # same `pretrain_base` call from a script, with the config under another base name: 568 s wall on 2 idle cores;
@@ -59,27 +61,6 @@ SHIPPED_BASES: dict[str, str] = {
 }
 
 SWEEP_METHODS: tuple[str, ...] = ("task_arithmetic", "ties")
-
-# Hyper-parameters of the merge methods (REFERENCE.md defaults; Consensus's
-# per-task lambda is fixed at 0.4 instead of tuned per task).
-# SVD-based steps run one layer at a time (`batch_size=1`, same result). jaxlib
-# 0.10.2's CPU LAPACK kernels split a batch of matrices over the intra-op thread
-# pool and block until it finishes; two such kernels running at once on a
-# 2-thread pool wait on each other forever (observed: the unchunked Iso-CTS of
-# the tiny model at T = 4, 7 and 10). One layer at a time leaves far fewer
-# batched kernels that can run concurrently; a boost of a single matrix runs inline.
-SVD_BATCH_SIZE = 1
-DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {
-    "ties": {"k": 0.2},
-    "dare": {"p": 0.9},
-    "consensus": {"min_tasks": 2, "lambdas": 0.4},
-    "tsv": {"batch_size": SVD_BATCH_SIZE},
-    "iso_c": {"batch_size": SVD_BATCH_SIZE},
-    "iso_cts": {"batch_size": SVD_BATCH_SIZE},
-}
-# Methods used at a fixed alpha instead of a tuned one: weight averaging *is*
-# theta_0 + mean(tau) (with a tuned alpha it would equal task arithmetic).
-DEFAULT_FIXED_ALPHAS: dict[str, float] = {"weight_averaging": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +87,13 @@ class BenchConfig:
         CLIP-style pretraining (AdamW, linear warm-up then cosine decay, global-norm clip 1).
       finetune_steps, finetune_batch, finetune_lr, finetune_warmup: per-expert fine-tuning
         of the encoder (AdamW without weight decay, same schedule shape); heads stay frozen.
-      domain_style: amplitude of each task's own input look (`subboost.bench.generators.domain_style`: a
+      domain_style: amplitude of each task's own input look (`subboost.bench.suites.vision.generators.domain_style`: a
         fixed colour mixing and background pattern per task, as real suites are different datasets); 0: every
         task in one shared look.
       finetune_label_noise: fraction of training labels replaced by another class before fine-tuning
         (`subboost.bench.label_noise`; the heads and evaluation stay clean). 0 leaves the training key as it was.
       task_set: the tasks, ``"standard"`` (the 20 of `generators.TASKS`) or ``"many"`` (those, then 30
-        regrouped variants, `subboost.bench.task_variants`); ``num_tasks`` takes the first ones.
+        regrouped variants, `subboost.bench.suites.vision.task_variants`); ``num_tasks`` takes the first ones.
       steps_per_call: optimisation steps fused into one jit-compiled `lax.scan` call.
       eval_batch: images per forward pass in evaluation.
       methods: merge methods to run (``None`` = every method in `subboost.available_methods()`).
@@ -124,6 +105,7 @@ class BenchConfig:
         (`subboost.bench.pipeline.boost_sweep`).
     """
 
+    suite: ClassVar[str] = "vision"  # the registered suite that runs this config
     name: str
     model: CLIPVisionConfig
     num_tasks: int
@@ -160,7 +142,7 @@ class BenchConfig:
     sweep_methods: tuple[str, ...] = SWEEP_METHODS
 
     def __post_init__(self):
-        from subboost.bench.task_variants import task_set
+        from subboost.bench.suites.vision.task_variants import task_set
 
         check_suite_settings(self, available_tasks=len(task_set(self.task_set)), betas=("betas", "sweep_betas"))
         if not 0.0 <= self.domain_style <= 1.0:
@@ -179,25 +161,6 @@ class BenchConfig:
         d = dataclasses.asdict(self)
         d["model"] = self.model.to_dict()
         return d
-
-
-def check_suite_settings(config: Any, *, available_tasks: int, betas: tuple[str, ...] = ("betas",)) -> None:
-    """The checks every suite config shares: task counts, the alpha grid, the beta grids.
-
-    Raises ValueError naming the config class and field.
-    """
-    name = type(config).__name__
-    if not 1 <= config.num_tasks <= available_tasks:
-        raise ValueError(f"{name}.num_tasks must be in [1, {available_tasks}], got {config.num_tasks}.")
-    if not config.task_counts or any(not 1 <= k <= config.num_tasks for k in config.task_counts):
-        raise ValueError(f"{name}.task_counts must lie in [1, num_tasks={config.num_tasks}], got {config.task_counts}.")
-    if list(config.task_counts) != sorted(set(config.task_counts)):
-        raise ValueError(f"{name}.task_counts must be strictly increasing, got {config.task_counts}.")
-    if any(a <= 0 for a in config.alphas) or list(config.alphas) != sorted(set(config.alphas)):
-        raise ValueError(f"{name}.alphas must be positive and strictly increasing, got {config.alphas}.")
-    for field in betas:
-        if any(not 0.0 <= b <= 1.0 for b in getattr(config, field)):
-            raise ValueError(f"{name}.{field} must lie in [0, 1], got {getattr(config, field)}.")
 
 
 _MODELS = {

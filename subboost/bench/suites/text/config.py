@@ -12,15 +12,14 @@ TSV-M, Iso-C: element-wise and SVD-based): every stage of the pipeline, for CI.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
-# The merge methods' hyper-parameters are the vision suite's (REFERENCE.md defaults).
-from subboost.bench.config import DEFAULT_FIXED_ALPHAS, DEFAULT_METHOD_KWARGS, check_suite_settings
-
+from subboost import grids
+from subboost.bench.settings import DEFAULT_FIXED_ALPHAS, DEFAULT_METHOD_KWARGS, check_suite_settings
 
 # Log-spaced alpha grid 0.125 .. 2 (refined by 2^(+-1/2) around the best; edges flagged).
-DEFAULT_ALPHAS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
-DEFAULT_BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)  # the paper's grid
+DEFAULT_ALPHAS: tuple[float, ...] = grids.TEXT_ALPHAS
+DEFAULT_BETAS: tuple[float, ...] = grids.PAPER_BETAS
 # Temperature of the frozen cosine-prototype heads: fixed, not tuned (20 is the scale
 # sentence-transformers uses for cosine-similarity losses).
 LOGIT_SCALE = 20.0
@@ -48,11 +47,13 @@ class TextBenchConfig:
         (`subboost.bench.label_noise.corrupt_labels`; heads, validation and test stay clean). 0 leaves the
         training key as it was.
       task_set: ``"standard"`` (the 12 of `generators.TASKS`) or ``"many"`` (those, then the variants of
-        `subboost.text_bench.task_variants`); ``num_tasks`` takes the first ones. ``"standard"`` leaves the
+        `subboost.bench.suites.text.task_variants`); ``num_tasks`` takes the first ones. ``"standard"`` leaves the
         training key as it was.
-      methods, method_kwargs, fixed_alphas, alphas, betas: as in `subboost.bench.config.BenchConfig`.
+      methods, method_kwargs, fixed_alphas, alphas, betas, sweep_methods, sweep_betas: as in
+        `subboost.bench.suites.vision.config.BenchConfig` (no boosting sweep by default).
     """
 
+    suite: ClassVar[str] = "text"  # the registered suite that runs this config
     name: str
     layers: int | None
     num_tasks: int
@@ -76,9 +77,11 @@ class TextBenchConfig:
     fixed_alphas: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_FIXED_ALPHAS))
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     betas: tuple[float, ...] = DEFAULT_BETAS
+    sweep_methods: tuple[str, ...] = ()
+    sweep_betas: tuple[float, ...] = grids.BOOST_SWEEP_BETAS
 
     def __post_init__(self):
-        from subboost.text_bench.task_variants import task_set
+        from subboost.bench.suites.text.task_variants import task_set
 
         check_suite_settings(self, available_tasks=len(task_set(self.task_set)))
         if not 0.0 <= self.finetune_label_noise < 1.0:
@@ -98,7 +101,7 @@ class TextBenchConfig:
         defaults, so the standard suite's keys are those from before they existed.
         """
         from subboost.bench.cache import source_key, with_options
-        from subboost.text_bench import finetune, generators, model, prototype_heads, splits, task_variants, tokenize
+        from subboost.bench.suites.text import finetune, generators, model, prototype_heads, splits, task_variants, tokenize
 
         fields = {k: v for k, v in self.to_dict().items()
                   if k.startswith(("layers", "num_tasks", "train_", "finetune_", "head_", "max_length", "logit_",

@@ -2,7 +2,7 @@
 
 Training splits are stored clean (training adds each task's pixel noise afresh
 per step); evaluation splits hold their fixed noisy images. Everything is
-float32 in ``[0, 1]``; `subboost.bench.generators.normalise` maps to model input.
+float32 in ``[0, 1]``; `subboost.bench.suites.vision.generators.normalise` maps to model input.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from subboost.bench.generators import MAX_CLASSES, Task, coarse_labels, generate, num_coarse_labels
+from subboost.bench.suites.vision.generators import MAX_CLASSES, Task, coarse_labels, generate, num_coarse_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,7 @@ def few_shot_examples(task_index: int, data: SuiteData, shots: int) -> np.ndarra
     """``(MAX_CLASSES, shots, H, W, 3)`` clean training images, ``shots`` per class (zeros for absent classes).
 
     The first ``shots`` training examples of each class: what a zero-shot head
-    is built from (see `subboost.bench.centroid_heads`).
+    is built from (see `subboost.bench.suites.vision.centroid_heads`).
     """
     labels = data.train.labels[task_index]
     out = np.zeros((MAX_CLASSES, shots) + data.train.images.shape[2:], np.float32)

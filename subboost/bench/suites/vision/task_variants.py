@@ -1,4 +1,4 @@
-"""Thirty more vision tasks: class *regroupings* of the twenty tasks of `subboost.bench.generators`.
+"""Thirty more vision tasks: class *regroupings* of the twenty tasks of `subboost.bench.suites.vision.generators`.
 
 The open question "what happens beyond 20 experts?" needs more tasks than the
 benchmark's twenty. `MANY_TASKS` keeps those twenty first, in their order (so a
@@ -17,7 +17,7 @@ mirror     ``min(c, C - 1 - c)``       {0,7} {1,6} {2,5} {3,4}
 =========  ==========================  ===================================================
 
 Why these experts disagree (and a label *permutation* would not): the heads
-are frozen class prototypes (`subboost.bench.centroid_heads`), so permuting a
+are frozen class prototypes (`subboost.bench.suites.vision.centroid_heads`), so permuting a
 task's labels permutes its head's columns too and leaves the encoder's loss,
 hence its task vector, unchanged. A regrouping instead changes which image
 differences the encoder must keep and which it may drop: ``parity`` asks the
@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from subboost.bench.generators import TASKS, Task
+from subboost.bench.suites.vision.generators import TASKS, Task
 
 Rule = Callable[[int, int], int]
 RULES: dict[str, Rule] = {

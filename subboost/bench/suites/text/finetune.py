@@ -1,6 +1,6 @@
 """Fine-tuning one expert per task: the transformer blocks only; embeddings and head frozen.
 
-For task ``t`` with frozen prototype head ``(W_t, b_t)`` (`subboost.text_bench.prototype_heads`):
+For task ``t`` with frozen prototype head ``(W_t, b_t)`` (`subboost.bench.suites.text.prototype_heads`):
 
     loss_t(theta) = mean_i cross_entropy( normalise(meanpool(f_theta(x_i))) @ W_t + b_t , y_i )
 
@@ -21,8 +21,8 @@ import optax
 from tqdm.auto import tqdm
 
 from subboost.models.bert import BertConfig
-from subboost.text_bench.prototype_heads import task_logits
-from subboost.text_bench.model import make_embedder, with_encoder
+from subboost.bench.suites.text.prototype_heads import task_logits
+from subboost.bench.suites.text.model import make_embedder, with_encoder
 
 
 def chunk_sizes(total: int, per_call: int) -> list[int]:

@@ -49,7 +49,7 @@ and background pattern per task, so that the tasks' inputs differ as different
 datasets' do and an expert's change for its own images need not act on the
 others' (see the README's "Why each task has its own look").
 
-Pretraining (see `subboost.bench.pretrain`) sees other images from the same
+Pretraining (see `subboost.bench.suites.vision.pretrain`) sees other images from the same
 generators, labelled only *coarsely*: `coarse_labels` merges each task's
 classes into pairs of neighbours (0-1, 2-3, ...: "1 or 2 dots", "digit 4 or 5",
 "orientation 0 or 22.5 deg"), so the pretrained encoder knows every domain but
@@ -645,7 +645,7 @@ def domain_style(task_name: str, amplitude: float) -> tuple[np.ndarray, np.ndarr
     low-frequency gratings per channel, peak amplitude up to ``amplitude``):
     ``styled = clip(0.8 Q (x - 0.5) + 0.5 + P, 0, 1)``. Both depend on the task's name
     only (not on the run seed), as a dataset's look does; a regrouped task
-    (``parent__rule``, `subboost.bench.task_variants`) keeps its parent's look.
+    (``parent__rule``, `subboost.bench.suites.vision.task_variants`) keeps its parent's look.
     """
     root = task_name.split("__")[0]
     digest = hashlib.sha256(f"style/{root}".encode()).digest()

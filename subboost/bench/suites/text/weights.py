@@ -40,7 +40,7 @@ def load_pretrained(path: str | Path | None = None, *, layers: int | None = None
     import dataclasses
 
     from subboost.convert import convert_checkpoint
-    from subboost.text_bench.tokenize import SentenceTokenizer
+    from subboost.bench.suites.text.tokenize import SentenceTokenizer
 
     path = Path(path) if path is not None else packaged_model_zip()
     converted = convert_checkpoint(path, format="bert")

@@ -21,32 +21,18 @@ compiled programs are shared by every run in a process.
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost.bench.centroid_heads import task_logits
-from subboost.bench.model import make_encoder
+from subboost.bench.accuracy import map_in_batches, params_at, sweep_alphas
+from subboost.bench.suites.vision.centroid_heads import task_logits
+from subboost.bench.suites.vision.model import make_encoder
 from subboost.models.clip_vit import CLIPVisionConfig
 
 _STATIC = ("model", "batch")
-
-
-def map_in_batches(fn: Callable[..., jax.Array], *arrays: jax.Array, batch: int) -> jax.Array:
-    """``fn`` over the leading axis of ``arrays``, ``batch`` rows per call (`jax.lax.map`; the last batch padded).
-
-    Memory stays bounded by one batch; the padding rows are dropped from the result. Shared by the
-    vision and text suites' evaluations.
-    """
-    n = arrays[0].shape[0]
-    batch = min(batch, n)
-    num_batches = math.ceil(n / batch)
-    padded = [jnp.pad(a, ((0, num_batches * batch - n),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(a.reshape((num_batches, batch) + a.shape[1:]) for a in padded))
-    return out.reshape((num_batches * batch,) + out.shape[2:])[:n]
 
 
 def features(params: dict, images: jax.Array, *, model: CLIPVisionConfig, batch: int) -> jax.Array:
@@ -60,11 +46,6 @@ def _accuracies(params, images, labels, heads, *, model, batch):
     feats = features(params, images.reshape((num_tasks * n,) + images.shape[2:]), model=model, batch=batch)
     logits = task_logits(feats.reshape(num_tasks, n, -1), heads)
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels, axis=1)
-
-
-def params_at(base, tau, alpha):
-    """``theta_0 + alpha * tau`` (alpha cast to each leaf's dtype; shared with the text suite)."""
-    return jax.tree_util.tree_map(lambda p, t: p + alpha.astype(p.dtype) * t.astype(p.dtype), base, tau)
 
 
 def _one_task_accuracy(params, images, labels, head, *, model, batch):
@@ -103,13 +84,6 @@ def sweep_alphas_by_task(base, tau, alphas: Sequence[float], tasks: Sequence[tup
     rows = [[task_accuracy_at(base, tau, jnp.float32(a), *task, model=model, batch=batch) for task in tasks]
             for a in alphas]
     return np.asarray(jax.device_get(rows), dtype=np.float32).reshape(len(alphas), len(tasks))
-
-
-def sweep_alphas(accuracies_at: Callable[..., jax.Array], base, tau, alphas: Sequence[float], *data,
-                 **static) -> np.ndarray:
-    """``(A, T)``: ``accuracies_at(base, tau, alpha, *data, **static)`` for every alpha (one host sync)."""
-    rows = [accuracies_at(base, tau, jnp.float32(a), *data, **static) for a in alphas]
-    return np.asarray(jnp.stack(rows))
 
 
 def alpha_sweep(base, tau, alphas: Sequence[float], images, labels, heads, *, model, batch) -> np.ndarray:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from subboost.text_bench.generators import TextTask, generate
-from subboost.text_bench.tokenize import SentenceTokenizer
+from subboost.bench.suites.text.generators import TextTask, generate
+from subboost.bench.suites.text.tokenize import SentenceTokenizer
 
 
 @dataclasses.dataclass(frozen=True)

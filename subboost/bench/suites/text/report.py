@@ -80,7 +80,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         accuracy_table(results, "normalized"),
         "",
         "Chosen alpha (plain ; boosted) / beta, with the mean boosting cutoff index k over matrices "
-        "(`0=0.01` = those betas give the same cutoffs):",
+        "(`a=b` = those betas give the same cutoffs):",
         "",
         choices_table(results),
         "",
@@ -100,9 +100,3 @@ def markdown_tables(results: dict[str, Any]) -> str:
     if notes:
         parts += ["", "Not run:", *notes]
     return "\n".join(parts) + "\n"
-
-
-def markdown_report(results: dict[str, Any]) -> str:
-    """`markdown_tables` plus the run's wall time."""
-    return markdown_tables(results) + bench_report.wall_time_line(
-        results, cached="reused cached experts", trained="fine-tuned the experts")
