@@ -7,21 +7,25 @@
 - ``rank_collapse.png``: stable and energy rank against the number of merged experts, per layer type;
 - ``spectra.png``: merged spectra as experts are added (and ``spectra_boosted.png`` with a beta);
 
-and ``summary.json`` (settings, expert names, the greedy expert ranking). ``subboost analyze`` is its command.
+and ``summary.json`` (settings, expert names, the greedy expert ranking). `write_analysis` does the same
+into a folder under subboost's output rule (`subboost.outputs`); ``subboost analyze`` is its command.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from subboost.tree import PyTree
 
-__all__ = ["OUTPUT_FILES", "analyze"]
+__all__ = ["OUTPUT_FILES", "analyze", "check_analysis_output", "write_analysis"]
 
 OUTPUT_FILES: tuple[str, ...] = (
     "gsv_distributions.png", "gsv_distributions.json", "alignment.png", "alignment.json",
@@ -106,3 +110,89 @@ def analyze(
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=1, allow_nan=False, default=str)
     return written
+
+
+def _earlier_analysis(out: Path) -> bool:
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(summary, dict) and "figures" in summary and "experts" in summary
+
+
+def check_analysis_output(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
+                          name: str = "out") -> Path:
+    """Where `write_analysis` may write: a new directory, or an existing one.
+
+    In an existing directory the files of an earlier analysis (`OUTPUT_FILES`)
+    are replaced only with ``overwrite``, and only where that analysis's
+    ``summary.json`` shows subboost wrote them; other files are left alone.
+
+    Args:
+      name: how messages call ``out`` (the command line passes ``"--out"``; its
+        messages then name ``--overwrite`` rather than ``overwrite=True``).
+
+    Raises:
+      OutputOverlapError: ``out`` is, contains or lies inside an input.
+      FileExistsError: ``out`` is a file or link, or holds analysis files that
+        may not be replaced.
+    """
+    from subboost.outputs import check_not_an_input
+
+    out = Path(out)
+    overwrite_hint = "--overwrite" if name.startswith("--") else "overwrite=True"
+    check_not_an_input(out, inputs, name=name)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"{name} {str(out)!r} exists and is not a directory.")
+    if out.is_dir():
+        clashing = [file for file in OUTPUT_FILES if (out / file).exists() or (out / file).is_symlink()]
+        if clashing and not overwrite:
+            raise FileExistsError(
+                f"{name} {str(out)!r} already holds {', '.join(clashing)}; pass {overwrite_hint} to replace them."
+            )
+        if clashing and not _earlier_analysis(out):
+            raise FileExistsError(
+                f"{name} {str(out)!r} holds {', '.join(clashing)} but no summary.json of an earlier analysis; "
+                f"refusing to replace files subboost did not write, even with {overwrite_hint}."
+            )
+    return out
+
+
+def write_analysis(tvs: PyTree, names: Sequence[str], out: str | os.PathLike, *, overwrite: bool = False,
+                   inputs: Iterable[str | os.PathLike] = (), name: str = "out", **options: Any) -> dict[str, Path]:
+    """`analyze` into ``out``, built in a hidden staging folder: a failure part-way leaves ``out`` as it was.
+
+    ``out`` is checked by `check_analysis_output` before anything is computed and
+    again just before the files move into place.
+
+    Args:
+      tvs, names: as in `analyze`.
+      out: a new directory, or an existing one that receives (or, with ``overwrite``, replaces) the files.
+      overwrite, inputs, name: see `check_analysis_output`.
+      **options: `analyze`'s keyword arguments.
+
+    Returns:
+      ``{figure: path of its PNG in out}``.
+    """
+    from subboost.outputs import write_atomically
+
+    inputs = list(inputs)
+    out = check_analysis_output(out, overwrite=overwrite, inputs=inputs, name=name)
+    written: dict[str, str] = {}
+
+    def build(staging: Path) -> None:
+        staging.mkdir()
+        written.update(analyze(tvs, names, staging, **options))
+
+    if out.is_dir():  # an existing folder: add (or, with overwrite, replace) our files only
+        staging_dir = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            build(staging_dir)
+            check_analysis_output(out, overwrite=overwrite, inputs=inputs, name=name)
+            for file in sorted(os.listdir(staging_dir)):
+                os.replace(staging_dir / file, out / file)
+        finally:
+            shutil.rmtree(staging_dir, ignore_errors=True)
+    else:
+        write_atomically(out, build, inputs=inputs)
+    return {figure: out / Path(path).name for figure, path in written.items()}

@@ -21,11 +21,6 @@ and summary.json (settings, expert names, the greedy expert ranking).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -33,38 +28,9 @@ import numpy as np
 
 from subboost.checkpoint_io.task_vectors_npz import load_task_vectors_npz
 from subboost.commands.common import add_command, add_merge_method_arguments
-from subboost.expert_analysis import OUTPUT_FILES, analyze
+from subboost.expert_analysis import check_analysis_output, write_analysis
 from subboost.task_vectors import SubboostError, num_experts
 from subboost.tree import ATTENTION_MODES, PyTree
-
-
-def _check_output(out: Path, overwrite: bool, inputs: Sequence[str] = ()) -> None:
-    """``--out`` is a directory (new, or existing); files of an earlier analysis are replaced only
-    with ``overwrite``, and only where that analysis's ``summary.json`` shows subboost wrote them."""
-    from subboost.outputs import check_not_an_input
-
-    check_not_an_input(out, inputs, name="--out")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {str(out)!r} exists and is not a directory.")
-    if out.is_dir():
-        clashing = [name for name in OUTPUT_FILES if (out / name).exists() or (out / name).is_symlink()]
-        if clashing and not overwrite:
-            raise FileExistsError(
-                f"--out {str(out)!r} already holds {', '.join(clashing)}; pass --overwrite to replace them."
-            )
-        if clashing and not _earlier_analysis(out):
-            raise FileExistsError(
-                f"--out {str(out)!r} holds {', '.join(clashing)} but no summary.json of an earlier analysis; "
-                "refusing to replace files subboost did not write, even with --overwrite."
-            )
-
-
-def _earlier_analysis(out: Path) -> bool:
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(summary, dict) and "figures" in summary and "experts" in summary
 
 
 def _load(args: argparse.Namespace) -> tuple[PyTree, list[str]]:
@@ -114,41 +80,22 @@ def _check_arguments(args: argparse.Namespace) -> dict:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from subboost.outputs import write_atomically
     from subboost.merging import check_arguments
 
-    out = Path(args.out)
     merge_kwargs = _check_arguments(args)
     inputs = [*args.experts] + ([args.base] if args.base else [])
-    _check_output(out, args.overwrite, inputs)  # before the (slow) loading; nothing is created before the end
+    # before the (slow) loading; nothing is created before the end
+    check_analysis_output(args.out, overwrite=args.overwrite, inputs=inputs, name="--out")
     tvs, names = _load(args)
     check_arguments(args.method, merge_kwargs, len(names))
-    # Built in a hidden staging folder: a failure part-way leaves --out as it was.
-    staging_out: dict = {}
-
-    def build(staging: Path) -> None:
-        staging.mkdir()
-        staging_out["written"] = analyze(
-            tvs, names, staging, method=args.method, merge_kwargs=merge_kwargs,
-            beta=None if args.no_boost else args.beta, hogsvd_method=args.hogsvd_method, pi=args.pi,
-            attention=args.attention, fraction=args.fraction,
-        )
-
-    if out.is_dir():  # an existing folder: add (or, with --overwrite, replace) our files only
-        staging_dir = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            build(staging_dir)
-            _check_output(out, args.overwrite, inputs)
-            for name in sorted(os.listdir(staging_dir)):
-                os.replace(staging_dir / name, out / name)
-        finally:
-            shutil.rmtree(staging_dir, ignore_errors=True)
-    else:
-        write_atomically(out, build, inputs=inputs)
-    for figure, path in staging_out["written"].items():
-        path = out / Path(path).name
+    written = write_analysis(
+        tvs, names, args.out, overwrite=args.overwrite, inputs=inputs, name="--out", method=args.method,
+        merge_kwargs=merge_kwargs, beta=None if args.no_boost else args.beta, hogsvd_method=args.hogsvd_method,
+        pi=args.pi, attention=args.attention, fraction=args.fraction,
+    )
+    for path in written.values():
         print(f"wrote {path} (+ {path.with_suffix('.json').name})")
-    print(f"wrote {out / 'summary.json'}")
+    print(f"wrote {Path(args.out) / 'summary.json'}")
     return 0
 
 
