@@ -170,7 +170,8 @@ def _matrix_merge_fn(
             rest = plan.rebuild(tvs, {i: None for i in new_leaves})
             rest_out = jax.tree_util.tree_leaves(fn(rest, **kwargs))
             if len(rest_out) != len(rest_ids):
-                raise SubboostError(f"{getattr(fn, '__name__', fn)}: unexpected output structure on non-matrix parameters.")
+                raise SubboostError(f"{getattr(fn, '__name__', fn)}: unexpected output structure "
+                                    "on non-matrix parameters.")
             new_leaves.update(zip(rest_ids, rest_out))
         merged_leaves = [new_leaves[i] for i in range(len(leaves))]
         return jax.tree_util.tree_unflatten(plan.treedef, merged_leaves)

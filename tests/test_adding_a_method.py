@@ -62,10 +62,14 @@ def expected(tvs, scale):
     return jax.tree_util.tree_map(lambda x: scale * np.median(np.asarray(x), axis=0), tvs)
 
 
+def assert_close(got, want):
+    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6), got, want)
+
+
 def test_a_registered_method_runs_through_merge_and_its_checks(registered, tvs):
     assert NAME in sb.available_methods()
     got = sb.merge(tvs, NAME, scale=0.5)
-    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6), got, expected(tvs, 0.5))
+    assert_close(got, expected(tvs, 0.5))
     with pytest.raises(SubboostError, match=rf"{NAME}: scale must be in \(0, inf\)"):
         sb.merge(tvs, NAME, scale=-1.0)
     with pytest.raises(SubboostError, match=rf"{NAME}: unknown hyper-parameter\(s\) \['k'\]"):
@@ -75,7 +79,7 @@ def test_a_registered_method_runs_through_merge_and_its_checks(registered, tvs):
 def test_a_registered_method_runs_on_a_mesh(registered, tvs):
     mesh = sharding.make_mesh(jax.devices()[:1])
     got = sb.merge(tvs, NAME, mesh=mesh, scale=2.0)
-    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6), got, expected(tvs, 2.0))
+    assert_close(got, expected(tvs, 2.0))
     assert got["block"]["kernel"].sharding.is_fully_replicated
 
 

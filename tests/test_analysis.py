@@ -14,6 +14,7 @@ from subboost import plots
 from subboost.analysis import layer_type
 from subboost.cli import main
 from subboost.checkpoint_io.task_vectors_npz import load_task_vectors_npz, save_task_vectors_npz
+from subboost.errors import SubboostError
 from tests import numpy_reference as ref
 from tests.trees import dense_tree, vit_like_params
 
@@ -253,3 +254,24 @@ def test_analyze_command_bad_input(tmp_path, random_tvs, capsys):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
         assert not (tmp_path / argv[-1]).exists()  # nothing is created for invalid input
+
+
+def test_analysis_output_rule_speaks_the_callers_language(tmp_path):
+    from subboost.expert_analysis import check_analysis_output
+
+    out = tmp_path / "analysis"
+    assert check_analysis_output(out) == out  # new: fine
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert check_analysis_output(out) == out  # files of other names are left alone
+    (out / "alignment.png").write_bytes(b"not ours")
+    with pytest.raises(FileExistsError, match=r"out '.*' already holds alignment.png; pass overwrite=True"):
+        check_analysis_output(out)
+    with pytest.raises(FileExistsError, match=r"--out '.*' already holds alignment.png; pass --overwrite"):
+        check_analysis_output(out, name="--out")
+    with pytest.raises(FileExistsError, match="no summary.json of an earlier analysis; refusing"):
+        check_analysis_output(out, overwrite=True)
+    (out / "summary.json").write_text('{"figures": {}, "experts": ["a", "b"]}')
+    assert check_analysis_output(out, overwrite=True) == out
+    with pytest.raises(SubboostError, match="lies inside the input"):
+        check_analysis_output(out, inputs=[tmp_path])

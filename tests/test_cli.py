@@ -18,7 +18,8 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 @pytest.mark.parametrize("text, plain", [
     ("``subboost merge`` and ``subboost boost``: merge", "subboost merge and subboost boost: merge"),
-    ("see `subboost.data` for\nExamples::\n\n  subboost eval x", "see subboost.data for\nExamples:\n\n  subboost eval x"),
+    ("see `subboost.data` for\nExamples::\n\n  subboost eval x",
+     "see subboost.data for\nExamples:\n\n  subboost eval x"),
     ("a ``multi\nline`` literal; a real :: stays", "a multi\nline literal; a real :: stays"),
 ])
 def test_plain_text_removes_markup_and_keeps_layout(text, plain):

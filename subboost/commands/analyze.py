@@ -21,11 +21,6 @@ and summary.json (settings, expert names, the greedy expert ranking).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import shutil
-import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -33,85 +28,10 @@ import numpy as np
 
 from subboost.checkpoint_io.task_vectors_npz import load_task_vectors_npz
 from subboost.commands.common import add_command, add_merge_method_arguments
-from subboost.expert_analysis import OUTPUT_FILES, analyze
+from subboost.expert_analysis import check_analysis_output, write_analysis
 from subboost.grids import DEFAULT_BETA
 from subboost.task_vectors import SubboostError, num_experts
 from subboost.tree import ATTENTION_MODES, PyTree
-
-
-def _check_output(out: Path, overwrite: bool, inputs: Sequence[str] = ()) -> None:
-    """``--out`` is a directory (new, or existing); files of an earlier analysis are replaced only
-    with ``overwrite``, and only where that analysis's ``summary.json`` shows subboost wrote them."""
-    from subboost.outputs import check_not_an_input
-
-    from subboost.files import describe
-    from subboost.outputs import absolute_path
-
-    absolute_path(out, name="--out")  # "~nosuchuser" or a symbolic-link loop: one line
-    shown = describe(out)
-    check_not_an_input(out, inputs, name="--out",
-                       replaced=[out / name for name in OUTPUT_FILES] if out.is_dir() else ())
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {shown!r} exists and is not a directory.")
-    if out.is_dir():
-        clashing = [name for name in OUTPUT_FILES if (out / name).exists() or (out / name).is_symlink()]
-        if clashing and not overwrite:
-            raise FileExistsError(
-                f"--out {shown!r} already holds {', '.join(clashing)}; pass --overwrite to replace them."
-            )
-        if clashing and not _earlier_analysis(out):
-            raise FileExistsError(
-                f"--out {shown!r} holds {', '.join(clashing)} but no summary.json of an earlier analysis; "
-                "refusing to replace files subboost did not write, even with --overwrite."
-            )
-        odd = [name for name in clashing if (out / name).is_symlink() or not (out / name).is_file()]
-        if odd:
-            raise FileExistsError(
-                f"--out {shown!r}: {', '.join(odd)} is not a regular file (a directory, link or device); "
-                "refusing to replace it even with --overwrite. Remove it yourself or choose another --out."
-            )
-
-
-def _earlier_analysis(out: Path) -> bool:
-    """Whether ``out/summary.json`` is the summary of an analysis subboost wrote (its ``format`` field)."""
-    from subboost.files import read_json
-
-    try:
-        summary = read_json(out / "summary.json", what="summary")
-    except SubboostError:
-        return False
-    from subboost.outputs import ANALYSIS_FORMAT
-
-    return isinstance(summary, dict) and summary.get("format") == ANALYSIS_FORMAT
-
-
-def replace_files(staging: Path, out: Path) -> None:
-    """Moves every file of ``staging`` into ``out``, all or nothing.
-
-    The files they replace are first moved aside into ``staging/.replaced``; if any move
-    fails, everything moved so far is moved back, so ``out`` holds exactly its old files.
-    """
-    aside = staging / ".replaced"
-    aside.mkdir()
-    names = sorted(n for n in os.listdir(staging) if n != aside.name)
-    moved_aside: list[str] = []
-    moved_in: list[str] = []
-    try:
-        for name in names:
-            if (out / name).exists() or (out / name).is_symlink():
-                os.replace(out / name, aside / name)
-                moved_aside.append(name)
-        for name in names:
-            os.replace(staging / name, out / name)
-            moved_in.append(name)
-    except BaseException:
-        for name in moved_in:
-            with contextlib.suppress(OSError):
-                os.replace(out / name, staging / name)
-        for name in moved_aside:
-            with contextlib.suppress(OSError):
-                os.replace(aside / name, out / name)
-        raise
 
 
 def _load(args: argparse.Namespace) -> tuple[PyTree, list[str]]:
@@ -160,40 +80,22 @@ def _check_arguments(args: argparse.Namespace) -> dict:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from subboost.outputs import write_atomically
     from subboost.merging import check_arguments
 
-    out = Path(args.out)
     merge_kwargs = _check_arguments(args)
     inputs = [*args.experts] + ([args.base] if args.base else [])
-    _check_output(out, args.overwrite, inputs)  # before the (slow) loading; nothing is created before the end
+    # before the (slow) loading; nothing is created before the end
+    check_analysis_output(args.out, overwrite=args.overwrite, inputs=inputs, name="--out")
     tvs, names = _load(args)
     check_arguments(args.method, merge_kwargs, len(names))
-    # Built in a hidden staging folder: a failure part-way leaves --out as it was.
-    staging_out: dict = {}
-
-    def build(staging: Path) -> None:
-        staging.mkdir()
-        staging_out["written"] = analyze(
-            tvs, names, staging, method=args.method, merge_kwargs=merge_kwargs,
-            beta=None if args.no_boost else args.beta, hogsvd_method=args.hogsvd_method, pi=args.pi,
-            attention=args.attention, fraction=args.fraction,
-        )
-
-    if out.is_dir():  # an existing folder: add (or, with --overwrite, replace) our files only
-        staging_dir = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            build(staging_dir)
-            _check_output(out, args.overwrite, inputs)
-            replace_files(staging_dir, out)
-        finally:
-            shutil.rmtree(staging_dir, ignore_errors=True)
-    else:
-        write_atomically(out, build, inputs=inputs)
-    for figure, path in staging_out["written"].items():
-        path = out / Path(path).name
+    written = write_analysis(
+        tvs, names, args.out, overwrite=args.overwrite, inputs=inputs, name="--out", method=args.method,
+        merge_kwargs=merge_kwargs, beta=None if args.no_boost else args.beta, hogsvd_method=args.hogsvd_method,
+        pi=args.pi, attention=args.attention, fraction=args.fraction,
+    )
+    for path in written.values():
         print(f"wrote {path} (+ {path.with_suffix('.json').name})")
-    print(f"wrote {out / 'summary.json'}")
+    print(f"wrote {Path(args.out) / 'summary.json'}")
     return 0
 
 

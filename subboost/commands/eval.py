@@ -93,11 +93,11 @@ def run_eval(args: argparse.Namespace) -> int:
     image_size = args.image_size or config.image_size
     if image_size != config.image_size:
         raise SubboostError(f"--image_size {image_size} does not match --backbone {args.backbone} "
-                         f"(input {config.image_size}).")
+                            f"(input {config.image_size}).")
     experts = read_expert_accuracies(args.experts, args.split) if args.experts else None
     if experts is not None and [t for t in tasks if t not in experts]:
         raise SubboostError(f"--experts {args.experts!r} has no {args.split} accuracy for task(s) "
-                         f"{[t for t in tasks if t not in experts]}.")
+                            f"{[t for t in tasks if t not in experts]}.")
     params = load_checkpoint(checkpoint)
     check_same_structure(param_shapes(config), params, what=f"checkpoint {args.checkpoint}",
                          reference_name=f"the {args.backbone or 'recorded'} architecture", check_dtype=False)

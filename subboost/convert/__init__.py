@@ -169,7 +169,7 @@ def _is_bert_source(path: Path) -> bool:
 def _convert_bert(path: Path, *, config, dtype, overrides) -> Converted:
     if config is not None or any(v is not None for v in overrides.values()):
         raise SubboostError(f"{path}: a BERT encoder's architecture comes from its config.json; "
-                         "config= / heads= / act= do not apply.")
+                            "config= / heads= / act= do not apply.")
     params, cfg, info, files, what = _bert.convert_source(path)
     params = finalize(params, source=str(path), dtype=dtype)
     metadata = _metadata("bert", cfg.to_dict(), "bert", what, files, info=info)

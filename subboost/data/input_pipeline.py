@@ -63,10 +63,10 @@ def _class_label(task: Task, name: str, split_dir: Path) -> int:
     else:
         accepted = f"integer labels or one of {list(task.class_dirs)}" if task.class_dirs else "integer labels"
         raise SubboostError(f"{task.name}: unexpected class directory {str(split_dir / name)!r}; "
-                         f"class directories must be named by {accepted}.")
+                            f"class directories must be named by {accepted}.")
     if not 0 <= label < task.num_classes:
         raise SubboostError(f"{task.name}: class directory {str(split_dir / name)!r} gives label {label}, "
-                         f"outside 0..{task.num_classes - 1}.")
+                            f"outside 0..{task.num_classes - 1}.")
     return label
 
 
@@ -174,7 +174,7 @@ def _tfds_dataset(task: Task, spec: str, data_dir: str | None) -> Any:
     num_classes = builder.info.features["label"].num_classes
     if num_classes != task.num_classes:
         raise SubboostError(f"{task.name}: tfds builder {task.tfds_name!r} has {num_classes} classes, "
-                         f"the task registry says {task.num_classes}.")
+                            f"the task registry says {task.num_classes}.")
     try:
         ds = builder.as_dataset(split=spec, shuffle_files=False,
                                 read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False))

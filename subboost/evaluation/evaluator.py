@@ -45,11 +45,11 @@ def head_num_classes(head: Mapping[str, Any], *, task: str = "head") -> int:
     if not isinstance(head, Mapping) or "kernel" not in head or "bias" not in head:
         keys = sorted(head) if isinstance(head, Mapping) else type(head).__name__
         raise SubboostError(f"head of task {task!r} must be ClassificationHead parameters "
-                         f"{{'kernel': (embed_dim, num_classes), 'bias': (num_classes,)}}; got {keys}.")
+                            f"{{'kernel': (embed_dim, num_classes), 'bias': (num_classes,)}}; got {keys}.")
     kernel_shape, bias_shape = tuple(np.shape(head["kernel"])), tuple(np.shape(head["bias"]))
     if len(kernel_shape) != 2 or bias_shape != kernel_shape[1:]:
         raise SubboostError(f"head of task {task!r}: kernel {kernel_shape} and bias {bias_shape} do not form "
-                         "a (embed_dim, num_classes) / (num_classes,) head.")
+                            "a (embed_dim, num_classes) / (num_classes,) head.")
     return kernel_shape[1]
 
 
@@ -135,7 +135,7 @@ class Evaluator:
             raise SubboostError(f"task {task!r}: labels must be 1-D, got shape {labels.shape}.")
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes[task]):
             raise SubboostError(f"task {task!r}: labels span {int(labels.min())}..{int(labels.max())}, but the head "
-                             f"has {self.num_classes[task]} classes (0..{self.num_classes[task] - 1}).")
+                                f"has {self.num_classes[task]} classes (0..{self.num_classes[task] - 1}).")
 
     def _pad(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = len(labels)

@@ -35,11 +35,11 @@ def normalized_accuracies(merged: Mapping[str, float], experts: Mapping[str, flo
     missing = [t for t in merged if t not in experts]
     if missing:
         raise SubboostError(f"normalized accuracy needs the expert accuracy of task(s) {missing}; "
-                         f"got experts for {sorted(experts)}.")
+                            f"got experts for {sorted(experts)}.")
     zero = [t for t in merged if not experts[t] > 0]
     if zero:
         raise SubboostError(f"normalized accuracy: the expert accuracy of task(s) {zero} is 0, "
-                         "so the ratio is undefined.")
+                            "so the ratio is undefined.")
     return {t: float(merged[t]) / float(experts[t]) for t in merged}
 
 

@@ -153,7 +153,8 @@ class BertEncoder(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         if input_ids.ndim != 2:
-            raise SubboostError(f"BertEncoder expects input_ids of shape (batch, length), got {tuple(input_ids.shape)}.")
+            raise SubboostError(f"BertEncoder expects input_ids of shape (batch, length), "
+                                f"got {tuple(input_ids.shape)}.")
         if input_ids.shape[1] > cfg.max_positions:
             raise SubboostError(
                 f"BertEncoder: input length {input_ids.shape[1]} exceeds max_positions {cfg.max_positions}."

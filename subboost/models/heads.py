@@ -75,5 +75,6 @@ def head_from_linear(weight, bias=None) -> dict:
         bias = np.zeros((weight.shape[0],), weight.dtype)
     bias = np.asarray(bias)
     if bias.shape != (weight.shape[0],):
-        raise SubboostError(f"head bias has shape {bias.shape}, expected ({weight.shape[0]},) to match weight {weight.shape}.")
+        raise SubboostError(f"head bias has shape {bias.shape}, expected ({weight.shape[0]},) "
+                            f"to match weight {weight.shape}.")
     return {"kernel": jnp.asarray(weight.T), "bias": jnp.asarray(bias)}
