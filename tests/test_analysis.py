@@ -258,6 +258,7 @@ def test_analyze_command_bad_input(tmp_path, random_tvs, capsys):
 
 def test_analysis_output_rule_speaks_the_callers_language(tmp_path):
     from subboost.expert_analysis import check_analysis_output
+    from subboost.outputs import ANALYSIS_FORMAT
 
     out = tmp_path / "analysis"
     assert check_analysis_output(out) == out  # new: fine
@@ -271,7 +272,10 @@ def test_analysis_output_rule_speaks_the_callers_language(tmp_path):
         check_analysis_output(out, name="--out")
     with pytest.raises(FileExistsError, match="no summary.json of an earlier analysis; refusing"):
         check_analysis_output(out, overwrite=True)
-    (out / "summary.json").write_text('{"figures": {}, "experts": ["a", "b"]}')
+    (out / "summary.json").write_text('{"figures": {}, "experts": ["a", "b"]}')  # no format field: not ours
+    with pytest.raises(FileExistsError, match="no summary.json of an earlier analysis; refusing"):
+        check_analysis_output(out, overwrite=True)
+    (out / "summary.json").write_text(json.dumps({"format": ANALYSIS_FORMAT, "figures": {}, "experts": ["a", "b"]}))
     assert check_analysis_output(out, overwrite=True) == out
     with pytest.raises(SubboostError, match="lies inside the input"):
         check_analysis_output(out, inputs=[tmp_path])
