@@ -17,7 +17,6 @@ The pooler (``pooler.dense``, unused by mean-pooled sentence embeddings) and the
 
 from __future__ import annotations
 
-import json
 import tempfile
 import zipfile
 import zlib
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from subboost.convert.common import ConversionError, TensorSource, count_blocks, dense, layer_norm, separate_attention
+from subboost.errors import SubboostError
 from subboost.models.bert import BertConfig
 
 ANCHOR = "embeddings.word_embeddings.weight"
@@ -173,9 +173,11 @@ def extract_zip(zip_path: Path, target: Path) -> Path:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    from subboost.files import read_json as read_bounded_json
+
+    try:  # a regular file of bounded size and depth (a FIFO would block)
+        value = read_bounded_json(path, what="model config")
+    except SubboostError as err:
         raise ConversionError(f"{path}: unreadable ({err}).") from err
     if not isinstance(value, dict):
         raise ConversionError(f"{path}: expected a JSON object, got {type(value).__name__}.")
