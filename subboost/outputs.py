@@ -259,6 +259,10 @@ def check_output(
     except UnicodeDecodeError:
         raise SubboostError(f"{name} {describe(out)!r}: the path is not valid UTF-8; choose another.") from None
     if not path.exists() and not path.is_symlink():
+        blocker = next((parent for parent in path.parents if parent.exists() or parent.is_symlink()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise SubboostError(f"{name} {describe(out)!r}: {describe(blocker)!r} is not a directory, so nothing "
+                                "can be written under it.")
         return path
     flag = "--overwrite" if name.startswith("-") else "overwrite=True"
     if not overwrite:
@@ -413,12 +417,15 @@ def staged_output(
             os.replace(out, staging / "replaced")
         os.replace(built, out)
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as err:
         try:
             _wait_for_threads(threads)
         finally:
             _remove_tree(staging)
             remove_created(created)
+        if isinstance(err, OSError) and not err.filename and err.errno is not None:
+            # e.g. a bare "[Errno 28] No space left on device" from a writer: say where
+            raise OSError(err.errno, f"{err.strerror or err} while writing {describe(out)}") from err
         raise
     _remove_tree(staging)
 

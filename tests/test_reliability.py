@@ -808,6 +808,20 @@ def test_library_logging_is_quiet_during_a_command_and_restored(work, tmp_path, 
     assert not (tmp_path / "m").exists()
 
 
+def test_a_full_disk_gives_one_short_line_and_leaves_nothing(work, tmp_path, capsys, bind_mount):
+    """``bind_mount`` only for its skip: mounting a small tmpfs needs the same rights."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", small], check=True)
+    try:
+        code, err = run_cli(capsys, *merge_argv(work, "--out", small / "m"))
+        assert_one_line_error(code, err, "cannot write the checkpoint (no space left on the device)")
+        assert err.count("\n") == 1 and len(err) < 300, err
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", "-l", small], check=False)
+
+
 # --- R12. SIGTERM and SIGHUP clean up as Ctrl-C does ----------------------------------------------------
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_sigterm_or_sighup_during_a_save_leaves_nothing(work, tmp_path, capsys, monkeypatch, signame):

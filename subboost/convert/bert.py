@@ -166,7 +166,13 @@ def extract_zip(zip_path: Path, target: Path) -> Path:
                 out = target / name[len(root):]
                 with archive.open(name) as member, open(out, "wb") as f:
                     while block := member.read(1 << 22):
-                        f.write(block)
+                        try:
+                            f.write(block)
+                        except OSError as err:  # the temporary folder, not the archive, is at fault
+                            raise ConversionError(
+                                f"{zip_path}: cannot extract {name!r} into the temporary folder {target.parent} "
+                                f"({err.strerror or err}); free space there or set TMPDIR."
+                            ) from err
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
         raise ConversionError(f"{zip_path}: not a readable zip archive ({type(err).__name__}: {err}).") from err
     return target
