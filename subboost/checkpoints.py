@@ -107,8 +107,10 @@ def save_params(
             checkpointer.save(target, args=ocp.args.PyTreeSave(host))
         except Exception as err:  # tensorstore's errors carry a page of spec: one short line instead
             reason = "no space left on the device" if "No space left" in str(err) else short_error(err)
-            raise SubboostError(f"{describe(path)}: cannot write the checkpoint ({reason}); nothing was "
-                                "written.") from err
+            message = f"{describe(path)}: cannot write the checkpoint ({reason}); nothing was written."
+            if isinstance(err, OSError):
+                raise (OSError(err.errno, message) if err.errno is not None else OSError(message)) from err
+            raise SubboostError(message) from err
         finally:
             checkpointer.close() if hasattr(checkpointer, "close") else None
         (target / METADATA_FILE).write_text(meta_text + "\n")

@@ -86,7 +86,8 @@ def setup_cli_compile_cache(*, enabled: bool = True) -> Path | None:
     try:
         directory = resolve_cache_dir(enabled=enabled)
     except RuntimeError as err:  # "~nosuchuser"
-        print(f"subboost: compilation cache off ({err}); set {ENV_VAR}=0 to silence this.", file=sys.stderr)
+        print(f"subboost: compilation cache off ({ENV_VAR}={os.environ.get(ENV_VAR, '')!r}: {err}); "
+              f"set {ENV_VAR}=0 to silence this.", file=sys.stderr)
         return None
     if directory is None:
         return None

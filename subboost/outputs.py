@@ -243,8 +243,8 @@ def check_output(
 ) -> Path:
     """Applies the rule (see the module docstring) to ``out``; returns its absolute path.
 
-    ``name`` names ``out`` in messages; a command-line flag (``"--out"``) makes them say
-    ``--overwrite`` rather than ``overwrite=True``.
+    ``name`` names ``out`` in messages; a command-line flag or argument (``"--out"``,
+    ``"DST"``) makes them say ``--overwrite`` rather than ``overwrite=True``.
 
     Raises:
       OutputOverlapError: ``out`` is, contains or lies inside an input.
@@ -264,7 +264,7 @@ def check_output(
             raise SubboostError(f"{name} {describe(out)!r}: {describe(blocker)!r} is not a directory, so nothing "
                                 "can be written under it.")
         return path
-    flag = "--overwrite" if name.startswith("-") else "overwrite=True"
+    flag = "--overwrite" if name.startswith("-") or name.isupper() else "overwrite=True"  # "--out", "DST": the CLI
     if not overwrite:
         raise FileExistsError(f"{name} {describe(out)!r} already exists; pass {flag} to replace it.")
     if path.is_symlink():

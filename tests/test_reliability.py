@@ -822,6 +822,15 @@ def test_a_full_disk_gives_one_short_line_and_leaves_nothing(work, tmp_path, cap
         subprocess.run(["umount", "-l", small], check=False)
 
 
+def test_an_unusable_compile_cache_setting_is_one_line(monkeypatch, capsys):
+    from subboost.compilation import ENV_VAR, setup_cli_compile_cache
+
+    monkeypatch.setenv(ENV_VAR, "~nosuchuser_i35/cache")
+    assert setup_cli_compile_cache() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compilation cache off" in err and "nosuchuser_i35" in err, err
+
+
 # --- R12. SIGTERM and SIGHUP clean up as Ctrl-C does ----------------------------------------------------
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_sigterm_or_sighup_during_a_save_leaves_nothing(work, tmp_path, capsys, monkeypatch, signame):
