@@ -33,8 +33,8 @@ import fnmatch
 import json
 import os
 import shutil
+import re
 import socket
-import stat
 import threading
 import time
 import uuid
@@ -124,15 +124,15 @@ def absolute_path(path: str | os.PathLike, *, name: str = "path") -> Path:
 def mount_points() -> list[Path]:
     """Every mount point of this process's mount namespace (Linux ``/proc/self/mountinfo``; else none)."""
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
     except OSError:
         return []
     points = []
     for line in lines:
-        fields = line.split(" ")
-        if len(fields) > 4:  # field 5 is the mount point, with " ", "\t", "\n", "\\" octal-escaped
-            points.append(Path(fields[4].encode().decode("unicode_escape").encode("latin-1").decode(
-                "utf-8", "surrogateescape")))
+        fields = line.split(b" ")
+        if len(fields) > 4:  # field 5 is the mount point; space, tab, newline and backslash are octal-escaped
+            raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            points.append(Path(os.fsdecode(raw)))
     return points
 
 
