@@ -35,7 +35,7 @@ import numpy as np
 
 from subboost.checkpoint_io import metadata as checkpoint_metadata
 from subboost.checkpoint_io.metadata import METADATA_FILE, checkpoint_identity, checkpoint_info, require_content
-from subboost.checkpoint_io.orbax_io import restore_orbax
+from subboost.checkpoint_io.orbax_io import restore_orbax, short_error
 from subboost.checkpoint_io.readers import read_params
 from subboost.outputs import check_output, write_atomically
 from subboost.task_vectors import SubboostError
@@ -105,6 +105,12 @@ def save_params(
         checkpointer = ocp.PyTreeCheckpointer()
         try:
             checkpointer.save(target, args=ocp.args.PyTreeSave(host))
+        except Exception as err:  # tensorstore's errors carry a page of spec: one short line instead
+            reason = "no space left on the device" if "No space left" in str(err) else short_error(err)
+            message = f"{describe(path)}: cannot write the checkpoint ({reason}); nothing was written."
+            if isinstance(err, OSError):
+                raise (OSError(err.errno, message) if err.errno is not None else OSError(message)) from err
+            raise SubboostError(message) from err
         finally:
             checkpointer.close() if hasattr(checkpointer, "close") else None
         (target / METADATA_FILE).write_text(meta_text + "\n")

@@ -131,7 +131,8 @@ def setup_cli_compile_cache(*, enabled: bool = True) -> Path | None:
     try:
         directory = resolve_cache_dir(enabled=enabled)
     except RuntimeError as err:  # "~nosuchuser"
-        print(f"subboost: compilation cache off ({err}); set {CACHE_ENV_VAR}=0 to silence this.", file=sys.stderr)
+        print(f"subboost: compilation cache off ({CACHE_ENV_VAR}={os.environ.get(CACHE_ENV_VAR, '')!r}: {err}); "
+              f"set {CACHE_ENV_VAR}=0 to silence this.", file=sys.stderr)
         return None
     if directory is None:
         return None

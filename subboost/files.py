@@ -52,15 +52,19 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def parse_json(raw: bytes | str, *, source: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` with a nesting limit; `SubboostError` naming ``source`` on any failure."""
+def parse_json(raw: bytes | str, *, source: str, max_depth: int | None = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with a nesting limit; `SubboostError` naming ``source`` on any failure.
+
+    ``max_depth=None``: only the parser's own limit (Python's recursion limit, about
+    1000 levels) -- for large documents whose structure the caller checks anyway.
+    """
     try:
         value = json.loads(raw)
     except RecursionError as err:
-        raise SubboostError(f"{source}: JSON nested too deeply (limit {max_depth} levels).") from err
+        raise SubboostError(f"{source}: JSON nested too deeply (limit {max_depth or 'about 1000'} levels).") from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SubboostError(f"{source}: not valid JSON ({err}).") from err
-    if json_depth(value) > max_depth:
+    if max_depth is not None and json_depth(value) > max_depth:
         raise SubboostError(f"{source}: JSON nested too deeply (limit {max_depth} levels).")
     return value
 

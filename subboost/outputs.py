@@ -33,8 +33,8 @@ import fnmatch
 import json
 import os
 import shutil
+import re
 import socket
-import stat
 import threading
 import time
 import uuid
@@ -124,15 +124,15 @@ def absolute_path(path: str | os.PathLike, *, name: str = "path") -> Path:
 def mount_points() -> list[Path]:
     """Every mount point of this process's mount namespace (Linux ``/proc/self/mountinfo``; else none)."""
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
     except OSError:
         return []
     points = []
     for line in lines:
-        fields = line.split(" ")
-        if len(fields) > 4:  # field 5 is the mount point, with " ", "\t", "\n", "\\" octal-escaped
-            points.append(Path(fields[4].encode().decode("unicode_escape").encode("latin-1").decode(
-                "utf-8", "surrogateescape")))
+        fields = line.split(b" ")
+        if len(fields) > 4:  # field 5 is the mount point; space, tab, newline and backslash are octal-escaped
+            raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            points.append(Path(os.fsdecode(raw)))
     return points
 
 
@@ -243,8 +243,8 @@ def check_output(
 ) -> Path:
     """Applies the rule (see the module docstring) to ``out``; returns its absolute path.
 
-    ``name`` names ``out`` in messages; a command-line flag (``"--out"``) makes them say
-    ``--overwrite`` rather than ``overwrite=True``.
+    ``name`` names ``out`` in messages; a command-line flag or argument (``"--out"``,
+    ``"DST"``) makes them say ``--overwrite`` rather than ``overwrite=True``.
 
     Raises:
       OutputOverlapError: ``out`` is, contains or lies inside an input.
@@ -259,8 +259,12 @@ def check_output(
     except UnicodeDecodeError:
         raise SubboostError(f"{name} {describe(out)!r}: the path is not valid UTF-8; choose another.") from None
     if not path.exists() and not path.is_symlink():
+        blocker = next((parent for parent in path.parents if parent.exists() or parent.is_symlink()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise SubboostError(f"{name} {describe(out)!r}: {describe(blocker)!r} is not a directory, so nothing "
+                                "can be written under it.")
         return path
-    flag = "--overwrite" if name.startswith("-") else "overwrite=True"
+    flag = "--overwrite" if name.startswith("-") or name.isupper() else "overwrite=True"  # "--out", "DST": the CLI
     if not overwrite:
         raise FileExistsError(f"{name} {describe(out)!r} already exists; pass {flag} to replace it.")
     if path.is_symlink():
@@ -413,12 +417,15 @@ def staged_output(
             os.replace(out, staging / "replaced")
         os.replace(built, out)
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as err:
         try:
             _wait_for_threads(threads)
         finally:
             _remove_tree(staging)
             remove_created(created)
+        if isinstance(err, OSError) and not err.filename and err.errno is not None:
+            # e.g. a bare "[Errno 28] No space left on device" from a writer: say where
+            raise OSError(err.errno, f"{err.strerror or err} while writing {describe(out)}") from err
         raise
     _remove_tree(staging)
 

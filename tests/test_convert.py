@@ -445,7 +445,7 @@ def test_cli_convert(files, tmp_path, capsys):
     assert cli_main(["convert", str(files.root / "encoder.pt"), str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("subboost convert: error: destination") and "--overwrite" in err
+    assert err.startswith("subboost convert: error: DST") and "pass --overwrite" in err
     assert cli_main(["convert", str(files.root / "encoder.pt"), str(tmp_path / "ckpt"), "--overwrite"]) == 0
     (tmp_path / "bad.pt").write_bytes(b"junk")
     assert cli_main(["convert", str(tmp_path / "bad.pt"), str(tmp_path / "x")]) == 2

@@ -120,7 +120,7 @@ def test_overwrite_never_replaces_an_ordinary_file(work, tmp_path, capsys):
 def test_non_finite_alpha_or_task_vector_is_refused(work, capsys):
     before = fingerprint(work)
     for alpha in ("nan", "inf", "-inf"):
-        assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "e0", work / "e1", "--base", work / "base",
+        assert_one_line_error(*run_cli(capsys, "merge", work / "e0", work / "e1", "--base", work / "base",
                                        f"--alpha={alpha}", "--out", work / "x"), "--alpha must be a finite number")
     assert fingerprint(work) == before
     base = {"w": jnp.ones((2, 2))}
@@ -471,3 +471,398 @@ def test_a_tree_without_matrices_is_reported(tmp_path):
     with pytest.raises(SubboostError, match="subspace_boost: no parameter is a matrix"):
         sb.merge_from_checkpoints(tmp_path / "b", [tmp_path / "e"], boost=0.5, out=tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+# ===================================================================================================
+# Round 2: an adversarial pass of every subcommand (data loss, silent wrong output, hangs, noise)
+# ===================================================================================================
+def _can_bind_mount(tmp_path: Path) -> bool:
+    source, target = tmp_path / ".probe_src", tmp_path / ".probe_dst"
+    source.mkdir()
+    target.mkdir()
+    try:
+        done = subprocess.run(["mount", "--bind", source, target], capture_output=True).returncode == 0
+    except OSError:
+        done = False
+    if done:
+        subprocess.run(["umount", target], check=True)
+    source.rmdir()
+    target.rmdir()
+    return done
+
+
+@pytest.fixture
+def bind_mount(tmp_path):
+    """``bind_mount(source, target)``: a bind mount, undone after the test; skips where mounting is not allowed."""
+    if os.geteuid() != 0 or not _can_bind_mount(tmp_path):
+        pytest.skip("bind mounts need root and a system that allows `mount --bind` (this one does not)")
+    mounted: list[Path] = []
+
+    def mount(source: Path, target: Path) -> Path:
+        subprocess.run(["mount", "--bind", source, target], check=True)
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", "-l", target], check=False)
+
+
+def merge_argv(work: Path, *extra) -> list:
+    return ["merge", work / "e0", work / "e1", "--base", work / "base", "--alpha", "0.5", *extra]
+
+
+# --- R1. deleting never crosses a file-system boundary --------------------------------------------
+def test_overwrite_refuses_an_old_output_holding_a_mount_point(work, tmp_path, capsys, bind_mount):
+    before = fingerprint(work / "e1")
+    old = tmp_path / "old"
+    sb.save_params({"w": np.ones(2, np.float32)}, old)
+    (old / "mnt").mkdir()  # the issue's reproduction: an extra folder with an input mounted on it
+    bind_mount(work / "e1", old / "mnt")
+    assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", old, "--overwrite")), "holds a mount point")
+    subprocess.run(["umount", old / "mnt"], check=True)
+    (old / "mnt").rmdir()
+    bind_mount(work / "e1", old / "d")  # on an entry a checkpoint does hold: the mount check alone refuses it
+    assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", old, "--overwrite")), "holds a mount point")
+    with pytest.raises(SubboostError, match="holds a mount point"):
+        sb.outputs.remove_tree(old)
+    assert fingerprint(work / "e1") == before
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
+
+
+# --- R2. an alias of an input (bind mount, hard link) is still the input -------------------------
+def test_a_bind_mount_alias_of_an_input_is_the_input(work, tmp_path, capsys, bind_mount):
+    before = fingerprint(work)
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    bind_mount(work, alias)
+    for out, relation in ((alias / "e1", "is the input"), (alias / "base" / "inner", "lies inside the input")):
+        assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", out, "--overwrite")), relation,
+                              "another path")
+    assert fingerprint(work) == before
+
+
+def test_an_output_holding_a_hard_link_of_an_input_is_refused(tmp_path):
+    source = tmp_path / "tensors.safetensors"
+    sb.checkpoint_io.safetensors_format.save_safetensors({"w": np.ones((2, 2), np.float32)}, source)
+    old = tmp_path / "old"
+    sb.save_params({"w": np.ones(2, np.float32)}, old)
+    os.link(source, old / "d" / "linked")  # same inode under the old output
+    with pytest.raises(sb.outputs.OutputOverlapError, match="contains the input .*another path"):
+        sb.outputs.check_not_an_input(old, [source], replaced=[old])
+    assert source.read_bytes()  # untouched
+
+
+# --- R3. --overwrite replaces only what subboost marked as its own -------------------------------
+def test_overwrite_replaces_only_folders_subboost_marked_and_filled(work, tmp_path, capsys):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "summary.json").write_text('{"figures": {}, "experts": []}')
+    (thesis / "thesis.tex").write_text("\\chapter{One}")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "subboost.json").write_text("{}")  # the bare file name is not a marker
+    extra = tmp_path / "extra"
+    sb.save_params({"w": np.ones(2, np.float32)}, extra)
+    (extra / "notes.txt").write_text("mine")  # a real checkpoint with a user's file added
+    for folder in (thesis, fake, extra):
+        before = fingerprint(folder)
+        assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", folder, "--overwrite")),
+                              "refusing to replace it even with --overwrite")
+        assert fingerprint(folder) == before
+    assert not sb.outputs.written_by_subboost(thesis) and not sb.outputs.written_by_subboost(fake)
+    # what subboost wrote is replaced: a checkpoint, a streaming merge output, an analysis, an empty folder
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    (analysis / "summary.json").write_text(json.dumps({"format": sb.outputs.ANALYSIS_FORMAT}))
+    (analysis / "alignment.png").write_bytes(b"png")
+    (tmp_path / "empty").mkdir()
+    for ours in (work / "tv", analysis, tmp_path / "empty"):
+        assert sb.outputs.written_by_subboost(ours), ours
+    sb.save_params({"w": np.zeros(2, np.float32)}, analysis, overwrite=True)
+    assert "subboost.json" in os.listdir(analysis) and not (analysis / "alignment.png").exists()  # replaced whole
+
+
+# --- R4. two leaves never share a stored name --------------------------------------------------------
+def test_leaves_that_would_share_a_stored_name_are_refused_at_save(tmp_path, capsys):
+    zeros, ones = np.zeros(2, np.float32), np.ones(2, np.float32)
+    with pytest.raises(SubboostError, match=r"parameters 'x' -> 'y' and 'x\.y' would be stored under the same name"):
+        sb.save_params({"x.y": zeros, "x": {"y": ones}}, tmp_path / "dot")
+    with pytest.raises(SubboostError, match=r"parameters 'a' -> 'b' and 'a/b' would be stored under the same name"):
+        sb.save_params({"a/b": zeros, "a": {"b": ones}}, tmp_path / "slash")
+    assert os.listdir(tmp_path) == []
+    saved = sb.save_params({"a": {"b.c": zeros}, "z": {"b": {"c": ones}}}, tmp_path / "fine")  # distinct names
+    assert set(json.loads((saved / "subboost.json").read_text())["checksums"]) == {"a/b.c", "z/b/c"}
+    # safetensors inputs whose names collide: the CLI merge refuses them, writing nothing
+    for name, tree in (("e0", {"x.y": zeros, "x/y": ones}), ("e1", {"x.y": ones, "x/y": zeros}),
+                       ("base", {"x.y": zeros, "x/y": zeros})):
+        path = tmp_path / f"{name}.safetensors"
+        writer = sb.checkpoint_io.safetensors_format.SafetensorsWriter(path, {k: (v.shape, v.dtype) for k, v in tree.items()})
+        for k, v in tree.items():
+            writer.write(k, v)
+        writer.close()
+    code, err = run_cli(capsys, "merge", tmp_path / "e0.safetensors", tmp_path / "e1.safetensors", "--base",
+                        tmp_path / "base.safetensors", "--alpha", "0.5", "--out", tmp_path / "m")
+    assert_one_line_error(code, err, "would be stored under the same name")
+    assert not (tmp_path / "m").exists()
+    header_path = tmp_path / "folder.safetensors"
+    writer = sb.checkpoint_io.safetensors_format.SafetensorsWriter(header_path, {"a": ((2,), np.float32),
+                                                                                 "a/b": ((2,), np.float32)})
+    writer.write("a", ones), writer.write("a/b", ones), writer.close()
+    with pytest.raises(SubboostError, match="'a' is also the folder of other parameters"):
+        sb.load_params(header_path)
+
+
+# --- R5. a checkpoint is what its own folder holds ---------------------------------------------------
+def test_a_checkpoint_is_what_its_own_folder_holds(work, tmp_path, capsys):
+    import shutil
+
+    (tmp_path / "wrapped").mkdir()
+    shutil.copytree(work / "gelu", tmp_path / "wrapped" / "inner")
+    assert_one_line_error(*run_cli(capsys, "merge", tmp_path / "wrapped", "--base", work / "base", "--alpha", "0.3",
+                                   "--out", tmp_path / "m"), "unknown checkpoint format", "pass that path")
+    (tmp_path / "tv_wrapped").mkdir()
+    shutil.copytree(work / "tv", tmp_path / "tv_wrapped" / "inner")
+    with pytest.raises(SubboostError, match="unknown checkpoint format"):
+        sb.load_experts(work / "base", [tmp_path / "tv_wrapped"])
+    # a merge_info.json claiming "params" beside an orbax task vector: refused, not believed
+    sb.save_params({"w": np.ones((2, 2), np.float32)}, tmp_path / "otv", content="task_vector")
+    (tmp_path / "otv" / "merge_info.json").write_text(json.dumps({"content": "params"}))
+    with pytest.raises(SubboostError, match="holds both an orbax checkpoint and a merge output"):
+        sb.checkpoints.checkpoint_identity(tmp_path / "otv")
+    with pytest.raises(SubboostError, match="holds both"):
+        sb.load_params(tmp_path / "otv")
+    with pytest.raises(SubboostError, match="holds both"):
+        sb.checkpoint_io.readers.open_checkpoint(tmp_path / "otv")
+    assert not (tmp_path / "m").exists()
+
+
+# --- R6. a failed analyze --overwrite leaves the old files as they were ------------------------------
+def test_failed_analyze_overwrite_changes_nothing(work, tmp_path, capsys, monkeypatch):
+    from subboost.commands.analyze import replace_files
+
+    out = tmp_path / "an"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"format": sb.outputs.ANALYSIS_FORMAT}))
+    (out / "spectra_boosted.png").write_bytes(b"old")
+    (out / "alignment.png").mkdir()  # one output name is a directory
+    before = fingerprint(out)
+    assert_one_line_error(*run_cli(capsys, "analyze", work / "e0", work / "e1", "--base", work / "base", "--out", out,
+                                   "--overwrite"), "alignment.png is not a regular file")
+    assert fingerprint(out) == before
+    # the move itself is all or nothing: a failure part-way moves everything back
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for name in ("a.json", "b.json", "c.json"):
+        (staging / name).write_text("new")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "a.json").write_text("old a")
+    (target / "c.json").write_text("old c")
+    before = fingerprint(target)
+    real_replace = os.replace
+
+    def fail_on_c(src, dst):
+        if Path(src).name == "c.json" and Path(src).parent == staging:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_c)
+    with pytest.raises(OSError, match="No space"):
+        replace_files(staging, target)
+    monkeypatch.undo()
+    assert fingerprint(target) == before
+    assert sorted(os.listdir(staging)) == [".replaced", "a.json", "b.json", "c.json"]
+
+
+# --- R7. options without effect are refused, never recorded as used -----------------------------------
+@pytest.mark.parametrize("extra, message", [
+    (["--attn-beta", "0.1"], "--attn-beta only apply to boosting"),
+    (["--mode", "index"], "--mode only apply to boosting"),
+    (["--rank-rtol", "1e-6"], "--rank-rtol only apply to boosting"),
+])
+def test_boost_options_without_beta_are_refused(work, tmp_path, capsys, extra, message):
+    assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", tmp_path / "m", *extra)), message)
+    assert not (tmp_path / "m").exists()
+
+
+# --- R8. special files are refused, never read (a FIFO would hang) -------------------------------------
+def test_fifos_are_refused_not_read(work, tmp_path, capsys):
+    fake = tmp_path / "fifo_meta"
+    sb.save_params({"w": np.ones(2, np.float32)}, fake)
+    (fake / "subboost.json").unlink()
+    os.mkfifo(fake / "subboost.json")
+    start = time.monotonic()
+    with pytest.raises(SubboostError, match="not a checkpoint metadata .*FIFO"):
+        sb.load_params(fake)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    os.mkfifo(hf / "model.safetensors")
+    assert_one_line_error(*run_cli(capsys, "convert", hf, tmp_path / "c"), "model.safetensors", "not a regular file")
+    os.mkfifo(tmp_path / "config_fifo")
+    (tmp_path / "hf2").mkdir()
+    os.symlink(tmp_path / "config_fifo", tmp_path / "hf2" / "config.json")
+    sb.checkpoint_io.safetensors_format.save_safetensors({"w": np.ones(2, np.float32)},
+                                                        tmp_path / "hf2" / "model.safetensors")
+    assert_one_line_error(*run_cli(capsys, "convert", tmp_path / "hf2", tmp_path / "c"), "config.json")
+    assert time.monotonic() - start < 20 and not (tmp_path / "c").exists()
+
+
+# --- R9. hostile paths, headers and numbers: one line each ---------------------------------------------
+def _safetensors(path: Path, header: dict, data: bytes = b"") -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def test_hostile_paths_headers_and_numbers_give_one_line(work, tmp_path, capsys):
+    before = fingerprint(work)
+    os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
+    os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
+    loop = tmp_path / "loop_a"
+    assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", loop)), "loop_a")
+    assert_one_line_error(*run_cli(capsys, "merge", work / "e0", "--base", loop, "--alpha", "1", "--out",
+                                   tmp_path / "m"), "loop_a")
+    assert_one_line_error(*run_cli(capsys, "convert", loop, tmp_path / "c"), "loop_a")
+    assert_one_line_error(*run_cli(capsys, "analyze", work / "e0", work / "e1", "--base", work / "base", "--out",
+                                   loop), "loop_a")
+    assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", "~nosuchuser_i35/x")), "~nosuchuser_i35")
+    w = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    cases = {
+        "inf_shape": ({"w": {**w, "shape": [1e999]}}, "not a list of integers"),
+        "gap": ({"w": w, "v": {**w, "data_offsets": [12, 20]}}, "leaves a gap"),
+        "overlap": ({"w": w, "v": {**w, "data_offsets": [4, 12]}}, "overlaps the previous tensor"),
+        "metadata": ({"__metadata__": {"content": ["params"]}, "w": w}, "__metadata__ is not a map of strings"),
+    }
+    for name, (header, message) in cases.items():
+        path = _safetensors(tmp_path / f"{name}.safetensors", header, bytes(24))
+        with pytest.raises(SubboostError, match=message):
+            sb.load_params(path)
+    deep = tmp_path / "deep.safetensors"
+    raw = ('{"__metadata__": ' + '{"a": ' * 3000 + '"x"' + "}" * 3000 + "}").encode()
+    deep.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    assert_one_line_error(*run_cli(capsys, "merge", deep, "--base", work / "base", "--alpha", "1", "--out",
+                                   tmp_path / "m"), "nested too deeply")
+    deep_meta = tmp_path / "deep_meta"
+    sb.save_params({"w": np.ones(2, np.float32)}, deep_meta)
+    (deep_meta / "subboost.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(SubboostError, match="nested too deeply"):
+        sb.load_params(deep_meta)
+    for extra, message in ((["--method", "dare", "--seed", "1", "--param", "key=3"], "--param key=..."),
+                           (["--method", "dare", "--seed", "99999999999999999999999"], "--seed must be an integer in"),
+                           (["--method", "ties", "--param", "k=" + "+".join(["1"] * 20000)], "more than the 1000"),
+                           (["--method", "ties", "--param", "k=" + "[" * 500 + "]" * 500], "k must be")):
+        assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", tmp_path / "m", *extra)), message)
+    bad_name = os.fsdecode(bytes(tmp_path / "m") + b"\xff")
+    assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", bad_name)), "not valid UTF-8")
+    assert fingerprint(work) == before
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+# --- R10. messages name the file and stay short ----------------------------------------------------------
+def test_messages_name_the_file_and_stay_short(work, tmp_path, capsys):
+    listed = tmp_path / "listed"
+    sb.save_params({"w": np.ones((2, 2), np.float32)}, listed)
+    info = json.loads((listed / "subboost.json").read_text())
+    (listed / "subboost.json").write_text(json.dumps({**info, "content": ["params"]}))
+    assert_one_line_error(*run_cli(capsys, "merge", listed, "--base", work / "base", "--alpha", "1", "--out",
+                                   tmp_path / "m"), "records an unknown content", "listed")
+    assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", "/dev/null/x")), "/dev/null")
+    code, err = run_cli(capsys, *merge_argv(work, "--out", work / "base"))
+    assert_one_line_error(code, err, "is the input")
+    sb.save_params({"w": np.ones(2, np.float32)}, tmp_path / "taken")
+    assert_one_line_error(*run_cli(capsys, *merge_argv(work, "--out", tmp_path / "taken")), "pass --overwrite")
+    assert "overwrite=True" not in err
+    many = {f"p{i:03d}": np.ones(2, np.float32) for i in range(40)}
+    sb.save_params(many, tmp_path / "many")
+    code, err = run_cli(capsys, "merge", tmp_path / "many", "--base", work / "base", "--alpha", "1", "--out",
+                        tmp_path / "m")
+    assert_one_line_error(code, err, "and 35 more")
+    assert len(err) < 1200
+    from subboost.cli import one_line
+
+    assert one_line("x" * 5000).endswith("... (4000 more characters)")
+    header = {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(50000)}
+    header["t49999"]["data_offsets"] = [0, 4]  # one bad entry at the end of a large header
+    path = _safetensors(tmp_path / "huge.safetensors", header, bytes(4 * 50000))
+    code, err = run_cli(capsys, "merge", path, "--base", work / "base", "--alpha", "1", "--out", tmp_path / "m")
+    assert_one_line_error(code, err, "huge.safetensors", "'t49999' (bytes 0..4) overlaps")
+    assert len(err) < 1200
+
+
+# --- R11. one line, no library noise before it -------------------------------------------------------------
+def test_library_logging_is_quiet_during_a_command_and_restored(work, tmp_path, capsys):
+    import logging
+
+    from subboost.cli import QUIETED_LOGGERS, quiet_library_logging
+
+    levels = {name: logging.getLogger(name).level for name in QUIETED_LOGGERS}
+    with quiet_library_logging():
+        logging.getLogger("absl").error("orbax noise")
+        assert all(logging.getLogger(name).level > logging.CRITICAL for name in QUIETED_LOGGERS)
+    assert {name: logging.getLogger(name).level for name in QUIETED_LOGGERS} == levels
+    code, err = run_cli(capsys, *merge_argv(work, "--alpha", "1e300", "--out", tmp_path / "m"))
+    assert_one_line_error(code, err, "NaN or infinite")
+    assert err.count("\n") == 1, err  # not even a numpy overflow warning before it
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_full_disk_gives_one_short_line_and_leaves_nothing(work, tmp_path, capsys, bind_mount):
+    """``bind_mount`` only for its skip: mounting a small tmpfs needs the same rights."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", small], check=True)
+    try:
+        code, err = run_cli(capsys, *merge_argv(work, "--out", small / "m"))
+        assert_one_line_error(code, err, "cannot write the checkpoint (no space left on the device)")
+        assert err.count("\n") == 1 and len(err) < 300, err
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", "-l", small], check=False)
+
+
+def test_an_unusable_compile_cache_setting_is_one_line(monkeypatch, capsys):
+    from subboost.compilation import ENV_VAR, setup_cli_compile_cache
+
+    monkeypatch.setenv(ENV_VAR, "~nosuchuser_i35/cache")
+    assert setup_cli_compile_cache() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compilation cache off" in err and "nosuchuser_i35" in err, err
+
+
+# --- R12. SIGTERM and SIGHUP clean up as Ctrl-C does ----------------------------------------------------
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_during_a_save_leaves_nothing(work, tmp_path, capsys, monkeypatch, signame):
+    import signal
+
+    import orbax.checkpoint as ocp
+
+    original = ocp.PyTreeCheckpointer.save
+
+    def save_then_signal(self, directory, *args, **kwargs):
+        original(self, directory, *args, **kwargs)  # a whole checkpoint written into the staging folder
+        os.kill(os.getpid(), getattr(signal, signame))
+        time.sleep(5)  # the handler interrupts this
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", save_then_signal)
+    handler = signal.getsignal(getattr(signal, signame))
+    code, err = run_cli(capsys, *merge_argv(work, "--out", tmp_path / "sub" / "m"))
+    assert code == 128 + getattr(signal, signame) and err.strip() == f"subboost merge: stopped by {signame}.", err
+    assert os.listdir(tmp_path) == ["w"]  # no partial folder, no parent created for it
+    assert signal.getsignal(getattr(signal, signame)) is handler
+
+
+# --- issue 29: no silent hyper-parameter ------------------------------------------------------------------
+def test_merge_has_no_silent_hyper_parameter(work, tmp_path, capsys):
+    argv = ["merge", work / "e0", work / "e1", "--base", work / "base", "--out", tmp_path / "m"]
+    assert_one_line_error(*run_cli(capsys, *argv), "--alpha is required")
+    assert_one_line_error(*run_cli(capsys, *argv, "--alpha", "0.3", "--method", "dare"),
+                          "--method dare is random: pass --seed N")
+    assert_one_line_error(*run_cli(capsys, *argv, "--alpha", "0.3", "--seed", "3"),
+                          "--seed has no effect: --method task_arithmetic is not random")
+    assert_one_line_error(*run_cli(capsys, "analyze", work / "e0", work / "e1", "--base", work / "base", "--out",
+                                   tmp_path / "an", "--method", "dare"), "pass --seed N")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "an").exists()
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["merge"].format_help()
+    assert "required" in help_text and "default task_arithmetic" in help_text

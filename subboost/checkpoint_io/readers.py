@@ -22,7 +22,6 @@ import numpy as np
 
 from subboost.checkpoint_io.metadata import (
     COMPLETE_MARKER,
-    INFO_FILE,
     PARAMS_FILE,
     check_leaf_names,
     checkpoint_format,

@@ -93,7 +93,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], in
     except OSError as err:
         raise SubboostError(f"{shown}: cannot read the file ({err.strerror or err}).") from err
     try:
-        header = parse_json(raw, source=f"{shown}: safetensors header")
+        # The parser's own depth limit only: every entry's structure is checked below, one level deep.
+        header = parse_json(raw, source=f"{shown}: safetensors header", max_depth=None)
     except SubboostError as err:
         raise SubboostError(f"{err} Not a safetensors file, or a corrupted one.") from err
     if not isinstance(header, dict):

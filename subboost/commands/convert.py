@@ -23,7 +23,9 @@ from subboost.commands.common import add_command
 
 def run_convert(args: argparse.Namespace) -> int:
     from subboost.convert import convert
+    from subboost.outputs import check_output
 
+    check_output(args.dst, inputs=[args.src], overwrite=args.overwrite, name="DST")  # messages in CLI terms
     # Only the architecture fields the user gave: a head takes none, and None means "not given".
     overrides = {name: value for name, value in (("heads", args.heads), ("act", args.act)) if value is not None}
     converted = convert(

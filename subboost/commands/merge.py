@@ -21,8 +21,8 @@ import jax
 
 import subboost as sb
 from subboost.boosting import BOOST_MODES
-from subboost.errors import SubboostError
 from subboost.commands.common import add_command, add_merge_method_arguments, merge_method_kwargs
+from subboost.errors import SubboostError
 from subboost.grids import DEFAULT_BETA, PAPER_BETAS
 from subboost.tree import ATTENTION_MODES
 
@@ -91,8 +91,8 @@ def _check_arguments(args: argparse.Namespace, inputs: list[str]) -> dict[str, A
     from subboost.validation import check_real
 
     if args.command == "merge" and args.alpha is None:
-        raise SubboostError("--alpha is required: the scaling of the merged task vector (no default: choose it on "
-                            "validation data, e.g. from 0.1, 0.2, ..., 1.0 as the paper does).")
+        raise SubboostError("--alpha is required: the scaling of the merged task vector has no default (choose it "
+                            "on validation data, e.g. the best of 0.1, 0.2, ..., 1.0).")
     if getattr(args, "alpha", None) is not None:
         check_real("--alpha", args.alpha, what=args.command)
     if args.beta is None:

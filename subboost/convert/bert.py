@@ -17,7 +17,6 @@ The pooler (``pooler.dense``, unused by mean-pooled sentence embeddings) and the
 
 from __future__ import annotations
 
-import json
 import tempfile
 import zipfile
 import zlib
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from subboost.convert.common import ConversionError, TensorSource, count_blocks, dense, layer_norm, separate_attention
+from subboost.errors import SubboostError
 from subboost.models.bert import BertConfig
 
 ANCHOR = "embeddings.word_embeddings.weight"
@@ -166,16 +166,24 @@ def extract_zip(zip_path: Path, target: Path) -> Path:
                 out = target / name[len(root):]
                 with archive.open(name) as member, open(out, "wb") as f:
                     while block := member.read(1 << 22):
-                        f.write(block)
+                        try:
+                            f.write(block)
+                        except OSError as err:  # the temporary folder, not the archive, is at fault
+                            raise ConversionError(
+                                f"{zip_path}: cannot extract {name!r} into the temporary folder {target.parent} "
+                                f"({err.strerror or err}); free space there or set TMPDIR."
+                            ) from err
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
         raise ConversionError(f"{zip_path}: not a readable zip archive ({type(err).__name__}: {err}).") from err
     return target
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    from subboost.files import read_json as read_bounded_json
+
+    try:  # a regular file of bounded size and depth (a FIFO would block)
+        value = read_bounded_json(path, what="model config")
+    except SubboostError as err:
         raise ConversionError(f"{path}: unreadable ({err}).") from err
     if not isinstance(value, dict):
         raise ConversionError(f"{path}: expected a JSON object, got {type(value).__name__}.")

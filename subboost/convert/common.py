@@ -324,6 +324,9 @@ def finalize(params: Any, *, source: str, dtype: Any = None) -> Any:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    from subboost.files import check_regular_file
+
+    check_regular_file(path, what="source file")  # a FIFO would block
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

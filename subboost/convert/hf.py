@@ -15,7 +15,6 @@ the pooled ``post_layernorm`` output, reproduced with ``proj = I`` (``embed_dim 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from subboost.convert.common import (
     vision_blocks,
     vision_tower,
 )
+from subboost.errors import SubboostError
 from subboost.models.clip_vit import LN_EPS, CLIPVisionConfig
 
 ANCHOR = "embeddings.patch_embedding.weight"
@@ -52,9 +52,11 @@ def is_hf_state(names: list[str]) -> bool:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    from subboost.files import read_json
+
+    try:  # a regular file of bounded size and depth (a FIFO would block)
+        return read_json(path / "config.json", what="model config")
+    except SubboostError as err:
         raise ConversionError(f"{path / 'config.json'}: unreadable ({err}).") from err
 
 
@@ -84,9 +86,11 @@ def load_dir(path: Path) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         files = [path / "model.safetensors"]
     elif (path / "model.safetensors.index.json").exists():
         index_file = path / "model.safetensors.index.json"
+        from subboost.files import read_json
+
         try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            weight_map = read_json(index_file, what="shard index")["weight_map"]
+        except (SubboostError, KeyError, TypeError) as err:
             raise ConversionError(f"{index_file}: unreadable shard index ({err}).") from err
         files = [path / name for name in sorted(set(weight_map.values()))]
         for f in files:
