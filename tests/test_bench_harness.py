@@ -151,3 +151,16 @@ def test_the_beta_default_lives_in_one_signature():
     assert hits == []
     assert grids.DEFAULT_BETA in grids.PAPER_BETAS
     assert DEFAULT_METHOD_KWARGS["ties"]["k"] == 0.2 and DEFAULT_METHOD_KWARGS["dare"]["p"] == 0.9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--suite", "text", "--size", "wide"], "the text suite has sizes tiny, default"),
+    (["--seeds", "0,0"], "--seeds must be distinct"),
+    (["--seeds", "0,x"], "comma-separated integers"),
+])
+def test_demo_refuses_bad_suite_options_before_running(argv, message, capsys, tmp_path):
+    from subboost.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
