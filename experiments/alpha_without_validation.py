@@ -35,7 +35,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import subboost as sb
-from experiments.merge_settings import DEFAULT_BETA, add_common_arguments, boost, load_suite, prepare_out
+from experiments.merge_settings import add_common_arguments, boost, load_suite, prepare_out
+from subboost.grids import DEFAULT_BETA
 from subboost.bench.settings import SVD_BATCH_SIZE
 from subboost.bench.sweep import select
 
