@@ -35,9 +35,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import subboost as sb
-from experiments.merge_settings import DEFAULT_BETA, add_common_arguments, boost, load_suite, prepare_out
+from experiments.merge_settings import add_common_arguments, boost, load_suite, prepare_out
 from subboost.bench.settings import SVD_BATCH_SIZE
 from subboost.bench.sweep import select
+from subboost.grids import DEFAULT_BETA
 
 METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "tsv", "iso_c")
 # One layer at a time, as the benchmark runs its SVDs (`subboost.bench.settings.SVD_BATCH_SIZE`: batched LAPACK

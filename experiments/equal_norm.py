@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from experiments.merge_settings import add_common_arguments, boost, load_suite, prepare_out
 from subboost import linalg
 from subboost.bench.sweep import select
-from subboost.boosting import cutoff_index
+from subboost.boosting import cutoff_index, equivalent_betas
 from subboost.tree import matrix_plan
 
 RESULT_FILES = ("results.json", "results.md", "equal_norm.png")
@@ -136,17 +136,13 @@ def run(*, size: str = "tiny", suite: str = "vision", out: str | Path = "results
         bar.update(1)
         baselines["iso_c_tuned"] = tuned(iso)
         bar.update(1)
-        rows = []
         spectra = [svd_one_at_a_time(x)[1] for x in matrix_plan(ta).gather(ta).values()]
         cutoffs = {beta: np.concatenate([np.ravel(np.asarray(cutoff_index(s, beta=beta))) for s in spectra])
                    for beta in betas}
-        for beta in betas:
+        by_beta = {}
+        # Betas with the same cutoff on every matrix give the same boosted and truncated task vectors: one row.
+        for beta, twins in equivalent_betas(cutoffs).items():
             bar.set_postfix_str(f"beta={beta}")
-            twin = next((r for r in rows if np.array_equal(cutoffs[r["beta"]], cutoffs[beta])), None)
-            if twin is not None:  # the same cutoff on every matrix: the same boosted and truncated task vectors
-                rows.append({**twin, "beta": beta})
-                bar.update(1)
-                continue
             boosted, truncated = boost(ta, beta), top_k(ta, beta)
             row = {"beta": beta, "mean_cutoff_index": float(cutoffs[beta].mean())}
             row["boosted"] = tuned(boosted)
@@ -165,8 +161,9 @@ def run(*, size: str = "tiny", suite: str = "vision", out: str | Path = "results
             row["top_k_tuned"] = tuned(truncated)
             row["shape_effect"] = row["boosted"]["normalized"] - row["ta_matched"]["normalized"]
             row["scale_effect"] = baselines["ta_tuned"]["normalized"] - row["ta_matched"]["normalized"]
-            rows.append(row)
-            bar.update(1)
+            by_beta.update({twin: {**row, "beta": twin} for twin in twins})
+            bar.update(len(twins))
+        rows = [by_beta[beta] for beta in betas]
 
     results = {
         "experiment": "equal_norm", "suite": suite, "size": size, "seed": seed, "num_tasks": num_tasks,

@@ -22,7 +22,6 @@ from typing import Any
 
 import subboost as sb
 from subboost.bench.settings import SVD_BATCH_SIZE
-from subboost.grids import DEFAULT_BETA
 
 SUITES: tuple[str, ...] = ("vision", "text")
 DEFAULT_CACHE = Path("~/.cache/subboost/bench")

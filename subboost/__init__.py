@@ -9,7 +9,7 @@ Applications are reached through their subpackages:
   (``Evaluator``, ``select_alpha_beta``, ``normalized_accuracies``, ...);
 - ``subboost.selection``: the one alpha/beta selection rule;
 - ``subboost.data``: task registry and tf.data pipelines;
-- ``subboost.bench``, ``subboost.bench.suites.text``: the offline mini-benchmarks;
+- ``subboost.bench``: the offline benchmark harness and its suites (vision, text);
 - ``subboost.cli``, ``subboost.commands``: the command line.
 """
 

@@ -30,7 +30,8 @@ from subboost.bench.suites.vision.finetune import finetune_experts
 from subboost.bench.suites.vision.keys import training_key
 from subboost.bench.pipeline import RESULT_FILES, prepare_out_dir, run_benchmark
 from subboost.bench.suites.vision.pretrain import chunk_sizes, pretrain
-from subboost.bench.report import markdown_tables, percent
+from subboost.bench.report import percent
+from subboost.bench.suites.vision.report import markdown_tables
 from subboost.bench.sweep import select
 from subboost.cli import main as cli_main
 from subboost.models.heads import heads_from_class_embeddings

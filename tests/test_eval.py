@@ -145,7 +145,7 @@ def _tree(rng, scale=1.0):
                       "bias": jnp.asarray(scale * rng.standard_normal(5), jnp.float32)}}
 
 
-def test_search_picks_the_best_validation_point_and_boosts_once_per_beta(monkeypatch):
+def test_search_picks_the_best_validation_point_and_boosts_once(monkeypatch):
     rng = np.random.default_rng(0)
     base, tau = _tree(rng), _tree(rng, 0.3)
     target = sb.apply_task_vector(base, sb.subspace_boost(tau, beta=0.0), alpha=0.7)
@@ -158,11 +158,12 @@ def test_search_picks_the_best_validation_point_and_boosts_once_per_beta(monkeyp
     seen = []
     recording = lambda params: seen.append(params) or evaluate(params)  # noqa: E731
     calls = []
-    real_boost = sb.boosting.subspace_boost
-    monkeypatch.setattr(sb.boosting, "subspace_boost", lambda *a, **k: calls.append(k["beta"]) or real_boost(*a, **k))
+    real_boost, real_sweep = sb.boosting.subspace_boost, sb.boosting.subspace_boost_sweep
+    monkeypatch.setattr(sb.boosting, "subspace_boost_sweep",
+                        lambda *a, **k: calls.append(k["betas"]) or real_sweep(*a, **k))
     alphas, betas = sbeval.LINEAR_ALPHAS, (None, 0.0, 0.01, 0.02)
     result = sbeval.select_alpha_beta(base, tau, recording, alphas=alphas, betas=betas, progress=False)
-    assert calls == [0.0, 0.01, 0.02]  # one boost per beta, none per alpha
+    assert calls == [(0.0, 0.01, 0.02)]  # every beta boosted from one SVD per matrix, none per alpha
     # Reusing one boost across alphas is exact: theta_0 + alpha boost(tau) = theta_0 + boost(alpha tau).
     for index, (alpha, beta) in ((12, (0.3, 0.0)), (39, (1.0, 0.02))):
         chex.assert_trees_all_close(seen[index], sb.apply_task_vector(base, real_boost(

@@ -71,8 +71,10 @@ def accuracy_rows(results: dict[str, Any], render: Callable[[dict[str, Any]], st
     return lines
 
 
-def accuracy_table(results: dict[str, Any]) -> str:
-    return "\n".join(settings_header(results) + accuracy_rows(results))
+def accuracy_table(results: dict[str, Any], field: str | None = None) -> str:
+    """``field=None``: ``abs (norm)`` cells; ``"absolute"`` / ``"normalized"``: one number per cell."""
+    render = cell if field is None else (lambda entry: percent(entry[field]))
+    return "\n".join(settings_header(results) + accuracy_rows(results, render))
 
 
 def _betas(boosted: dict[str, Any]) -> str:

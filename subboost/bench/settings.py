@@ -8,7 +8,7 @@ Weight averaging runs at a fixed alpha of 1: with a tuned alpha it would equal T
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from subboost.merging.consensus import consensus
@@ -60,3 +60,10 @@ def check_suite_settings(config: Any, *, available_tasks: int, betas: tuple[str,
     for field in betas:
         if any(not 0.0 <= b <= 1.0 for b in getattr(config, field)):
             raise ValueError(f"{name}.{field} must lie in [0, 1], got {getattr(config, field)}.")
+
+
+def named_task_set(task_sets: Mapping[str, tuple], name: str, *, field: str) -> tuple:
+    """``task_sets[name]``: a suite's tasks by set name; ValueError naming the config ``field`` otherwise."""
+    if name not in task_sets:
+        raise ValueError(f"{field} must be one of {', '.join(task_sets)}, got {name!r}.")
+    return task_sets[name]

@@ -3,7 +3,7 @@
 The chosen setting is then scored on the test split::
 
     for beta in betas:                   # None = no boosting
-        tau_b = subspace_boost(tau, beta=beta)          # one batched SVD per beta
+        tau_b = subspace_boost(tau, beta=beta)          # every beta from one SVD (subspace_boost_sweep)
         for alpha in alphas:
             theta = theta_0 + alpha * tau_b          # boost(a tau) = a boost(tau)
             score = mean_t acc_t(theta, validation)
@@ -108,7 +108,7 @@ def select_alpha_beta(
     """
     from tqdm.auto import tqdm
 
-    from subboost.boosting import subspace_boost
+    from subboost.boosting import subspace_boost_sweep
     from subboost.task_vectors import apply_task_vector
 
     alphas = check_grid("alpha", alphas, positive=True)
@@ -117,9 +117,15 @@ def select_alpha_beta(
     points: list[SweepPoint] = []
     bar = tqdm(total=len(alphas) * len(betas), desc=description, disable=not progress, leave=False)
 
+    boosted_at: dict[float, PyTree] = {}
+
     def score_candidate(beta: float | None, grid: np.ndarray) -> list[float]:
-        # boost(alpha * tau) = alpha * boost(tau): one boost per beta serves every alpha.
-        boosted = tau if beta is None else subspace_boost(tau, beta=float(beta), **dict(boost_kwargs or {}))
+        # boost(alpha * tau) = alpha * boost(tau): one boost per beta serves every alpha, and every beta of
+        # the grid is boosted from one SVD per matrix (on the first boosted candidate).
+        if beta is not None and not boosted_at:
+            grid_betas = tuple(float(b) for b in betas if b is not None)
+            boosted_at.update(zip(grid_betas, subspace_boost_sweep(tau, betas=grid_betas, **dict(boost_kwargs or {}))))
+        boosted = tau if beta is None else boosted_at[float(beta)]
         values = []
         for alpha in grid:
             accuracies = dict(evaluate(apply_task_vector(pretrained, boosted, alpha=float(alpha))))

@@ -8,29 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from subboost.bench import report as bench_report
-from subboost.bench.report import (accuracy_rows, alpha_mark, cell, method_rows, percent,
-                                   settings_header)
-
-
-def accuracy_table(results: dict[str, Any], field: str | None = None) -> str:
-    """``field=None``: ``abs (norm)`` cells; ``"absolute"`` / ``"normalized"``: one number per cell."""
-    render = cell if field is None else (lambda entry: percent(entry[field]))
-    return "\n".join(settings_header(results) + accuracy_rows(results, render))
-
-
-def choices_table(results: dict[str, Any]) -> str:
-    def render(entry: dict[str, Any]) -> str:
-        b = entry["boosted"]
-        twins = [x for x in b.get("equivalent_betas", []) if x != b["beta"]]
-        beta = f"{b['beta']:g}" + ("=" + "=".join(f"{x:g}" for x in twins) if twins else "")
-        return f"{alpha_mark(entry['plain'])} ; {alpha_mark(b)} / {beta} (k {b['mean_cutoff_index']:.1f})"
-
-    return "\n".join(settings_header(results, ": alpha ; boosted alpha / beta (k)", "---") + method_rows(results, render))
-
-
-def stable_rank_table(results: dict[str, Any]) -> str:
-    return bench_report.stable_rank_table(results, digits=1)
+from subboost.bench.report import (accuracy_table, choices_table, per_task_table, stable_rank_table,
+                                   unavailable_notes)
 
 
 def regime_table(results: dict[str, Any]) -> str:
@@ -54,11 +33,6 @@ def regime_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def per_task_table(results: dict[str, Any]) -> str:
-    """Per task: classes, an example sentence, pretrained + heads and expert test accuracy."""
-    return bench_report.per_task_table(results, text_columns=("example",))
-
-
 def markdown_tables(results: dict[str, Any]) -> str:
     """Every table (deterministic given the seed: no timings)."""
     config, model = results["config"], results["model"]
@@ -80,13 +54,13 @@ def markdown_tables(results: dict[str, Any]) -> str:
         accuracy_table(results, "normalized"),
         "",
         "Chosen alpha (plain ; boosted) / beta, with the mean boosting cutoff index k over matrices "
-        "(`a=b` = those betas give the same cutoffs):",
+        "(`= b` lists the betas that give the same cutoffs):",
         "",
         choices_table(results),
         "",
         "Mean stable rank of the merged task vector's matrices, plain -> boosted:",
         "",
-        stable_rank_table(results),
+        stable_rank_table(results, digits=1),
         "",
         "Regime of the experts:",
         "",
@@ -94,9 +68,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
         "",
         "Per task (test accuracy %):",
         "",
-        per_task_table(results),
+        per_task_table(results, text_columns=("example",)),
     ]
-    notes = bench_report.unavailable_notes(results)
+    notes = unavailable_notes(results)
     if notes:
         parts += ["", "Not run:", *notes]
     return "\n".join(parts) + "\n"

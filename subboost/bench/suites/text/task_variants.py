@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from subboost.bench.settings import named_task_set
 from subboost.bench.suites.text.generators import NAMES, NUMBERS, PLACES, TASKS, THINGS, TIMES, TextTask
 from subboost.bench.suites.text.splits import TextSuite, build_suite
 
@@ -144,9 +145,7 @@ TASK_SETS: dict[str, tuple[TextTask, ...]] = {"standard": TASKS, "many": MANY_TA
 
 def task_set(name: str) -> tuple[TextTask, ...]:
     """The tasks of a named set: ``"standard"`` (the suite's 12) or ``"many"`` (those 12, then 38 variants)."""
-    if name not in TASK_SETS:
-        raise ValueError(f"TextBenchConfig.task_set must be one of {', '.join(TASK_SETS)}, got {name!r}.")
-    return TASK_SETS[name]
+    return named_task_set(TASK_SETS, name, field="TextBenchConfig.task_set")
 
 
 def build_task_suite(name: str, num_tasks: int, tokenizer, **kwargs: Any) -> TextSuite:

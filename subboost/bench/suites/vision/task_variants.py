@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from subboost.bench.settings import named_task_set
 from subboost.bench.suites.vision.generators import TASKS, Task
 
 Rule = Callable[[int, int], int]
@@ -106,6 +107,4 @@ TASK_SETS: dict[str, tuple[Task, ...]] = {"standard": TASKS, "many": MANY_TASKS}
 
 def task_set(name: str) -> tuple[Task, ...]:
     """The tasks of a named set: ``"standard"`` (the benchmark's 20) or ``"many"`` (those 20, then 30 variants)."""
-    if name not in TASK_SETS:
-        raise ValueError(f"BenchConfig.task_set must be one of {', '.join(TASK_SETS)}, got {name!r}.")
-    return TASK_SETS[name]
+    return named_task_set(TASK_SETS, name, field="BenchConfig.task_set")
