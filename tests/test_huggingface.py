@@ -258,3 +258,212 @@ def test_sizes_and_shard_plans():
         parse_size("lots")
     specs = {"a": ((10,), np.float32), "b": ((10,), np.float32), "c": ((100,), np.float32), "d": ((1,), np.float32)}
     assert plan_shards(specs, 80) == [["a", "b"], ["c"], ["d"]]
+
+
+# ----------------------------------------------------------------------------
+# Merging and writing back
+# ----------------------------------------------------------------------------
+def _experts(family: str, root: Path, num: int = 2, *, dtype=None) -> tuple[Path, list[Path]]:
+    """A base and ``num`` experts (base + 0.01 * noise), written sharded, as transformers saves them."""
+    base_model = tiny_model(family)
+    if dtype is not None:
+        base_model = base_model.to(dtype)
+    base_model.save_pretrained(root / "base")
+    paths = []
+    for t in range(num):
+        model = transformers.AutoModel.from_pretrained(root / "base")
+        generator = torch.Generator().manual_seed(t + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=generator).to(p.dtype))
+        model.save_pretrained(root / f"expert{t}", max_shard_size="10KB")
+        paths.append(root / f"expert{t}")
+    return root / "base", paths
+
+
+def _load(path: Path):
+    """The model transformers loads from ``path``, failing on any missing or unexpected tensor."""
+    model, info = transformers.AutoModel.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model
+
+
+def _torch_states(base: Path, experts: list[Path]):
+    b = {k: v for k, v in _load(base).state_dict().items() if v.is_floating_point()}
+    return b, [{k: v for k, v in _load(e).state_dict().items() if k in b} for e in experts]
+
+
+def torch_ties(taus: list[dict], *, k: float) -> dict:
+    """TIES in torch from REFERENCE.md: global per-task top-k trim, elected sign, disjoint mean."""
+    names = list(taus[0])
+    flat = torch.stack([torch.cat([tau[n].reshape(-1) for n in names]) for tau in taus]).double()
+    kk = flat.shape[1] - int(flat.shape[1] * k)
+    threshold = flat.abs().kthvalue(kk, dim=1).values[:, None]
+    trimmed = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    out, offset = {}, 0
+    for n in names:
+        size = taus[0][n].numel()
+        out[n] = merged[offset:offset + size].reshape(taus[0][n].shape).to(taus[0][n].dtype)
+        offset += size
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_task_arithmetic_merges_every_family_and_loads_in_transformers(tmp_path, family):
+    from subboost.streaming import merge_from_checkpoints
+
+    base, experts = _experts(family, tmp_path)
+    out = merge_from_checkpoints(base, experts, method="task_arithmetic", alpha=0.3, out=tmp_path / "out",
+                                 shard_size="20KB", progress=False)
+    assert (out / "model.safetensors.index.json").exists() and (out / "config.json").read_text() == (
+        base / "config.json").read_text()
+    assert json.loads((out / "merge_info.json").read_text())["format"] == "subboost.huggingface/1"
+    merged = _load(out).state_dict()
+    b, es = _torch_states(base, experts)
+    for name, value in b.items():
+        expected = value + 0.3 * sum(e[name] - value for e in es)
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6, msg=name)
+
+
+def test_ties_and_dare_equal_a_torch_computation(tmp_path):
+    import jax
+
+    from subboost.merging.dare import keep_mask
+    from subboost.streaming import merge_from_checkpoints
+
+    base, experts = _experts("llama", tmp_path, num=3)
+    b, es = _torch_states(base, experts)
+    taus = [{n: e[n] - b[n] for n in b} for e in es]
+    out = merge_from_checkpoints(base, experts, method="ties", k=0.3, alpha=0.5, out=tmp_path / "ties",
+                                 progress=False)
+    merged = _load(out).state_dict()
+    ties = torch_ties(taus, k=0.3)
+    for name in b:
+        torch.testing.assert_close(merged[name], b[name] + 0.5 * ties[name], rtol=0, atol=1e-6, msg=name)
+
+    key, p = jax.random.key(7), 0.4
+    out = merge_from_checkpoints(base, experts, method="dare", key=key, p=p, alpha=0.5, out=tmp_path / "dare",
+                                 progress=False)
+    merged = _load(out).state_dict()
+    # DARE's masks are jax draws (leaf i of the tree-flattened names gets split(key)[i]); the rest is torch.
+    reader = open_checkpoint(base)
+    stored_names = list(reader.specs)
+    keys = jax.random.split(key, len(stored_names))
+    for i, loaded in enumerate(stored_names):  # Llama saves the names it loads with
+        masks = [torch.from_numpy(np.array(keep_mask(keys[i], p=p, shape=(len(experts),) + b[loaded].shape)))]
+        dropped = sum(torch.where(masks[0][t], taus[t][loaded] / (1 - p), torch.zeros_like(b[loaded]))
+                      for t in range(len(experts)))
+        torch.testing.assert_close(merged[loaded], b[loaded] + 0.5 * dropped, rtol=0, atol=1e-6, msg=loaded)
+
+
+def test_one_expert_at_alpha_one_round_trips_bit_for_bit(tmp_path):
+    from safetensors.numpy import load_file
+
+    from subboost.streaming import merge_from_checkpoints
+
+    base, (expert,) = _experts("gpt2", tmp_path, num=1)
+    out = merge_from_checkpoints(base, [expert], method="task_arithmetic", alpha=1.0, out=tmp_path / "out",
+                                 shard_size="1GB", progress=False)
+    written, original = load_file(out / "model.safetensors"), {}
+    for shard in expert.glob("model-*.safetensors"):
+        original.update(load_file(shard))
+    assert written.keys() == original.keys()
+    for name, value in original.items():
+        assert written[name].dtype == value.dtype and written[name].tobytes() == value.tobytes(), name
+
+
+def test_tsv_with_boosting_in_bfloat16_keeps_names_and_dtypes(tmp_path):
+    from safetensors import safe_open
+
+    from subboost.streaming import merge_from_checkpoints
+
+    base, experts = _experts("qwen2", tmp_path, dtype=torch.bfloat16)
+    out = merge_from_checkpoints(base, experts, method="tsv", boost={"beta": 0.02, "attention": "per_head"},
+                                 alpha=1.0, out=tmp_path / "out", progress=False)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}
+    model = _load(out)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(torch.isfinite(p.float()).all() for p in model.parameters())
+    assert model.state_dict().keys() == _load(base).state_dict().keys()
+
+
+def test_sentence_transformers_folder_is_kept_whole(tmp_path):
+    """A sentence-transformers folder, built by hand as the library writes it (weights at the root)."""
+    from subboost.streaming import merge_from_checkpoints
+
+    base, experts = _experts("mpnet", tmp_path, num=1)
+    folders = []
+    for source in (base, *experts):
+        folder = tmp_path / f"st-{source.name}"
+        shutil.copytree(source, folder)
+        (folder / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": HIDDEN,
+                                                                      "pooling_mode_mean_tokens": True}))
+        (folder / "2_Normalize").mkdir()
+        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
+        (folder / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "cosine"}))
+        folders.append(folder)
+    out = merge_from_checkpoints(folders[0], folders[1:], alpha=1.0, out=tmp_path / "out", progress=False)
+    kept = ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "config.json",
+            "1_Pooling/config.json"]
+    for name in kept:
+        assert (out / name).read_bytes() == (folders[0] / name).read_bytes(), name
+    assert (out / "2_Normalize").is_dir()
+    _load(out)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return
+    SentenceTransformer(str(out), device="cpu")
+
+
+def test_expert_mismatches_are_named_and_version_buffers_tolerated(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from subboost.streaming import merge_from_checkpoints
+
+    base, experts = _experts("bert", tmp_path, num=1)
+    single = tmp_path / "single"
+    _load(experts[0]).save_pretrained(single)
+    tensors = load_file(single / "model.safetensors")
+    tensors["embeddings.position_ids"] = np.arange(32, dtype=np.int64)[None]  # older transformers saved it
+    save_file(tensors, single / "model.safetensors", metadata={"format": "pt"})
+    merge_from_checkpoints(base, [single], alpha=1.0, out=tmp_path / "ok", progress=False)
+
+    del tensors["encoder.layer.1.output.dense.weight"]
+    save_file(tensors, single / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SubboostError, match=r"expert 0 .*missing parameters \['encoder\.layer\.1\.output\.dense\.weight'\]"):
+        merge_from_checkpoints(base, [single], alpha=1.0, out=tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_merges_hugging_face_directories_and_follows_the_out_rules(tmp_path, capsys):
+    from subboost.cli import main
+
+    base, experts = _experts("gpt2", tmp_path)
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", str(base), *map(str, experts), "--method", "ties", "--param", "k=0.5",
+            "--beta", "0.02", "--alpha", "0.5", "--shard-size", "15KB", "--out", str(out)]
+    assert main(argv) == 0
+    assert "Hugging Face directory" in capsys.readouterr().out
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert all(f.stat().st_size <= 15_000 + 4096 for f in out.glob("model-*.safetensors"))  # + its header
+    _load(out)
+    assert main(argv) != 0
+    assert "already exists" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0  # its own earlier output (merge_info.json) may be replaced
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    assert main(argv[:-1] + [str(users), "--overwrite"]) != 0
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (users / "notes.txt").read_text() == "mine"
