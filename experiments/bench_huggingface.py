@@ -109,9 +109,10 @@ def run_mergekit(venv: Path, config: str, out: Path, log: Path) -> dict:
 
 
 def run_subboost(base: Path, experts: list[Path], out: Path, log: Path, *, method: str, params: list[str],
-                 alpha: float, chunk_bytes: int) -> dict:
+                 alpha: float, chunk_bytes: int, extra: tuple[str, ...] = ()) -> dict:
     command = [sys.executable, "-m", "subboost.cli", "merge", "--base", str(base), *map(str, experts),
-               "--method", method, "--alpha", str(alpha), "--chunk-bytes", str(chunk_bytes), "--out", str(out)]
+               "--method", method, "--alpha", str(alpha), "--chunk-bytes", str(chunk_bytes), "--out", str(out),
+               *extra]
     for p in params:
         command += ["--param", p]
     return run_timed(command, log)
@@ -184,12 +185,24 @@ def scale(args) -> None:
                                          mergekit_config("ties", base, experts, weight=1.0, density=0.2),
                                          out, root / "mergekit.log")
         print(tool, json.dumps(results[tool]), flush=True)
-    print(json.dumps({"agreement": compare(root / "out-subboost", root / "out-mergekit")}))
+    if {"subboost", "mergekit"} <= set(results):
+        print(json.dumps({"agreement": compare(root / "out-subboost", root / "out-mergekit")}), flush=True)
+    for label, method, extra in (("subboost TA + boost (beta 0.02)", "task_arithmetic", ("--beta", "0.02")),
+                                 ("subboost TSV-M", "tsv", ())):
+        if args.svd_methods:
+            out = root / f"out-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            results[label] = run_subboost(base, experts, out, root / f"{method}.log", method=method, params=[],
+                                          alpha=1.0, chunk_bytes=args.chunk_bytes, extra=extra)
+            shutil.rmtree(out, ignore_errors=True)
+            print(label, json.dumps(results[label]), flush=True)
     print("| tool | wall (s) | peak RSS (GiB) |")
     print("|---|---:|---:|")
     for tool, r in results.items():
         print(f"| {tool} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} |")
-    print(f"wall-time ratio subboost / mergekit: {results['subboost']['wall_s'] / results['mergekit']['wall_s']:.2f}")
+    if {"subboost", "mergekit"} <= set(results):
+        ratio = results["subboost"]["wall_s"] / results["mergekit"]["wall_s"]
+        print(f"wall-time ratio subboost / mergekit (TIES): {ratio:.2f}")
 
 
 def main() -> None:
@@ -201,6 +214,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28, help="scale: decoder layers (28: about 0.5B parameters)")
     parser.add_argument("--chunk-bytes", type=int, default=256 * 2**20)
     parser.add_argument("--order", nargs="+", default=["subboost", "mergekit"])
+    parser.add_argument("--svd-methods", action="store_true", help="scale: also time TA + boosting and TSV-M")
     args = parser.parse_args()
     (parity if args.what == "parity" else scale)(args)
 
