@@ -332,8 +332,8 @@ def test_task_arithmetic_merges_every_family_and_loads_in_transformers(tmp_path,
 def test_ties_and_dare_equal_a_torch_computation(tmp_path):
     import jax
 
-    from subboost.merging.dare import keep_mask
     from subboost.streaming import merge_from_checkpoints
+    from subboost.streaming.chunks import keep_mask  # DARE's draw, jitted (compiled once by the merge)
 
     base, experts = _experts("llama", tmp_path, num=3)
     b, es = _torch_states(base, experts)
