@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,15 @@ def run_merge_huggingface(args: argparse.Namespace, kwargs: dict[str, Any]) -> i
     boost = None if args.beta is None else {
         "beta": args.beta, "mode": args.mode, "attention": args.attention, "attn_beta": args.attn_beta,
         "rank_rtol": args.rank_rtol}
-    merge_from_checkpoints(args.base, args.experts, method=args.method, boost=boost, out=args.out, alpha=args.alpha,
-                           overwrite=args.overwrite, chunk_bytes=args.chunk_bytes, shard_size=args.shard_size,
-                           progress=sys.stderr.isatty(), **kwargs)
+    out = merge_from_checkpoints(args.base, args.experts, method=args.method, boost=boost, out=args.out,
+                                 alpha=args.alpha, overwrite=args.overwrite, chunk_bytes=args.chunk_bytes,
+                                 shard_size=args.shard_size, progress=sys.stderr.isatty(), **kwargs)
+    info = json.loads((out / "merge_info.json").read_text())
+    copied, tied = info.get("passed_through", []), info.get("tied_not_written", {})
+    if copied or tied:  # what was not merged, said once
+        print(f"not merged: {len(copied)} tensor(s) copied from the base ({', '.join(copied[:4])}"
+              f"{', ...' if len(copied) > 4 else ''}); {len(tied)} tied copy(ies) left to transformers "
+              f"({', '.join(tied)})", file=sys.stderr)
     print(f"wrote {args.out} (Hugging Face directory): base + {args.alpha} * {args.method}"
           + (f" boosted (beta={args.beta}, {args.mode})" if args.beta is not None else ""))
     return 0
