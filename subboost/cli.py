@@ -17,6 +17,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "subboost.commands.merge",
     "subboost.commands.convert",
+    "subboost.commands.export",
     "subboost.commands.demo",
     "subboost.commands.analyze",
     "subboost.commands.eval",

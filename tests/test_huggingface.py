@@ -467,3 +467,54 @@ def test_cli_merges_hugging_face_directories_and_follows_the_out_rules(tmp_path,
     assert main(argv[:-1] + [str(users), "--overwrite"]) != 0
     assert "refusing to replace" in capsys.readouterr().err
     assert (users / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------
+# subboost export: Flax CLIP ViT and BERT back to Hugging Face
+# ----------------------------------------------------------------------------
+def _noisy(params, seed: int):
+    """Parameters moved off their initialisation (non-zero biases, non-unit norms)."""
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_export_bert_and_clip_vision_equal_the_flax_forward(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from subboost.checkpoints import save_params
+    from subboost.cli import main
+    from subboost.models.bert import BertConfig, BertEncoder
+    from subboost.models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
+
+    bert = BertConfig(vocab_size=50, width=16, layers=2, heads=4, mlp_dim=32, max_positions=32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 7)))
+    mask = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2])
+    params = _noisy(BertEncoder(bert).init(jax.random.key(0), ids)["params"], 1)
+    save_params(params, tmp_path / "bert", metadata={"kind": "bert", "architecture": bert.to_dict()})
+    assert main(["export", str(tmp_path / "bert"), "--out", str(tmp_path / "bert-hf")]) == 0
+    model, info = transformers.BertModel.from_pretrained(tmp_path / "bert-hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor(np.asarray(ids)), attention_mask=torch.tensor(np.asarray(mask)))
+    expected = np.asarray(BertEncoder(bert).apply({"params": params}, ids, mask))
+    valid = np.asarray(mask, bool)  # padded positions are undefined in both
+    np.testing.assert_allclose(hidden.last_hidden_state.numpy()[valid], expected[valid], rtol=0, atol=1e-5)
+
+    clip = CLIPVisionConfig(image_size=8, patch_size=4, width=16, layers=2, heads=4, embed_dim=8)
+    images = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    params = _noisy(CLIPVisionTransformer(clip).init(jax.random.key(0), images)["params"], 3)
+    save_params(params, tmp_path / "clip", metadata={"kind": "clip_vision", "architecture": clip.to_dict()})
+    assert main(["export", str(tmp_path / "clip"), "--out", str(tmp_path / "clip-hf")]) == 0
+    model, info = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "clip-hf",
+                                                                           output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        embeds = model(pixel_values=torch.tensor(np.asarray(images).transpose(0, 3, 1, 2))).image_embeds.numpy()
+    expected = np.asarray(CLIPVisionTransformer(clip).apply({"params": params}, images))
+    np.testing.assert_allclose(embeds, expected, rtol=0, atol=1e-5)
+    assert main(["export", str(tmp_path / "clip"), "--out", str(tmp_path / "clip-hf")]) != 0  # exists: refused
+    assert main(["export", str(tmp_path / "clip"), "--out", str(tmp_path / "clip-hf"), "--overwrite"]) == 0
