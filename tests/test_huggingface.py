@@ -476,9 +476,8 @@ def _noisy(params, seed: int):
     """Parameters moved off their initialisation (non-zero biases, non-unit norms)."""
     import jax
 
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda x: (np.asarray(x) + 0.1 * rng.normal(size=x.shape)).astype(x.dtype), params)
 
 
 def test_export_bert_and_clip_vision_equal_the_flax_forward(tmp_path):
@@ -493,20 +492,20 @@ def test_export_bert_and_clip_vision_equal_the_flax_forward(tmp_path):
     bert = BertConfig(vocab_size=50, width=16, layers=2, heads=4, mlp_dim=32, max_positions=32)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 7)))
     mask = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2])
-    params = _noisy(BertEncoder(bert).init(jax.random.key(0), ids)["params"], 1)
+    params = _noisy(jax.jit(BertEncoder(bert).init)(jax.random.key(0), ids)["params"], 1)
     save_params(params, tmp_path / "bert", metadata={"kind": "bert", "architecture": bert.to_dict()})
     assert main(["export", str(tmp_path / "bert"), "--out", str(tmp_path / "bert-hf")]) == 0
     model, info = transformers.BertModel.from_pretrained(tmp_path / "bert-hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         hidden = model(input_ids=torch.tensor(np.asarray(ids)), attention_mask=torch.tensor(np.asarray(mask)))
-    expected = np.asarray(BertEncoder(bert).apply({"params": params}, ids, mask))
+    expected = np.asarray(jax.jit(BertEncoder(bert).apply)({"params": params}, ids, mask))
     valid = np.asarray(mask, bool)  # padded positions are undefined in both
     np.testing.assert_allclose(hidden.last_hidden_state.numpy()[valid], expected[valid], rtol=0, atol=1e-5)
 
     clip = CLIPVisionConfig(image_size=8, patch_size=4, width=16, layers=2, heads=4, embed_dim=8)
     images = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
-    params = _noisy(CLIPVisionTransformer(clip).init(jax.random.key(0), images)["params"], 3)
+    params = _noisy(jax.jit(CLIPVisionTransformer(clip).init)(jax.random.key(0), images)["params"], 3)
     save_params(params, tmp_path / "clip", metadata={"kind": "clip_vision", "architecture": clip.to_dict()})
     assert main(["export", str(tmp_path / "clip"), "--out", str(tmp_path / "clip-hf")]) == 0
     model, info = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "clip-hf",
@@ -514,7 +513,7 @@ def test_export_bert_and_clip_vision_equal_the_flax_forward(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         embeds = model(pixel_values=torch.tensor(np.asarray(images).transpose(0, 3, 1, 2))).image_embeds.numpy()
-    expected = np.asarray(CLIPVisionTransformer(clip).apply({"params": params}, images))
+    expected = np.asarray(jax.jit(CLIPVisionTransformer(clip).apply)({"params": params}, images))
     np.testing.assert_allclose(embeds, expected, rtol=0, atol=1e-5)
     assert main(["export", str(tmp_path / "clip"), "--out", str(tmp_path / "clip-hf")]) != 0  # exists: refused
     assert main(["export", str(tmp_path / "clip"), "--out", str(tmp_path / "clip-hf"), "--overwrite"]) == 0
