@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "subboost.commands.merge",
     "subboost.commands.convert",
+    "subboost.commands.export",
     "subboost.commands.demo",
     "subboost.commands.analyze",
     "subboost.commands.eval",

@@ -6,11 +6,14 @@
   comparison of an expert with its base (`check_same_parameters`, `check_same_architecture`);
 * `readers`: lazy readers of every format (`open_checkpoint`), one chunk of parameters at a time;
 * `task_vectors_npz`: stacked task vectors in one ``.npz`` (what ``subboost analyze`` reads).
+* `huggingface`: Hugging Face model directories of any architecture (sharded, ``.bin``,
+  sentence-transformers), read by tensor name and written back loadable.
 
 Atomic output (staging directory, then rename) and the rule for what may be overwritten
 live in `subboost.outputs`.
 """
 
 from subboost.checkpoint_io import metadata, orbax_io, readers, safetensors_format, task_vectors_npz
+from subboost.checkpoint_io import huggingface  # registers its reader with `readers.open_checkpoint`
 
-__all__ = ["metadata", "orbax_io", "readers", "safetensors_format", "task_vectors_npz"]
+__all__ = ["huggingface", "metadata", "orbax_io", "readers", "safetensors_format", "task_vectors_npz"]

@@ -158,7 +158,7 @@ def checkpoint_format(path: str | os.PathLike) -> str:
     hint = f" (it holds the checkpoint folder {inner[0]!r}: pass that path)" if len(inner) == 1 else ""
     raise SubboostError(
         f"{describe(path)}: unknown checkpoint format (expected a .safetensors file, an orbax checkpoint "
-        f"directory or a subboost merge output directory){hint}."
+        f"directory, a subboost merge output directory or a Hugging Face model directory){hint}."
     )
 
 

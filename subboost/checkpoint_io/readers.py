@@ -6,6 +6,8 @@
 * an orbax PyTree checkpoint directory (partial restore of the requested leaves);
 * a finished streaming merge output directory (``params.safetensors``, checksums from
   ``merge_info.json``);
+* a directory format registered in `DIRECTORY_OPENERS` (Hugging Face model directories,
+  `subboost.checkpoint_io.huggingface`);
 * a parameter pytree already in memory.
 
 Recorded checksums are verified on every read.
@@ -14,7 +16,7 @@ Recorded checksums are verified on every read.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -167,6 +169,11 @@ class TreeReader(CheckpointReader):
         return {name: np.asarray(self._leaves[name]) for name in names}
 
 
+# Readers of further directory formats: ``opener(path) -> reader``, or None when ``path`` is not theirs.
+# `subboost.checkpoint_io.huggingface` registers Hugging Face model directories (tried first).
+DIRECTORY_OPENERS: list[Callable[[Path], "CheckpointReader | None"]] = []
+
+
 def open_checkpoint(source: str | os.PathLike | PyTree) -> CheckpointReader:
     """A lazy reader for a checkpoint path (format detected) or an in-memory pytree."""
     if isinstance(source, CheckpointReader):
@@ -174,6 +181,11 @@ def open_checkpoint(source: str | os.PathLike | PyTree) -> CheckpointReader:
     if not isinstance(source, (str, os.PathLike)):
         return TreeReader(source)
     path = Path(source)
+    if path.is_dir():
+        for opener in DIRECTORY_OPENERS:  # e.g. a Hugging Face model directory (config.json + weights)
+            reader = opener(path)
+            if reader is not None:
+                return reader
     form = checkpoint_format(path)  # what this folder itself holds; subfolders are never searched
     if form == "safetensors":
         return SafetensorsReader(path)
@@ -198,6 +210,7 @@ def read_params(source: str | os.PathLike, names: Sequence[str] | None = None) -
 
 
 __all__ = [
+    "DIRECTORY_OPENERS",
     "CheckpointReader",
     "OrbaxReader",
     "SafetensorsReader",
