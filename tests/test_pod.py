@@ -64,25 +64,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pod(jobs: list[dict], num_processes: int = NUM_PROCESSES) -> list[list[dict]]:
-    """Runs ``jobs`` on ``num_processes`` local processes (2 CPU devices each); each process's per-job reports."""
+def start_processes(command: list[str], num_processes: int = NUM_PROCESSES) -> list[tuple[int, str, str]]:
+    """``command`` as ``num_processes`` local processes of one pod (2 CPU devices each): (code, stdout, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
            "JAX_NUM_PROCESSES": str(num_processes)}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "experiments" / "pod_worker.py"), json.dumps(jobs)],
-                              env={**env, "JAX_PROCESS_ID": str(p)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for p in range(num_processes)]
-    reports = []
+    procs = [subprocess.Popen(command, env={**env, "JAX_PROCESS_ID": str(p)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in range(num_processes)]
+    results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-3000:]
-        reports.append([json.loads(line) for line in stdout.splitlines() if line.startswith("{")])
-    return reports
+        results.append((proc.returncode, stdout, stderr))
+    return results
+
+
+def run_pod(jobs: list[dict]) -> list[list[dict]]:
+    """Runs ``jobs`` (`experiments/pod_worker.py`) on local processes; each process's per-job reports."""
+    results = start_processes([sys.executable, str(ROOT / "experiments" / "pod_worker.py"), json.dumps(jobs)])
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
+    return [[json.loads(line) for line in stdout.splitlines() if line.startswith("{")] for _, stdout, _ in results]
 
 
 @pytest.fixture(scope="module")
 def pod_runs(tmp_path_factory):
-    """Every job on 2 processes, plus a run whose expert 1 holds a NaN in one parameter only one process reads."""
+    """Every job on 2 processes."""
     work = tmp_path_factory.mktemp("pod")
     rng = np.random.default_rng(0)
     base = tree(rng)
@@ -91,14 +97,9 @@ def pod_runs(tmp_path_factory):
     for t in range(NUM_EXPERTS):
         expert = jax.tree_util.tree_map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), base)
         experts.append(str(streaming.save_safetensors(expert, work / f"expert_{t}.safetensors")))
-    bad = jax.tree_util.tree_map(np.copy, base)
-    bad["transformer"]["resblocks_1"]["mlp"]["c_fc"]["kernel"][3, 5] = np.nan
-    bad_path = str(streaming.save_safetensors(bad, work / "bad_expert.safetensors"))
     jobs = [{"base": str(base_path), "experts": experts, "out": str(work / name), "method": method, "kwargs": kwargs,
              "boost": boost, "alpha": alpha, "chunk_bytes": CHUNK} for name, method, kwargs, boost, alpha, _ in JOBS]
-    jobs.append({"base": str(base_path), "experts": [experts[0], bad_path], "out": str(work / "failed"),
-                 "method": "task_arithmetic", "chunk_bytes": CHUNK})
-    return work, base_path, experts, bad_path, run_pod(jobs)
+    return work, base_path, experts, run_pod(jobs)
 
 
 def one_process(base_path, experts, out, method, kwargs, boost, alpha):
@@ -110,7 +111,7 @@ def one_process(base_path, experts, out, method, kwargs, boost, alpha):
 @pytest.mark.parametrize("name, method, kwargs, boost, alpha, exact", JOBS, ids=[j[0] for j in JOBS])
 @pytest.mark.slow  # two JAX processes started, every merge compiled in each
 def test_two_processes_equal_one(pod_runs, tmp_path, name, method, kwargs, boost, alpha, exact):
-    work, base_path, experts, _, reports = pod_runs
+    work, base_path, experts, reports = pod_runs
     job = [j[0] for j in JOBS].index(name)
     assert [r[job]["error"] for r in reports] == [None] * NUM_PROCESSES
     one = streaming.open_checkpoint(one_process(base_path, experts, tmp_path / "one", method, kwargs, boost, alpha))
@@ -129,7 +130,7 @@ def test_two_processes_equal_one(pod_runs, tmp_path, name, method, kwargs, boost
 @pytest.mark.slow  # two JAX processes started, every merge compiled in each
 def test_each_process_reads_its_share(pod_runs):
     """Per read pass, bytes read <= (inputs / P) + one unit (q/k/v block) over base and experts."""
-    work, base_path, experts, _, _ = pod_runs
+    work, base_path, experts, _ = pod_runs
     specs = streaming.open_checkpoint(base_path).specs
     nbytes = {n: math.prod(s.shape) * np.dtype(s.dtype).itemsize for n, s in specs.items()}
     total = sum(nbytes.values()) * (NUM_EXPERTS + 1)
@@ -145,15 +146,25 @@ def test_each_process_reads_its_share(pod_runs):
             + [SHARD_INDEX_FILE, streaming.INFO_FILE, streaming.COMPLETE_MARKER])
 
 
-@pytest.mark.slow  # two JAX processes started, every merge compiled in each
+@pytest.mark.slow  # two JAX processes started
 def test_a_process_that_cannot_read_its_share_stops_every_process(pod_runs):
-    work, _, _, bad_path, reports = pod_runs
-    errors = [r[-1]["error"] for r in reports]
-    assert errors[0] == errors[1] and errors[0] is not None  # the same one line on every process
-    assert "\n" not in errors[0]
-    assert bad_path in errors[0] and "resblocks_1/mlp/c_fc/kernel" in errors[0] and "NaN" in errors[0]
-    assert errors[0].startswith(f"process ") and f"of {NUM_PROCESSES}" in errors[0]
-    assert not any(p.name == "failed" or p.name.startswith(".failed.") for p in work.iterdir())  # absent
+    """``subboost --distributed merge``: expert 1 holds a NaN in a parameter only one process reads."""
+    work, base_path, experts, _ = pod_runs
+    base = streaming.read_params(base_path)
+    base["transformer"]["resblocks_1"]["mlp"]["c_fc"]["kernel"][3, 5] = np.nan
+    bad_path = str(streaming.save_safetensors(base, work / "bad_expert.safetensors"))
+    results = start_processes([sys.executable, "-m", "subboost.cli", "--no-compile-cache", "--distributed", "merge",
+                               "--base", str(base_path), experts[0], bad_path, "--out", str(work / "failed")])
+    lines = []
+    for code, _, stderr in results:
+        assert code == 2, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("subboost merge: error:")]
+        assert len(errors) == 1, stderr[-3000:]  # one line, naming the process, the file and the parameter
+        lines.append(errors[0])
+    assert lines[0] == lines[1]
+    assert f"of {NUM_PROCESSES}: expert 1 ({bad_path}): parameter 'transformer/resblocks_1/mlp/c_fc/kernel'" in lines[0]
+    assert "NaN" in lines[0]
+    assert not any(p.name == "failed" or p.name.startswith(".failed.") for p in work.iterdir())  # output absent
 
 
 def test_shares_cover_every_parameter_once_and_balance_bytes():

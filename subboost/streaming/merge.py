@@ -81,8 +81,9 @@ def merge_from_checkpoints(
     if jax.process_count() > 1:  # a pod: every process reads, merges and writes only its share
         from subboost.streaming.pod import merge_on_processes
 
-        return merge_on_processes(base, expert_paths, method=method, boost=boost, out=out, alpha=alpha,
-                                  overwrite=overwrite, chunk_bytes=chunk_bytes, progress=progress, **method_kwargs)
+        return merge_on_processes(base, expert_paths, out=out, overwrite=overwrite, method=method,
+                                  method_kwargs=method_kwargs, boost=boost, alpha=alpha, chunk_bytes=chunk_bytes,
+                                  progress=progress)
     out = Path(out)
     run = open_inputs(base, expert_paths, method=method, boost=boost, out=out, alpha=alpha, overwrite=overwrite,
                       chunk_bytes=chunk_bytes, method_kwargs=method_kwargs)

@@ -69,7 +69,7 @@ from subboost.checkpoint_io.safetensors_format import SafetensorsWriter
 from subboost.checkpoint_io.shards import SHARD_INDEX_FILE, shard_file_name, write_shard_index
 from subboost.errors import SubboostError
 from subboost.outputs import staged_output
-from subboost.streaming.chunks import DEFAULT_CHUNK_BYTES, ChunkStream, plan_chunks
+from subboost.streaming.chunks import ChunkStream, plan_chunks
 from subboost.streaming.statistics import global_statistics
 from subboost.streaming.steps import merge_info, merge_stream, open_inputs
 from subboost.tree import PyTree
@@ -211,24 +211,16 @@ class GuardedStream(ChunkStream):
             self.error = err
 
 
-def merge_on_processes(
-    base: str | os.PathLike | PyTree,
-    expert_paths: Sequence[str | os.PathLike],
-    /,
-    *,
-    method: str = "task_arithmetic",
-    boost: float | Mapping[str, Any] | None = None,
-    out: str | os.PathLike,
-    alpha: float | None = None,
-    overwrite: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    progress: bool = True,
-    **method_kwargs: Any,
-) -> Path:
+def merge_on_processes(base: str | os.PathLike | PyTree, expert_paths: Sequence[str | os.PathLike], /, *,
+                       out: str | os.PathLike, overwrite: bool, method: str, method_kwargs: Mapping[str, Any],
+                       boost: float | Mapping[str, Any] | None, alpha: float | None, chunk_bytes: int,
+                       progress: bool) -> Path:
     """`merge_from_checkpoints` over the processes of `jax.distributed`, each on its share (module docstring).
 
-    Every process calls it with the same arguments. Returns ``out``, complete, on
-    every process; raises the same `ProcessFailure` on every process if any failed.
+    Takes `merge_from_checkpoints`'s arguments (the method's hyper-parameters as
+    ``method_kwargs``); every process calls it with the same ones. Returns ``out``,
+    complete, on every process; raises the same `ProcessFailure` on every process if
+    any failed.
     """
     group = ProcessGroup()
     out = Path(out)
