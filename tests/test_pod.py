@@ -22,7 +22,7 @@ from subboost import streaming
 from subboost.checkpoint_io.shards import SHARD_INDEX_FILE, ShardedReader, shard_file_name, write_shard_index
 from subboost.errors import SubboostError
 from subboost.streaming.chunks import plan_chunks
-from subboost.streaming.pod import assign_shares
+from subboost.streaming.pod import ProcessFailure, ProcessGroup, assign_shares
 
 ROOT = Path(__file__).parents[1]
 NUM_PROCESSES = 2
@@ -202,3 +202,18 @@ def test_sharded_reader_checks_its_index(tmp_path):
         write_shard_index(index, weight_map)
         with pytest.raises(SubboostError, match=match.replace("(", r"\(")):
             ShardedReader(index, open_shard=streaming.SafetensorsReader)
+
+
+def test_process_group_exchanges_bytes_exactly_and_reports_errors():
+    """One process (this one): the exchange path of a pod, int64 counts beyond int32 kept exact."""
+    group = ProcessGroup()
+    assert (group.count, group.index) == (1, 0)
+    assert group.all_gather(b"") == [b""] and group.all_gather(b"abc") == [b"abc"]
+    counts = np.array([[2**40 + 1, -3], [7, 0]], np.int64)
+    summed = group.sum(counts)
+    assert summed.dtype == np.int64 and np.array_equal(summed, counts)
+    assert group.run(lambda: 5) == 5
+    with pytest.raises(ProcessFailure, match=r"^process 0 of 1: bad\.safetensors: broken here$"):
+        group.run(lambda: (_ for _ in ()).throw(OSError("bad.safetensors:\nbroken   here")))
+    with pytest.raises(ProcessFailure, match="process 0 of 1: late"):
+        group.sum(counts, error=SubboostError("late"))
