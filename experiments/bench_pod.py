@@ -41,7 +41,8 @@ ROOT = Path(__file__).parents[1]
 CHECKS = [  # every streamable method with its settings (--check), and boosting
     ("weight_averaging", {}, None), ("task_arithmetic", {}, None), ("ties", {"k": 0.3}, None),
     ("ties", {"k": 0.5, "merge": "sum", "scope": "per_leaf"}, None), ("dare", {"p": 0.5, "key": 1}, None),
-    ("dare_ties", {"p": 0.5, "k": 0.3, "key": 1}, None), ("consensus", {"lambdas": 0.5}, None),
+    ("dare", {"p": 0.5, "base": "ties", "k": 0.3, "key": 1}, None), ("consensus", {"lambdas": 0.5}, None),
+    ("consensus", {"base": "ties", "k": 0.4, "lambdas": 0.4, "min_tasks": 1}, None),
     ("tsv", {}, None), ("iso_c", {}, None), ("iso_cts", {}, None),
     ("task_arithmetic", {}, 0.02), ("ties", {"k": 0.3}, 0.02), ("tsv", {}, 0.02),
 ]
