@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not use the persistent XLA compilation cache (default: on, in "
                              "$XDG_CACHE_HOME/subboost/jax; SUBBOOST_COMPILE_CACHE=0 or =DIR also sets it)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="one of several processes of a pod (jax.distributed; coordinator, process count and "
+                             "id from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or detected on "
+                             "Cloud TPU): merge reads and writes only this process's share (docs/pods.md)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -120,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_cli_compile_cache(enabled=not args.no_compile_cache)  # before anything compiles
     try:
+        if args.distributed:
+            from subboost.streaming.pod import initialize
+
+            initialize()
         with stop_signals_interrupt(), quiet_library_logging():
             return int(args.func(args) or 0)
     except USER_ERRORS as err:

@@ -343,9 +343,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _wait_for_threads(before: set[threading.Thread], timeout: float = 60.0) -> None:
-    """Joins threads started since ``before`` (orbax's writers), so none writes after cleanup."""
+    """Joins threads started since ``before`` (orbax's writers), so none writes after cleanup.
+
+    tqdm's monitor thread (started by the first progress bar) writes nothing and lives
+    until the process ends: waiting for it would only add ``timeout`` to every failure.
+    """
     deadline = time.monotonic() + timeout
     for thread in set(threading.enumerate()) - before:
+        if type(thread).__name__ == "TMonitor" and thread.daemon:
+            continue
         if thread is not threading.current_thread() and thread.is_alive():
             thread.join(max(0.0, deadline - time.monotonic()))
 

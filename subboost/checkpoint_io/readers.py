@@ -33,6 +33,7 @@ from subboost.checkpoint_io.metadata import (
 )
 from subboost.checkpoint_io.orbax_io import quiet_event_loop_noise, short_error
 from subboost.checkpoint_io.safetensors_format import SAFETENSORS_DTYPES, read_safetensors_header
+from subboost.checkpoint_io.shards import SHARD_INDEX_FILE, ShardedReader
 from subboost.errors import SubboostError
 from subboost.tree import PyTree, leaves_with_paths, nest, path_str
 
@@ -195,6 +196,8 @@ def open_checkpoint(source: str | os.PathLike | PyTree) -> CheckpointReader:
                 f"{path}: merge output without a {COMPLETE_MARKER} marker (an interrupted run?); re-run the merge."
             )
         checksums = merge_info(path).get("checksums")
+        if (path / SHARD_INDEX_FILE).is_file():  # written by several processes, one shard each
+            return ShardedReader(path / SHARD_INDEX_FILE, open_shard=lambda f: SafetensorsReader(f, checksums=checksums))
         return SafetensorsReader(path / PARAMS_FILE, checksums=checksums)
     return OrbaxReader(path)
 

@@ -150,6 +150,8 @@ def run_merge(args: argparse.Namespace) -> int:
     from subboost.checkpoints import load_base_and_experts, save_params
 
     kwargs = _check_arguments(args, [args.base, *args.experts])
+    if jax.process_count() > 1:  # a pod (--distributed): every process streams its share
+        return _run_merge_on_processes(args, kwargs)
     if is_huggingface_dir(args.base):
         parse_size(args.shard_size)  # checked before anything is read
         return run_merge_huggingface(args, kwargs)
@@ -171,6 +173,19 @@ def run_merge(args: argparse.Namespace) -> int:
     print(stable_rank_table(before, after))
     print(f"wrote {args.out}: base + {args.alpha} * {args.method}"
           + (f" boosted (beta={args.beta}, {args.mode})" if args.beta is not None else ""))
+    return 0
+
+
+def _run_merge_on_processes(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
+    """`subboost.streaming.pod`: writes a streaming merge directory (shards + index), readable by `load_params`."""
+    boost = None if args.beta is None else {"beta": args.beta, "mode": args.mode, "attention": args.attention,
+                                            "attn_beta": args.attn_beta, "rank_rtol": args.rank_rtol}
+    sb.merge_from_checkpoints(args.base, args.experts, method=args.method, boost=boost, out=args.out,
+                              alpha=args.alpha, overwrite=args.overwrite, progress=jax.process_index() == 0, **kwargs)
+    if jax.process_index() == 0:
+        print(f"wrote {args.out}: base + {args.alpha} * {args.method}"
+              + (f" boosted (beta={args.beta}, {args.mode})" if args.beta is not None else "")
+              + f", {jax.process_count()} processes")
     return 0
 
 

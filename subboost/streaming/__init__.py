@@ -35,7 +35,9 @@ default global trim (2 with ``scope="per_leaf"``).
 Modules: `chunks` (which parameters are read together, and reading them),
 `kernels` (DARE / TIES / Consensus-TIES on one chunk, the in-memory methods'
 own kernels with the global statistics passed in), `statistics` (TIES's
-read passes), `merge` (the entry point). How each method streams is part of
+read passes), `steps` (checking and opening the inputs, the merging pass), `merge`
+(the entry point), `pod` (several `jax.distributed` processes, each reading, merging and
+writing only its share of the parameters; docs/pods.md). How each method streams is part of
 its record (`subboost.merging.registry.MergeMethod.streaming`). Checkpoint
 formats are `subboost.checkpoint_io`'s; the staged output is
 `subboost.outputs.staged_output`.

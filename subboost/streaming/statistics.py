@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -28,8 +28,13 @@ def ties_float_dtype(specs: Mapping[str, jax.ShapeDtypeStruct]) -> Any:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def radix_select(inputs: ChunkStream, *, kk: int, scheme: StreamingScheme, float_dtype, passes: list) -> jax.Array:
-    """Per task, the ``kk``-th smallest ``|x|`` over all parameters, 16 bits per read pass."""
+def radix_select(inputs: ChunkStream, *, kk: int, scheme: StreamingScheme, float_dtype, passes: list,
+                 combine: Callable[[np.ndarray], np.ndarray] | None = None) -> jax.Array:
+    """Per task, the ``kk``-th smallest ``|x|`` over all parameters, 16 bits per read pass.
+
+    ``combine`` sums a pass's integer histograms over processes that each streamed a
+    share of the parameters (`subboost.streaming.pod`); ``None``: one process read all.
+    """
     nbits = 64 if jnp.dtype(float_dtype) == jnp.float64 else 32
     uint = np.uint64 if nbits == 64 else np.uint32
     num = len(inputs.experts)
@@ -49,6 +54,8 @@ def radix_select(inputs: ChunkStream, *, kk: int, scheme: StreamingScheme, float
                     if digit:
                         ut = ut[(ut >> uint(shift + 16)) == uint(prefix[t])]
                     hist[t] += np.bincount(((ut >> uint(shift)) & uint(0xFFFF)).astype(np.intp), minlength=1 << 16)
+        if combine is not None:
+            hist = combine(hist)
         cumulative = np.cumsum(hist, axis=1)
         chosen = np.argmax(cumulative >= rank[:, None], axis=1)
         below = np.where(chosen > 0, cumulative[np.arange(num), np.maximum(chosen - 1, 0)], 0)
@@ -57,8 +64,12 @@ def radix_select(inputs: ChunkStream, *, kk: int, scheme: StreamingScheme, float
     return jnp.asarray(prefix.astype(uint).view(np.float64 if nbits == 64 else np.float32))
 
 
-def global_statistics(inputs: ChunkStream, scheme: StreamingScheme) -> tuple[Any, Any, int]:
-    """TIES's thresholds and tie-breaking sign (``None`` where not needed), and the passes taken."""
+def global_statistics(inputs: ChunkStream, scheme: StreamingScheme, *,
+                      combine: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[Any, Any, int]:
+    """TIES's thresholds and tie-breaking sign (``None`` where not needed), and the passes taken.
+
+    ``combine``: sums integer statistics over processes (see `radix_select`).
+    """
     if scheme.ties is None:
         return None, None, 0
     k, _, scope = scheme.ties
@@ -73,13 +84,15 @@ def global_statistics(inputs: ChunkStream, scheme: StreamingScheme) -> tuple[Any
             digits = (64 if jnp.dtype(float_dtype) == jnp.float64 else 32) // 16
             labels = [f"pass {i + 1}/{digits + 2}: TIES threshold, bits {16 * i}-{16 * i + 15}" for i in range(digits)]
             thresholds = radix_select(
-                inputs, kk=kk, scheme=scheme, float_dtype=float_dtype, passes=list(labels)
+                inputs, kk=kk, scheme=scheme, float_dtype=float_dtype, passes=list(labels), combine=combine
             )
     total_passes = len(labels) + 2
     balance = 0
     for names, tvs, _ in inputs.stream(f"pass {len(labels) + 1}/{total_passes}: TIES sign election",
                                        check_finite=not labels):
         balance += int(sign_balance(tvs, inputs.masks(names, tvs), thresholds, scheme=scheme))
+    if combine is not None:
+        balance = int(combine(np.asarray([balance], np.int64))[0])
     majority_dtype = jnp.float64 if jnp.dtype(float_dtype) == jnp.float64 else jnp.float32
     majority = jnp.asarray(np.sign(balance), majority_dtype)
     return thresholds, majority, len(labels) + 1
