@@ -6,6 +6,10 @@ Examples::
   subboost merge --base base_ckpt expert_a expert_b expert_c \\
       --method ties --param k=0.2 --beta 0.01 --alpha 0.3 --out merged_ckpt
 
+  # Task Arithmetic, calibrated by SVC for alpha 0.3, then boosted (post-merge operators, left to right)
+  subboost merge --base base_ckpt expert_a expert_b expert_c --alpha 0.3 \\
+      --post svc:min_projection=0.1,merge_coefficient=0.3 --post boost:beta=0.01 --out merged_ckpt
+
   # boost an already merged model (boosting commutes with the alpha scaling)
   subboost boost merged_ckpt --base base_ckpt --beta 0.01 --out boosted_ckpt
 """
@@ -126,8 +130,11 @@ def run_merge(args: argparse.Namespace) -> int:
     from subboost.checkpoints import load_base_and_experts, save_params
 
     kwargs = _check_arguments(args, [args.base, *args.experts])
+    post = sb.post.parse(args.post) if args.post else None  # bad operators refused before loading
     base, tvs = load_base_and_experts(args.base, args.experts)
     tau = sb.merge(tvs, args.method, **kwargs)
+    if post is not None:
+        tau = post(tau, task_vectors=tvs, pretrained=base)
     before = sb.stable_rank(tau, attention=args.attention)
     after = None
     if args.beta is not None:
@@ -140,7 +147,8 @@ def run_merge(args: argparse.Namespace) -> int:
                 metadata=_metadata(args.base, merged={"experts": list(args.experts), "method": args.method,
                                                       "hyper_parameters": {k: v for k, v in kwargs.items() if k != "key"},
                                                       "alpha": args.alpha, "beta": args.beta, "mode": args.mode,
-                                                      "attn_beta": args.attn_beta, "rank_rtol": args.rank_rtol}))
+                                                      "attn_beta": args.attn_beta, "rank_rtol": args.rank_rtol,
+                                                      "post": post.name if post is not None else None}))
     print(stable_rank_table(before, after))
     print(f"wrote {args.out}: base + {args.alpha} * {args.method}"
           + (f" boosted (beta={args.beta}, {args.mode})" if args.beta is not None else ""))
@@ -173,6 +181,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--base", required=True, help="pretrained checkpoint directory")
     add_merge_method_arguments(merge, methods=sb.available_methods())
     merge.add_argument("--alpha", type=float, default=1.0, help="scaling of the merged task vector")
+    merge.add_argument("--post", action="append", default=[], metavar="OP:NAME=VALUE,...",
+                       help="post-merge operator applied after the merge, in order (repeatable): "
+                       + ", ".join(sb.post.OPERATORS) + "; e.g. svc:min_projection=0.1 or boost:beta=0.01")
     _add_boost_flags(merge, required=False)
     merge.set_defaults(func=run_merge)
 
