@@ -107,6 +107,7 @@ METHOD_KWARGS = {  # one case per registered method, plus variants that change h
     "ties": [{"k": 0.3}],
     "consensus": [{"lambdas": 0.5}, {"base": "ties", "k": 0.5, "lambdas": 0.4, "min_tasks": 1}],
     "tsv": [{}, {"attention": "per_head"}],
+    "wudi": [{"steps": 5}],
 }
 ORTHOGONALISING = ("tsv", "iso_cts")  # methods that take a polar factor of concatenated per-task bases
 CASES = [(m, kw) for m in sb.available_methods() for kw in METHOD_KWARGS.get(m, [{}])]
