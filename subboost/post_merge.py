@@ -46,7 +46,7 @@ from subboost import linalg
 from subboost.boosting import subspace_boost
 from subboost.errors import SubboostError
 from subboost.merging.iso import iso_c_matrices
-from subboost.merging.lines import DEFAULT_BLOCK_PATTERN, block_indices, lines as lines_scaling
+from subboost.merging.lines import block_indices, lines as lines_scaling
 from subboost.merging.star import check_nuclear_fraction, star_truncate_matrices
 from subboost.merging.tsv import check_batch_size
 from subboost.tree import AttentionMode, PyTree, leaves_with_paths, map_matrices, matrix_plan
@@ -272,6 +272,9 @@ def svc(
 
 
 # -- LARV ---------------------------------------------------------------------
+# Block numbers of subboost's CLIP (``resblocks_3``) and BERT (``layer_3``) parameter paths.
+LARV_BLOCK_PATTERN = r"(?:resblocks|layer)_(\d+)"
+
 def effective_rank(s: jax.Array) -> jax.Array:
     """``exp(-sum_j p_j log p_j)`` with ``p_j = s_j^2 / sum s^2`` (1 for a zero matrix)."""
     energy = s * s
@@ -306,7 +309,7 @@ def larv_scales(
     tier_scales: Sequence[float] = (0.5, 1.0, 1.5),
     contrast_power: float = 1.0,
     depth_power: float = 0.5,
-    pattern: str = DEFAULT_BLOCK_PATTERN,
+    pattern: str = LARV_BLOCK_PATTERN,
     attention: AttentionMode = "per_qkv",
     is_matrix: Callable | None = None,
 ) -> dict[int, float]:
@@ -357,7 +360,7 @@ def larv(
     tier_scales: Sequence[float] = (0.5, 1.0, 1.5),
     contrast_power: float = 1.0,
     depth_power: float = 0.5,
-    pattern: str = DEFAULT_BLOCK_PATTERN,
+    pattern: str = LARV_BLOCK_PATTERN,
     attention: AttentionMode = "per_qkv",
     is_matrix: Callable | None = None,
 ) -> PostMerge:
@@ -436,6 +439,16 @@ def parse(spec: str | Sequence[str] | PostMerge | None) -> PostMerge:
     return chain(*(parse_one(item) for item in items if item.strip()))
 
 
+def split_composition(text: str) -> tuple[str, PostMerge]:
+    """``"tsv + svc:min_projection=0.1"`` -> ``("tsv", svc(min_projection=0.1))``: a merge method, then operators.
+
+    A bare method name gives the identity chain. Benchmark configs list
+    compositions this way next to plain method names.
+    """
+    method, _, rest = text.partition("+")
+    return method.strip(), parse(rest) if rest.strip() else chain()
+
+
 __all__ = [
     "OPERATORS",
     "PostMerge",
@@ -449,6 +462,7 @@ __all__ = [
     "lines",
     "parse",
     "parse_one",
+    "split_composition",
     "star",
     "svc",
     "svc_matrices",

@@ -412,7 +412,9 @@ def test_tiny_tables_are_consistent_with_the_json(tiny_run):
     experts = np.asarray(results["expert_test_accuracy"])
     pretrained = np.asarray(results["pretrained_test_accuracy"])
     table = (out / "results.md").read_text()
-    methods = set(sb.available_methods())
+    from subboost.bench.config import DEFAULT_COMPOSITIONS
+
+    methods = set(sb.available_methods()) | set(DEFAULT_COMPOSITIONS)
     for setting in results["settings"]:
         k = setting["num_tasks"]
         assert setting["pretrained"]["normalized"] == pytest.approx(np.mean(pretrained[:k] / experts[:k]))

@@ -130,6 +130,23 @@ def test_parse_builds_the_same_chain(rng):
             sb.post.parse(bad)
 
 
+def test_compositions_for_the_benchmarks():
+    from types import SimpleNamespace
+
+    from subboost.bench.config import DEFAULT_COMPOSITIONS
+    from subboost.bench.pipeline import methods_to_run
+
+    name, op = sb.post.split_composition("tsv + svc:min_projection=0.2 + boost:beta=0.01")
+    assert name == "tsv" and op.name.startswith("svc(min_projection=0.2,") and op.name.endswith("boost(beta=0.01)")
+    assert sb.post.split_composition("ties")[1].name == "identity"
+    assert methods_to_run(SimpleNamespace(methods=None)) == sb.available_methods() + DEFAULT_COMPOSITIONS
+    assert methods_to_run(SimpleNamespace(methods=("iso_c + larv",))) == ("iso_c + larv",)
+    with pytest.raises(ValueError, match="unknown merge method"):
+        methods_to_run(SimpleNamespace(methods=("isoc + larv",)))
+    for composition in DEFAULT_COMPOSITIONS:  # each parses
+        sb.post.split_composition(composition)
+
+
 # ----------------------------------------------------------------------------
 # LARV
 # ----------------------------------------------------------------------------

@@ -76,7 +76,18 @@ DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {
     "tsv": {"batch_size": SVD_BATCH_SIZE},
     "iso_c": {"batch_size": SVD_BATCH_SIZE},
     "iso_cts": {"batch_size": SVD_BATCH_SIZE},
+    "wudi": {"batch_size": SVD_BATCH_SIZE},
+    "star": {"batch_size": SVD_BATCH_SIZE},
+    "cart": {"batch_size": SVD_BATCH_SIZE},
 }
+# Compositions run besides the plain methods (`subboost.post_merge.split_composition`): the papers' pairs
+# (Iso-C + LARV, TSV-M + SVC, TA + SVC); each also gets the boosted variant, so TA + SVC's boosted row is
+# TA + SVC + boosting. SVC calibrates for the alpha it is applied with: TSV-M's usual 1.0, TA's usual 0.3.
+DEFAULT_COMPOSITIONS: tuple[str, ...] = (
+    "iso_c + larv",
+    "tsv + svc:merge_coefficient=1.0",
+    "task_arithmetic + svc:merge_coefficient=0.3",
+)
 # Methods used at a fixed alpha instead of a tuned one: weight averaging *is*
 # theta_0 + mean(tau) (with a tuned alpha it would equal task arithmetic).
 DEFAULT_FIXED_ALPHAS: dict[str, float] = {"weight_averaging": 1.0}
@@ -115,7 +126,8 @@ class BenchConfig:
         regrouped variants, `subboost.bench.task_variants`); ``num_tasks`` takes the first ones.
       steps_per_call: optimisation steps fused into one jit-compiled `lax.scan` call.
       eval_batch: images per forward pass in evaluation.
-      methods: merge methods to run (``None`` = every method in `subboost.available_methods()`).
+      methods: merge methods to run, or compositions ``"method + op:k=v"`` (``None`` = every method in
+        `subboost.available_methods()` and `DEFAULT_COMPOSITIONS`).
       method_kwargs: hyper-parameters per method.
       fixed_alphas: methods evaluated at one alpha instead of a tuned one.
       alphas: coarse alpha grid (refined around the best value).

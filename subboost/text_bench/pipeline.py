@@ -125,12 +125,13 @@ def evaluate_merges(config, model, suite, *, base, heads, experts, expert_test, 
     results: dict[str, Any] = {}
     for method in methods_to_run(config):
         bar.set_postfix_str(f"{num_tasks} tasks: {method}")
-        kwargs = dict(config.method_kwargs.get(method, {}))
-        if method == "dare":
+        name, post = sb.post.split_composition(method)  # a method, or "method + post-merge operators"
+        kwargs = dict(config.method_kwargs.get(name, {}))
+        if name == "dare":
             kwargs.setdefault("key", jax.random.key(seed))
         fixed_alpha = config.fixed_alphas.get(method)
         try:
-            tau = sb.merge(tvs, method=method, **kwargs)
+            tau = post(sb.merge(tvs, method=name, **kwargs), task_vectors=tvs, pretrained=base["encoder"])
         except SubboostError as err:
             results[method] = {"status": "n/a", "reason": str(err)}
             bar.update(1)
