@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from subboost import linalg
-from subboost.merging.averaging import expert_mean
-from subboost.merging.tsv import check_batch_size
-from subboost.tree import AttentionMode, PyTree, map_matrices
+from subboost.merging.tsv import merge_task_matrices
+from subboost.tree import AttentionMode, PyTree
 from subboost.validation import check_real
 
 
@@ -86,7 +85,6 @@ def cart(
              [0., 1.]], dtype=float32)
     """
     check_cart(rank_fraction, centred_scale)
-    check_batch_size(batch_size, "cart")
     kernel = lambda x: cart_matrices(x, rank_fraction=rank_fraction, centred_scale=centred_scale)  # noqa: E731
-    return map_matrices(kernel, tvs, non_matrix=expert_mean, lead_ndim=1, is_matrix=is_matrix,
-                        attention=attention, batch_size=batch_size)
+    return merge_task_matrices(kernel, tvs, what="cart", attention=attention, is_matrix=is_matrix,
+                               batch_size=batch_size)

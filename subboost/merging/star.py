@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from subboost import linalg
-from subboost.merging.averaging import expert_mean
-from subboost.tree import AttentionMode, PyTree, map_matrices
-from subboost.merging.tsv import check_batch_size
+from subboost.tree import AttentionMode, PyTree
+from subboost.merging.tsv import merge_task_matrices
 from subboost.validation import check_real
 
 
@@ -83,11 +82,10 @@ def star(
              [0., 0.]], dtype=float32)
     """
     check_nuclear_fraction(nuclear_fraction)
-    check_batch_size(batch_size, "star")
 
     def kernel(x: jax.Array) -> jax.Array:  # (G, T, m, n) -> (G, m, n)
         truncated = star_truncate_matrices(x, nuclear_fraction=nuclear_fraction)
         return jnp.mean(truncated.astype(linalg.compute_dtype(x.dtype)), axis=-3).astype(x.dtype)
 
-    return map_matrices(kernel, tvs, non_matrix=expert_mean, lead_ndim=1, is_matrix=is_matrix,
-                        attention=attention, batch_size=batch_size)
+    return merge_task_matrices(kernel, tvs, what="star", attention=attention, is_matrix=is_matrix,
+                               batch_size=batch_size)
