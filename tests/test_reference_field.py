@@ -28,11 +28,11 @@ HF_MATRICES = {"is_matrix": reference.every_2d_matrix_hf, "attention": "per_qkv"
 WUDI_STEPS = 20
 
 
-def converter(hf_config):
+def converter(hf_config, dtype=jnp.float32):
     def convert(state):
         params, _, _ = hf_convert.convert_state_dict({k: v.numpy() for k, v in state.items()}, source="test",
                                                      hf_config=hf_config)
-        return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     return convert
 
 
@@ -47,7 +47,7 @@ def field(hf_towers):  # noqa: F811
     hf_config, base, experts = hf_towers
     convert = converter(hf_config)
     tvs_torch = [{k: e[k] - base[k] for k in base} for e in experts]
-    return base, tvs_torch, convert, sb_task_vectors(base, experts, convert)
+    return base, tvs_torch, convert, sb_task_vectors(base, experts, convert), hf_config
 
 
 def report(name: str, got, want) -> float:
@@ -61,7 +61,7 @@ def test_magmax_and_model_stock_match_fusion_bench(field):
     from fusion_bench.method.magmax.magmax import _magmax_select
     from fusion_bench.method.model_stock.model_stock import compute_angle, compute_ratio
 
-    base, tvs_torch, convert, stacked = field
+    base, tvs_torch, convert, stacked, _ = field
     want = as_task_vector(_magmax_select([dict(tv) for tv in tvs_torch]), base, convert)
     assert report("magmax", sb.merge(stacked, "magmax"), want) < RTOL
 
@@ -79,7 +79,7 @@ def test_magmax_and_model_stock_match_fusion_bench(field):
 def test_wudi_matches_fusion_bench(field):
     from fusion_bench.method.wudi.wudi import wudi_merging
 
-    base, tvs_torch, convert, stacked = field
+    base, tvs_torch, convert, stacked, _ = field
     torch.manual_seed(0)
     merged = wudi_merging([dict(tv) for tv in tvs_torch], accelerator="cpu", iter_num=WUDI_STEPS)
     want = as_task_vector(merged, base, convert)
@@ -116,21 +116,28 @@ def fusion_bench_bases(tvs_torch: list[dict]) -> dict[str, tuple[dict, float]]:
 
 @pytest.mark.slow
 def test_svc_matches_fusion_bench_on_ta_ties_and_tsv(field):
+    """Both sides in float64 (FusionBench's SVC computes in float64): TSV-M's merged spectra hold pairs of
+    singular values 1e-5 apart, whose singular vectors float32 rounding alone rotates (7e-3 in float32)."""
     from fusion_bench.method.singular_value_calibration.utils import (
         subspace_consistency_spectral_calibration_accelerated as fb_svc,
     )
 
-    base, tvs_torch, convert, stacked = field
-    for name, (delta, coefficient) in fusion_bench_bases(tvs_torch).items():
-        calibrated = {k: (fb_svc(base[k], [base[k] + tv[k] for tv in tvs_torch], base[k] + delta[k], alpha=0.1,
-                                 accelerator="cpu") - base[k]) if base[k].dim() == 2 else delta[k] for k in base}
-        want = as_task_vector(calibrated, base, convert)
-        if name == "task_arithmetic":  # subboost's own sum, calibrated as it will be applied (alpha 0.3)
-            tau = sb.merge(stacked, "task_arithmetic")
-            op = sb.post.svc(min_projection=0.1, merge_coefficient=coefficient, **HF_MATRICES)
-            got = jax.tree_util.tree_map(lambda x: coefficient * x, op(tau, task_vectors=stacked))
-        else:  # FusionBench's merged task vector, converted
-            tau = as_task_vector(delta, base, convert)
-            got = sb.post.svc(min_projection=0.1, **HF_MATRICES)(tau, task_vectors=stacked)
-        assert report(f"svc on {name}", got, want) < RTOL
-        assert report(f"svc on {name}: calibration changed it", got, as_task_vector(delta, base, convert)) > 1e-3
+    base, tvs_torch, _, _, hf_config = field
+    with jax.enable_x64(True):
+        convert = converter(hf_config, jnp.float64)
+        stacked = sb.task_vectors(convert(base), [convert({k: base[k] + tv[k] for k in base}) for tv in tvs_torch])
+        for name, (delta, coefficient) in fusion_bench_bases(tvs_torch).items():
+            calibrated = {k: (fb_svc(base[k], [base[k] + tv[k] for tv in tvs_torch], base[k] + delta[k], alpha=0.1,
+                                     accelerator="cpu").double() - base[k].double()) if base[k].dim() == 2
+                          else delta[k].double() for k in base}
+            merged = convert({k: base[k] + delta[k] for k in base})  # FusionBench's merged weights, as it reads them
+            want = convert({k: base[k].double() + calibrated[k] for k in base})
+            want, merged = (jax.tree_util.tree_map(lambda w, b: w - b, t, convert(base)) for t in (want, merged))
+            if name == "task_arithmetic":  # subboost's own sum, calibrated as it will be applied (alpha 0.3)
+                tau = sb.merge(stacked, "task_arithmetic")
+                op = sb.post.svc(min_projection=0.1, merge_coefficient=coefficient, **HF_MATRICES)
+                got = jax.tree_util.tree_map(lambda x: coefficient * x, op(tau, task_vectors=stacked))
+            else:  # FusionBench's merged task vector
+                got = sb.post.svc(min_projection=0.1, **HF_MATRICES)(merged, task_vectors=stacked)
+            assert report(f"svc on {name} (float64)", got, want) < RTOL
+            assert report(f"svc on {name}: calibration changed it", got, merged) > 1e-3
