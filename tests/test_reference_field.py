@@ -25,7 +25,7 @@ pytest.importorskip("fusion_bench")
 RTOL = 1e-4
 HF_MATRICES = {"is_matrix": reference.every_2d_matrix_hf, "attention": "per_qkv"}
 # FusionBench's 400 steps take ~5 min on two CPU cores (measured parity there: 1.0e-6); a few steps test the same code.
-WUDI_STEPS = 20
+WUDI_STEPS = 10
 
 
 def converter(hf_config, dtype=jnp.float32):

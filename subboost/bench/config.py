@@ -271,6 +271,9 @@ CONFIGS: dict[str, BenchConfig] = {
         pretrain_labels="coarse",
         eval_batch=256,
         base="tiny_seed0",
+        # CI's size keeps its time: the established methods and one composition (the post-merge path)
+        methods=("weight_averaging", "task_arithmetic", "ties", "dare", "consensus", "tsv", "iso_c", "iso_cts",
+                 "task_arithmetic + svc:merge_coefficient=0.3"),
     ),
 }
 
