@@ -39,6 +39,13 @@ from subboost import sharding, streaming
 from subboost.streaming import merge_from_checkpoints
 from subboost import polar_boost
 from subboost.reference import reference_settings, reference_ties_k
+from subboost import post_merge as post
+from subboost.post_merge import chain
+from subboost.merging.cart import cart
+from subboost.merging.magmax import magmax
+from subboost.merging.model_stock import model_stock
+from subboost.merging.star import star
+from subboost.merging.wudi import wudi
 # --- end of re-exports ---
 
 __version__ = "0.1.0"
@@ -61,6 +68,11 @@ __all__ = [
     "ties",
     "tsv",
     "weight_averaging",
+    "cart",
+    "magmax",
+    "model_stock",
+    "star",
+    "wudi",
     "reference_settings",
     "reference_ties_k",
     # boosting
@@ -69,6 +81,9 @@ __all__ = [
     "boost_singular_values",
     "subspace_boost",
     "subspace_boost_sweep",
+    # post-merge operators (sb.post.svc, sb.post.boost, ...), composed with chain
+    "chain",
+    "post",
     # matrix view of parameter trees
     "MatrixLayout",
     "default_is_matrix",
@@ -104,6 +119,7 @@ __all__ = [
     "merging",
     "models",
     "polar_boost",
+    "post_merge",
     "sharding",
     "streaming",
     "tree",

@@ -129,8 +129,8 @@ def test_a_randomised_method_gets_its_key_from_the_seed_without_being_named():
 
 @pytest.mark.slow
 def test_a_registered_method_runs_through_the_demo_and_its_report(registered, tiny_bench_cache, tmp_path):
-    from subboost.bench.config import get_config
     from subboost.bench.pipeline import run_benchmark
+    from subboost.bench.suites.vision import get_config
 
     # The tiny demo with the toy method only, at its smallest task count, from the shared cached models.
     config = dataclasses.replace(get_config("tiny"), methods=(NAME,), task_counts=(4,), sweep_methods=(NAME,))

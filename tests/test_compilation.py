@@ -145,6 +145,7 @@ PADDED = [
     ("dare", {"p": 0.3, "key": jax.random.key(4), "base": "ties", "k": 0.4}),
     ("consensus", {"min_tasks": 1, "lambdas": 0.3}),
     ("consensus", {"min_tasks": 2, "lambdas": 0.5, "base": "ties", "k": 0.3, "mask_from": "merged"}),
+    ("magmax", {}),
 ]
 
 
@@ -172,7 +173,7 @@ def test_task_counts_in_one_bucket_share_one_program():
 
 def test_methods_where_zeros_are_not_exact_padding_are_never_padded(monkeypatch):
     tvs = random_tvs(3, seed=5)
-    for method in ("weight_averaging", "tsv", "iso_c", "iso_cts"):
+    for method in ("weight_averaging", "tsv", "iso_c", "iso_cts", "model_stock", "wudi", "star", "cart"):
         assert not padding.can_pad(METHODS[method], tvs, {})
     assert not padding.can_pad(METHODS["consensus"], tvs, {"lambdas": [0.3, 0.4, 0.5]})  # one lambda per task
     assert not padding.can_pad(METHODS["ties"], random_tvs(16, seed=5), {})  # already a bucket

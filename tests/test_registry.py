@@ -89,7 +89,8 @@ def test_every_record_is_consistent():
         assert record.name == name
         assert set(record.arguments({})) <= set(registry.signature_arguments(record.fn)) | {"k", "merge", "scope"}
         assert record.streaming is not None  # every built-in method streams
-    assert tuple(n for n, r in registry.METHODS.items() if r.matrix_kernel is not None) == ("tsv", "iso_c", "iso_cts")
+    assert tuple(n for n, r in registry.METHODS.items() if r.matrix_kernel is not None) == ("tsv", "iso_c", "iso_cts", "wudi",
+                                                                                     "star", "cart")
     assert registry.method_record("ties").streaming({"k": 0.3}) == registry.StreamingScheme(ties=(0.3, "mean", "global"))
     assert registry.method_record("dare").streaming({"key": 0, "p": 0.5}).drop_p == 0.5
     assert registry.method_record("consensus").streaming({}).local == "consensus"

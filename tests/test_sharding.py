@@ -108,6 +108,7 @@ METHOD_KWARGS = {  # one case per registered method, plus variants that change h
     "ties": [{"k": 0.3}],
     "consensus": [{"lambdas": 0.5}, {"base": "ties", "k": 0.5, "lambdas": 0.4, "min_tasks": 1}],
     "tsv": [{}, {"attention": "per_head"}],
+    "wudi": [{"steps": 5}],
 }
 ORTHOGONALISING = ("tsv", "iso_cts")  # methods that take a polar factor of concatenated per-task bases
 CASES = [(m, kw) for m in sb.available_methods() for kw in METHOD_KWARGS.get(m, [{}])]
@@ -126,7 +127,8 @@ def test_sharded_merge_equals_single_device(mesh, tvs, independent_tvs, few_leav
     sharded = sb.merge(tvs, method, mesh=mesh, **kwargs)
     # Iso-CTS's polar factor of the concatenated bases amplifies the reductions' last-bit differences to a
     # few float32 ulps of O(1) outputs (2.8e-6 measured; TSV-M 3.6e-7, so it keeps 1e-6).
-    assert_same(single, sharded, tol=1e-5 if method == "iso_cts" else 1e-6)
+    # Model Stock's ratio t = f(cosines) amplifies the reordered sharded dot products' rounding (3.7e-6 measured).
+    assert_same(single, sharded, tol=1e-5 if method in ("iso_cts", "model_stock") else 1e-6)
     for leaf in jax.tree_util.tree_leaves(sharded):  # every host can read the result
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == NUM_DEVICES
 

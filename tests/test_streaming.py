@@ -99,8 +99,10 @@ ELEMENTWISE_CASES = [
     ("ties", {"k": 0.5, "merge": "sum", "scope": "per_leaf"}),
     ("consensus", {"lambdas": 0.5}),
     ("consensus", {"base": "ties", "k": 0.4, "lambdas": [0.3, 0.4, 0.5], "min_tasks": 1}),
+    ("magmax", {}),
+    ("model_stock", {}),
 ]
-SVD_CASES = [("tsv", {}), ("iso_c", {}), ("iso_cts", {})]
+SVD_CASES = [("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("wudi", {"steps": 5}), ("star", {}), ("cart", {})]
 
 
 @pytest.mark.parametrize("method, kwargs", ELEMENTWISE_CASES, ids=lambda v: str(v))

@@ -78,11 +78,14 @@ def prepare_out_dir(out_dir: str | Path, *, overwrite: bool = False,
 
 
 def methods_to_run(config: Any) -> tuple[str, ...]:
-    """``config.methods`` (any suite config), checked against the registry; ``None``: every method."""
+    """``config.methods`` (any suite config), checked against the registry; ``None``: every method and
+    `DEFAULT_COMPOSITIONS` (``"method + post-merge operators"``, `subboost.post_merge.split_composition`)."""
+    from subboost.bench.settings import DEFAULT_COMPOSITIONS
+
     available = sb.available_methods()
     if config.methods is None:
-        return tuple(available)
-    unknown = [m for m in config.methods if m not in available]
+        return tuple(available) + DEFAULT_COMPOSITIONS
+    unknown = [m for m in config.methods if sb.post.split_composition(m)[0] not in available]
     if unknown:
         raise ValueError(f"{type(config).__name__}.methods: unknown merge method(s) {unknown}; "
                          f"available: {', '.join(available)}.")
@@ -180,7 +183,10 @@ class MergeSetting:
         return task_vectors_of(self.base, self.experts, self.num_tasks)
 
     def merge(self, method: str) -> dict:
-        return sb.merge(self.task_vectors, method=method, **method_kwargs(self.config, method, self.seed))
+        """The merged task vector of a method or a composition ``"method + op:k=v + ..."``."""
+        name, post = sb.post.split_composition(method)
+        tau = sb.merge(self.task_vectors, method=name, **method_kwargs(self.config, name, self.seed))
+        return post(tau, task_vectors=self.task_vectors, pretrained=self.base)
 
     def validation(self, tau, alphas) -> np.ndarray:
         """``(A, T)`` validation accuracies of ``theta_0 + alpha tau`` (the `select` evaluate function)."""

@@ -39,7 +39,18 @@ DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {
     "tsv": {"batch_size": SVD_BATCH_SIZE},
     "iso_c": {"batch_size": SVD_BATCH_SIZE},
     "iso_cts": {"batch_size": SVD_BATCH_SIZE},
+    "wudi": {"batch_size": SVD_BATCH_SIZE},
+    "star": {"batch_size": SVD_BATCH_SIZE},
+    "cart": {"batch_size": SVD_BATCH_SIZE},
 }
+# Compositions run besides the plain methods (`subboost.post_merge.split_composition`): the papers' pairs
+# (Iso-C + LARV, TSV-M + SVC, TA + SVC); each also gets the boosted variant, so TA + SVC's boosted row is
+# TA + SVC + boosting. SVC calibrates for the alpha it is applied with: TSV-M's usual 1.0, TA's usual 0.3.
+DEFAULT_COMPOSITIONS: tuple[str, ...] = (
+    "iso_c + larv",
+    "tsv + svc:merge_coefficient=1.0",
+    "task_arithmetic + svc:merge_coefficient=0.3",
+)
 DEFAULT_FIXED_ALPHAS: dict[str, float] = {"weight_averaging": 1.0}
 
 

@@ -6,6 +6,10 @@ Examples::
   subboost merge --base base_ckpt expert_a expert_b expert_c \\
       --method ties --param k=0.2 --beta 0.02 --alpha 0.3 --out merged_ckpt
 
+  # Task Arithmetic, calibrated by SVC for alpha 0.3, then boosted (post-merge operators, left to right)
+  subboost merge --base base_ckpt expert_a expert_b expert_c --alpha 0.3 \\
+      --post svc:min_projection=0.1,merge_coefficient=0.3 --post boost:beta=0.01 --out merged_ckpt
+
   # boost an already merged model (boosting commutes with the alpha scaling)
   subboost boost merged_ckpt --base base_ckpt --beta 0.02 --out boosted_ckpt
 
@@ -150,6 +154,12 @@ def run_merge(args: argparse.Namespace) -> int:
     from subboost.checkpoints import load_base_and_experts, save_params
 
     kwargs = _check_arguments(args, [args.base, *args.experts])
+    post = sb.post.parse(args.post) if args.post else None  # bad operators refused before loading
+    streamed = "a pod (--distributed)" if jax.process_count() > 1 else (
+        "a Hugging Face base" if is_huggingface_dir(args.base) else None)
+    if post is not None and streamed:
+        raise SubboostError(f"--post is not available with {streamed} (streamed merges apply no post-merge "
+                            "operators yet); use --beta for boosting, or merge in memory.")
     if jax.process_count() > 1:  # a pod (--distributed): every process streams its share
         return _run_merge_on_processes(args, kwargs)
     if is_huggingface_dir(args.base):
@@ -157,6 +167,8 @@ def run_merge(args: argparse.Namespace) -> int:
         return run_merge_huggingface(args, kwargs)
     base, tvs = load_base_and_experts(args.base, args.experts)
     tau = sb.merge(tvs, args.method, **kwargs)
+    if post is not None:
+        tau = post(tau, task_vectors=tvs, pretrained=base)
     before = sb.stable_rank(tau, attention=args.attention)
     after = None
     if args.beta is not None:
@@ -169,7 +181,8 @@ def run_merge(args: argparse.Namespace) -> int:
                 metadata=_metadata(args.base, merged={"experts": list(args.experts), "method": args.method,
                                                       "hyper_parameters": {k: v for k, v in kwargs.items() if k != "key"},
                                                       "alpha": args.alpha, "beta": args.beta, "mode": args.mode,
-                                                      "attn_beta": args.attn_beta, "rank_rtol": args.rank_rtol}))
+                                                      "attn_beta": args.attn_beta, "rank_rtol": args.rank_rtol,
+                                                      "post": post.name if post is not None else None}))
     print(stable_rank_table(before, after))
     print(f"wrote {args.out}: base + {args.alpha} * {args.method}"
           + (f" boosted (beta={args.beta}, {args.mode})" if args.beta is not None else ""))
@@ -220,6 +233,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="Hugging Face base: the largest safetensors shard written (default 5GB)")
     merge.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                        help="Hugging Face base: bytes of one streamed chunk over all experts (the memory knob)")
+    merge.add_argument("--post", action="append", default=[], metavar="OP:NAME=VALUE,...",
+                       help="post-merge operator applied after the merge, in order (repeatable): "
+                       + ", ".join(sb.post.OPERATORS) + "; e.g. svc:min_projection=0.1 or boost:beta=0.01")
     _add_boost_flags(merge, required=False)
     merge.set_defaults(func=run_merge)
 

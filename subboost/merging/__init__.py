@@ -15,11 +15,14 @@ from typing import Any
 import jax
 
 from subboost.merging.averaging import task_arithmetic, weight_averaging
+from subboost.merging.cart import cart
 from subboost.merging.consensus import consensus
 from subboost.merging.dare import dare
 from subboost.merging.flat import can_flatten
 from subboost.merging.padding import can_pad, pad_task_axis, padded_task_count
 from subboost.merging.iso import iso_c, iso_cts
+from subboost.merging.magmax import magmax
+from subboost.merging.model_stock import model_stock
 from subboost.merging.registry import (
     DYNAMIC_ARGUMENTS,
     METHODS,
@@ -31,7 +34,9 @@ from subboost.merging.registry import (
     register,
 )
 from subboost.merging.ties import ties
+from subboost.merging.star import star
 from subboost.merging.tsv import tsv
+from subboost.merging.wudi import wudi
 from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
 from subboost.tree import PyTree, matrix_plan
 from subboost.validation import no_matrices_message
@@ -108,17 +113,22 @@ __all__ = [
     "METHODS",
     "MergeMethod",
     "available_methods",
+    "cart",
     "check_arguments",
     "consensus",
     "dare",
     "iso_c",
     "iso_cts",
     "jitted",
+    "magmax",
     "merge",
     "method_record",
+    "model_stock",
     "register",
+    "star",
     "task_arithmetic",
     "ties",
     "tsv",
     "weight_averaging",
+    "wudi",
 ]

@@ -45,14 +45,19 @@ import numpy as np
 
 from subboost.errors import SubboostError
 from subboost.merging.averaging import task_arithmetic, weight_averaging
+from subboost.merging.cart import cart, check_cart
 from subboost.merging.consensus import MASK_FROM, consensus
 from subboost.merging.dare import BASES, dare, dare_flat
 from subboost.merging.flat import flat_merge
 from subboost.merging.padding import threefry_is_partitionable
 from subboost.merging.iso import check_common_space_fraction, iso_c, iso_cts
+from subboost.merging.magmax import magmax
+from subboost.merging.model_stock import model_stock
+from subboost.merging.star import check_nuclear_fraction, star
 from subboost.merging.ties import MERGE_MODES, TRIM_SCOPES, ties
 from subboost.merging.tsv import check_batch_size, tsv
 from subboost.compilation import size_aware_jit
+from subboost.merging.wudi import check_wudi, wudi
 from subboost.tree import PyTree
 from subboost.validation import check_choice, check_int, check_real
 
@@ -164,6 +169,19 @@ def _check_svd_merge(kwargs: Mapping[str, Any], num_tasks: int, *, what: str) ->
     check_batch_size(kwargs.get("batch_size"), what)
     if what == "iso_cts":
         check_common_space_fraction(kwargs.get("common_space_fraction", 0.8), what)
+    elif what == "wudi":
+        check_wudi(kwargs.get("steps", _default(wudi, "steps")),
+                   kwargs.get("learning_rate", _default(wudi, "learning_rate")))
+    elif what == "star":
+        check_nuclear_fraction(kwargs.get("nuclear_fraction", _default(star, "nuclear_fraction")))
+    elif what == "cart":
+        check_cart(kwargs.get("rank_fraction", _default(cart, "rank_fraction")),
+                   kwargs.get("centred_scale", _default(cart, "centred_scale")))
+
+
+def _check_model_stock(kwargs: Mapping[str, Any], num_tasks: int) -> None:
+    if num_tasks < 2:
+        raise SubboostError(f"model_stock: needs at least 2 experts, got {num_tasks}.")
 
 
 # ----------------------------------------------------------------------------
@@ -295,8 +313,13 @@ for _record in (
         _simple(name, fn, check=functools.partial(_check_svd_merge, what=name), matrix_kernel=fn,
                 streaming=local_scheme(name), display_name=label, reference=arxiv)
         for name, fn, label, arxiv in (("tsv", tsv, "TSV-M", "2412.00081"), ("iso_c", iso_c, "Iso-C", "2502.04959"),
-                                       ("iso_cts", iso_cts, "Iso-CTS", "2502.04959"))
+                                       ("iso_cts", iso_cts, "Iso-CTS", "2502.04959"), ("wudi", wudi, "WUDI", "2503.08099"),
+                                       ("star", star, "STAR", "2502.10339"), ("cart", cart, "CART", "2412.12153"))
     ),
+    _simple("magmax", magmax, streaming=local_scheme("magmax"), pads=_always, display_name="MagMax",
+            reference="2407.06322"),
+    _simple("model_stock", model_stock, check=_check_model_stock, streaming=local_scheme("model_stock"),
+            display_name="Model Stock", reference="2403.19522"),
 ):
     register(_record)
 

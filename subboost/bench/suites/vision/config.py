@@ -96,7 +96,8 @@ class BenchConfig:
         regrouped variants, `subboost.bench.suites.vision.task_variants`); ``num_tasks`` takes the first ones.
       steps_per_call: optimisation steps fused into one jit-compiled `lax.scan` call.
       eval_batch: images per forward pass in evaluation.
-      methods: merge methods to run (``None`` = every method in `subboost.available_methods()`).
+      methods: merge methods to run, or compositions ``"method + op:k=v"`` (``None`` = every method in
+        `subboost.available_methods()` and `DEFAULT_COMPOSITIONS`).
       method_kwargs: hyper-parameters per method.
       fixed_alphas: methods evaluated at one alpha instead of a tuned one.
       alphas: coarse alpha grid (refined around the best value).
@@ -222,6 +223,9 @@ CONFIGS: dict[str, BenchConfig] = {
         pretrain_labels="coarse",
         eval_batch=256,
         base="tiny_seed0",
+        # CI's size keeps its time: the established methods and one composition (the post-merge path)
+        methods=("weight_averaging", "task_arithmetic", "ties", "dare", "consensus", "tsv", "iso_c", "iso_cts",
+                 "task_arithmetic + svc:merge_coefficient=0.3"),
     ),
 }
 
