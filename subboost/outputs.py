@@ -38,6 +38,7 @@ MARKER_FILES: dict[str, str] = {
     "subboost.json": "a subboost checkpoint",
     "merge_info.json": "a streaming merge output",
     "summary.json": "a subboost analysis",
+    "lora_merge.json": "a merged LoRA adapter",
 }
 
 

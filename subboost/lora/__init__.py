@@ -1,0 +1,27 @@
+"""Merging PEFT LoRA adapters, factored where the method allows (see `subboost.lora.merge`)."""
+
+from subboost.checkpoint_io.peft_adapters import LoraAdapter, LoraModule, read_adapter
+from subboost.lora.factored import FACTORED_METHODS
+from subboost.lora.merge import (
+    LoraMerge,
+    MergedUpdate,
+    adapter_factors,
+    apply_merge,
+    map_modules,
+    merge_adapters,
+    save_adapter,
+)
+
+__all__ = [
+    "FACTORED_METHODS",
+    "LoraAdapter",
+    "LoraMerge",
+    "LoraModule",
+    "MergedUpdate",
+    "adapter_factors",
+    "apply_merge",
+    "map_modules",
+    "merge_adapters",
+    "read_adapter",
+    "save_adapter",
+]
