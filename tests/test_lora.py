@@ -274,3 +274,47 @@ def test_bad_input_names_the_adapter_and_module(adapters, bert_dir, tmp_path):
         map_modules(read_adapter(adapters[0]).modules, shapes, source=str(adapters[0]))
     with pytest.raises(sb.SubboostError, match=r"a0: module '.*' has no weight"):
         map_modules(read_adapter(adapters[0]).modules, {"other.weight": (3, 3)}, source=str(adapters[0]))
+
+
+# ----------------------------------------------------------------------------
+# Parity with peft's add_weighted_adapter
+# ----------------------------------------------------------------------------
+def _peft_deltas(model, adapter_name):
+    return {name: module.get_delta_weight(adapter_name).detach().numpy()
+            for name, module in model.base_model.model.named_modules() if isinstance(module, peft.tuners.lora.LoraLayer)}
+
+
+def _ours(merged, rank=None):
+    if rank is None:
+        return {name: merged.update(name) for name in merged.modules}
+    from subboost.lora import adapter_factors
+
+    factors, _ = adapter_factors(merged, rank=rank)
+    return {name: b @ a for name, (a, b) in factors.items()}
+
+
+def test_parity_with_peft_add_weighted_adapter(adapters):
+    from subboost.lora import merge_factors
+
+    model = peft.PeftModel.from_pretrained(tiny_bert(), adapters[0], adapter_name="a0")
+    for t, path in enumerate(adapters[1:], start=1):
+        model.load_adapter(path, adapter_name=f"a{t}")
+    names, weights = ["a0", "a1", "a2"], [1.0, 0.5, -0.7]
+    ours = {
+        "cat": _ours(merge_adapters(adapters, "task_arithmetic", weights=weights)),
+        "svd": _ours(merge_adapters(adapters, "task_arithmetic", weights=weights), rank=4),
+        "linear": _ours(merge_factors(adapters, "task_arithmetic", weights=weights)),
+        # TIES keeps int(N k) + 1 entries per task (the threshold entry too, as the TIES authors' code), peft's
+        # top-k exactly int(N density): k = 0.5 - 1/4096 keeps 512 of 1024 and 1024 of 2048, as density 0.5 does.
+        "ties_svd": _ours(merge_adapters(adapters, "ties", k=0.5 - 1 / 4096, scope="per_leaf", merge="mean"), rank=4),
+    }
+    for combination, expected in ours.items():
+        ties = combination == "ties_svd"
+        model.base_model.add_weighted_adapter(names, [1.0] * 3 if ties else weights, combination,
+                                              combination_type=combination, density=0.5 if ties else None)
+        theirs = _peft_deltas(model, combination)
+        assert sorted(theirs) == sorted(expected)
+        for name in expected:
+            scale = np.abs(theirs[name]).max()
+            np.testing.assert_allclose(expected[name], theirs[name], rtol=0, atol=1e-5 * scale,
+                                       err_msg=f"{combination}: {name}")

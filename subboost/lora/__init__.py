@@ -9,6 +9,7 @@ from subboost.lora.merge import (
     apply_merge,
     map_modules,
     merge_adapters,
+    merge_factors,
     save_adapter,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "apply_merge",
     "map_modules",
     "merge_adapters",
+    "merge_factors",
     "read_adapter",
     "save_adapter",
 ]

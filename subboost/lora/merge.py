@@ -259,6 +259,60 @@ def _update(module: LoraModule) -> np.ndarray:
     return module.scale * (module.lora_b.astype(np.float32) @ module.lora_a.astype(np.float32))
 
 
+def merge_factors(
+    adapters: Sequence[LoraAdapter | str | os.PathLike],
+    method: str = "task_arithmetic",
+    *,
+    weights: Sequence[float] | None = None,
+    **hyper_parameters: Any,
+) -> LoraMerge:
+    """Merges the ``A`` factors and the ``B`` factors separately: peft's ``linear`` / ``ties`` / ``dare_*``.
+
+    With ``c_t = w_t scale_t``, task t contributes ``sign(c_t) sqrt(|c_t|) A_t`` and
+    ``sqrt(|c_t|) B_t``; an elementwise ``method`` merges the A's into ``A`` and
+    the B's into ``B``, and the update is ``B A``. Not the merge of the updates
+    (``B A != sum_t c_t B_t A_t``: cross terms appear): it is what peft's
+    ``add_weighted_adapter`` does for those combination types, kept for
+    comparison. Needs equal ranks per module across adapters.
+
+    Args:
+      adapters: adapter directories or `LoraAdapter`s (at least two).
+      method: an elementwise method (``task_arithmetic``, ``weight_averaging``,
+        ``ties``, ``dare``, ``consensus``); TIES's ``scope="per_leaf"`` trims each
+        factor alone, as peft does.
+      weights: ``w_t`` per adapter (default 1).
+      **hyper_parameters: the method's.
+    """
+    adapters = [_as_adapter(a) for a in adapters]
+    if len(adapters) < 2:
+        raise SubboostError(f"merge_factors: needs at least two adapters, got {len(adapters)}.")
+    check_compatible(adapters)
+    weights = _weights(weights, len(adapters))
+    if method_record(method).matrix_kernel is not None:
+        raise SubboostError(f"merge_factors: {method} acts on matrices' spectra; merging the factors separately "
+                            "needs an elementwise method (task_arithmetic, ties, dare, ...).")
+    tree = {}
+    for name, module in adapters[0].modules.items():
+        ranks = {a.modules[name].rank for a in adapters}
+        if len(ranks) > 1:
+            raise SubboostError(f"merge_factors: module {name!r} has ranks {sorted(ranks)} across the adapters; "
+                                "merging the factors separately needs equal ranks.")
+        coefficients = [w * a.modules[name].scale for a, w in zip(adapters, weights)]
+        tree[name] = {
+            "lora_A": jnp.stack([np.sign(c) * np.sqrt(abs(c)) * a.modules[name].lora_a.astype(np.float32)
+                                 for a, c in zip(adapters, coefficients)]),
+            "lora_B": jnp.stack([np.sqrt(abs(c)) * a.modules[name].lora_b.astype(np.float32)
+                                 for a, c in zip(adapters, coefficients)]),
+        }
+    merged = jax.device_get(merge(tree, method, **hyper_parameters))
+    modules = {}
+    for name, factors in merged.items():
+        q_b, r_b = np.linalg.qr(np.asarray(factors["lora_B"], np.float64))
+        q_a, r_a = np.linalg.qr(np.asarray(factors["lora_A"], np.float64).T)
+        modules[name] = MergedUpdate(left=q_b, core=r_b @ r_a.T, right=q_a)
+    return LoraMerge(modules, adapters[0], f"{method} (factors)", None, False, tuple(a.source for a in adapters))
+
+
 # ----------------------------------------------------------------------------
 # Base models keyed by tensor names
 # ----------------------------------------------------------------------------
@@ -365,5 +419,6 @@ __all__ = [
     "check_compatible",
     "map_modules",
     "merge_adapters",
+    "merge_factors",
     "save_adapter",
 ]
