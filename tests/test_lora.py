@@ -318,3 +318,26 @@ def test_parity_with_peft_add_weighted_adapter(adapters):
             scale = np.abs(theirs[name]).max()
             np.testing.assert_allclose(expected[name], theirs[name], rtol=0, atol=1e-5 * scale,
                                        err_msg=f"{combination}: {name}")
+
+
+# ----------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------
+def test_cli_merges_adapters_into_a_model_and_an_adapter(adapters, bert_dir, tmp_path, capsys):
+    from subboost import cli
+
+    experts = [str(p) for p in adapters]
+    assert cli.main(["merge", "--base", str(bert_dir), *experts, "--method", "tsv", "--beta", "0.01",
+                     "--rank-rtol", "1e-5", "--alpha", "0.7", "--out", str(tmp_path / "model")]) == 0
+    merged = merge_adapters(adapters, "tsv", beta=0.01, rank_rtol=1e-5)
+    model = transformers.BertModel.from_pretrained(tmp_path / "model")
+    base = base_tensors(bert_dir)
+    name = "encoder.layer.0.attention.self.value"
+    np.testing.assert_allclose(model.state_dict()[name + ".weight"].numpy() - base[name + ".weight"],
+                               0.7 * merged.update(name), atol=1e-6)
+    assert cli.main(["merge", "--base", str(bert_dir), *experts, "--method", "ties", "--param", "k=0.5",
+                     "--adapter-rank", "6", "--out", str(tmp_path / "adapter")]) == 0
+    assert "relative error" in capsys.readouterr().out
+    peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")
+    assert cli.main(["merge", "--base", str(bert_dir), experts[0], str(bert_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "not a PEFT adapter directory, but other experts are" in capsys.readouterr().err

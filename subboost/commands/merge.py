@@ -126,6 +126,10 @@ def run_merge(args: argparse.Namespace) -> int:
     from subboost.checkpoints import load_base_and_experts, save_params
 
     kwargs = _check_arguments(args, [args.base, *args.experts])
+    from subboost.commands.lora import check_adapter_rank, run_merge_adapters
+
+    if check_adapter_rank(args):  # PEFT LoRA adapters as experts
+        return run_merge_adapters(args, kwargs)
     base, tvs = load_base_and_experts(args.base, args.experts)
     tau = sb.merge(tvs, args.method, **kwargs)
     before = sb.stable_rank(tau, attention=args.attention)
@@ -173,6 +177,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--base", required=True, help="pretrained checkpoint directory")
     add_merge_method_arguments(merge, methods=sb.available_methods())
     merge.add_argument("--alpha", type=float, default=1.0, help="scaling of the merged task vector")
+    merge.add_argument("--adapter-rank", type=int, default=None,
+                       help="experts are PEFT LoRA adapters: write a new adapter of this rank, not a full model")
     _add_boost_flags(merge, required=False)
     merge.set_defaults(func=run_merge)
 
