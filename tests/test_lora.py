@@ -341,3 +341,17 @@ def test_cli_merges_adapters_into_a_model_and_an_adapter(adapters, bert_dir, tmp
     peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")
     assert cli.main(["merge", "--base", str(bert_dir), experts[0], str(bert_dir), "--out", str(tmp_path / "x")]) == 2
     assert "not a PEFT adapter directory, but other experts are" in capsys.readouterr().err
+
+
+def test_flax_task_vector_of_bert_follows_the_converter_layout(adapters, bert_dir):
+    from subboost.lora.flax_models import flax_task_vector
+
+    merged = merge_adapters(adapters, "iso_c")
+    tau = flax_task_vector(merged, bert_dir, alpha=0.5)
+    layer = tau["encoder"]["layer_1"]
+    np.testing.assert_allclose(layer["mlp"]["intermediate"]["kernel"],
+                               0.5 * merged.update("encoder.layer.1.intermediate.dense").T, atol=1e-6)
+    query = 0.5 * merged.update("encoder.layer.1.attention.self.query").T  # (in, out) -> (embed, heads, head_dim)
+    np.testing.assert_allclose(layer["attention"]["query"]["kernel"], query.reshape(32, 2, 16), atol=1e-6)
+    np.testing.assert_array_equal(layer["attention"]["key"]["kernel"], 0)  # not adapted
+    np.testing.assert_array_equal(tau["embeddings"]["word_embeddings"]["embedding"], 0)

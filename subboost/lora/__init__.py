@@ -2,6 +2,7 @@
 
 from subboost.checkpoint_io.peft_adapters import LoraAdapter, LoraModule, read_adapter
 from subboost.lora.factored import FACTORED_METHODS
+from subboost.lora.flax_models import flax_task_vector
 from subboost.lora.merge import (
     LoraMerge,
     MergedUpdate,
@@ -21,6 +22,7 @@ __all__ = [
     "MergedUpdate",
     "adapter_factors",
     "apply_merge",
+    "flax_task_vector",
     "map_modules",
     "merge_adapters",
     "merge_factors",
