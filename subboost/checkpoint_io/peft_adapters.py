@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from subboost.checkpoint_io.safetensors_format import SafetensorsWriter
+from subboost.checkpoint_io.safetensors_format import save_safetensors
 from subboost.errors import SubboostError
 
 CONFIG_FILE = "adapter_config.json"
@@ -275,15 +275,7 @@ def write_adapter(
         a_key, b_key = FACTOR_KEYS[module.kind]
         arrays[f"{KEY_PREFIX}{name}.{a_key}.weight"] = np.ascontiguousarray(a, dtype=dtype)
         arrays[f"{KEY_PREFIX}{name}.{b_key}.weight"] = np.ascontiguousarray(b, dtype=dtype)
-    writer = SafetensorsWriter(path / SAFETENSORS_FILE, {k: (v.shape, v.dtype) for k, v in arrays.items()},
-                               metadata={"format": "pt"})
-    try:
-        for key, value in arrays.items():
-            writer.write(key, value)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
+    save_safetensors(arrays, path / SAFETENSORS_FILE, metadata={"format": "pt"})  # flat: keys kept as they are
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

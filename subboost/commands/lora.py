@@ -68,7 +68,7 @@ def _print_errors(errors: dict[str, float]) -> None:
 def run_merge_adapters(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
     """``subboost merge`` when every expert is an adapter directory (arguments already checked)."""
     from subboost.checkpoint_io.readers import SafetensorsReader
-    from subboost.checkpoint_io.safetensors_format import SafetensorsWriter
+    from subboost.checkpoint_io.safetensors_format import save_safetensors
     from subboost.lora import apply_merge, map_modules, merge_adapters, save_adapter
     from subboost.outputs import staged_output
 
@@ -91,15 +91,7 @@ def run_merge_adapters(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
     tensors = apply_merge(reader.read(list(reader.specs)), merged, alpha=args.alpha, base_name=f"base {args.base}")
     inputs = [args.base, *args.experts]
     with staged_output(args.out, overwrite=args.overwrite, inputs=inputs, name="--out") as built:
-        writer = SafetensorsWriter(built / BASE_WEIGHTS, {k: (v.shape, v.dtype) for k, v in tensors.items()},
-                                   metadata={"format": "pt"})
-        try:
-            for name, value in tensors.items():
-                writer.write(name, value)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
+        save_safetensors(tensors, built / BASE_WEIGHTS, metadata={"format": "pt"})  # tensor names kept
         if Path(args.base).is_dir():  # config.json, generation / tokenizer files: the model stays loadable
             for extra in Path(args.base).glob("*.json"):
                 shutil.copy2(extra, built / extra.name)
