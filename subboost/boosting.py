@@ -224,7 +224,7 @@ def attention_matrices(plan) -> dict[tuple[int, int, str], np.ndarray]:
     """
     masks = {g: np.zeros(size, bool) for g, size in zip(plan.groups, plan.group_sizes)}
     for member in plan.members:
-        if member.layout.kind == "attn_in":
+        if member.layout.is_attention_input:
             masks[member.group][member.offset: member.offset + member.count] = True
     return masks
 

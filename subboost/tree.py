@@ -86,17 +86,41 @@ class MatrixLayout:
         the reference code uses (open_clip's ``proj`` and
         ``positional_embedding``, read as stored); ``"attn_in"`` for a
         query/key/value kernel ``(*layer, embed, heads, head_dim)``;
-        ``"attn_out"`` for an output kernel ``(*layer, heads, head_dim, embed)``.
+        ``"attn_out"`` for an output kernel ``(*layer, heads, head_dim, embed)``;
+        ``"qkv_rows"`` for a PyTorch-layout query/key/value weight
+        ``(*layer, fused * heads * head_dim, embed)`` (Hugging Face's ``q_proj``,
+        or GPT-2's fused ``c_attn`` with ``fused=3``); ``"out_cols"`` for a
+        PyTorch-layout attention output weight ``(*layer, embed, heads * head_dim)``.
       layer_axes: number of leading scan-stacked layer axes (big_vision style);
         they become batch axes of the group.
+      heads: ``qkv_rows`` / ``out_cols``: the heads along the rows / columns
+        (``0``: unknown, and ``attention="per_head"`` is refused).
+      transposed: ``qkv_rows`` / ``out_cols``: the leaf is stored ``(in, out)``
+        (GPT-2's ``Conv1D``) and read transposed.
+      fused: ``qkv_rows``: q, k and v stacked along the rows of one leaf (3 for
+        GPT-2's ``c_attn``); ``attention="per_qkv"`` splits them.
+      qkv_block: ``qkv_rows``: siblings with the same non-empty key are one
+        attention block's q, k, v, stacked (in ``qkv_role`` order) by
+        ``attention="full"``; their row counts may differ (grouped-query attention).
+      qkv_role: ``qkv_rows``: 0, 1, 2 for q, k, v.
     """
 
-    kind: Literal["dense", "matrix", "attn_in", "attn_out"] = "dense"
+    kind: Literal["dense", "matrix", "attn_in", "attn_out", "qkv_rows", "out_cols"] = "dense"
     layer_axes: int = 0
+    heads: int = 0
+    transposed: bool = False
+    fused: int = 1
+    qkv_block: str = ""
+    qkv_role: int = 0
 
     @property
     def ndim(self) -> int:
-        return self.layer_axes + (2 if self.kind in ("dense", "matrix") else 3)
+        return self.layer_axes + (3 if self.kind in ("attn_in", "attn_out") else 2)
+
+    @property
+    def is_attention_input(self) -> bool:
+        """Whether the leaf holds attention q/k/v projections (boosting's ``attn_beta``)."""
+        return self.kind in ("attn_in", "qkv_rows")
 
 
 def layout_from_name(path: str, ndim: int, layer_axes: int = 0) -> MatrixLayout:
@@ -188,14 +212,37 @@ class Member:
     group: tuple[int, int, str]
     offset: int
     count: int
+    leaf_shapes: tuple[tuple[int, ...], ...] = ()  # each leaf's shape where fused leaves differ (GQA)
+
+    def shape_of(self, j: int) -> tuple[int, ...]:
+        """The shape of the member's ``j``-th leaf (without lead axes)."""
+        return self.leaf_shapes[j] if self.leaf_shapes else self.leaf_shape
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
         return self.leaf_shape[: self.layout.layer_axes]
 
 
-def _matrix_shape(layout: MatrixLayout, shape: tuple[int, ...], attention: str, fused: int):
-    """(count, rows, cols) of the PyTorch-oriented matrices a leaf contributes."""
+def _torch_layout_matrix(layout: MatrixLayout, core: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of a ``qkv_rows`` / ``out_cols`` leaf in PyTorch orientation."""
+    rows, cols = core
+    return (cols, rows) if layout.transposed else (rows, cols)
+
+
+def _check_heads(layout: MatrixLayout, size: int, what: str) -> int:
+    if layout.heads < 1:
+        raise ValueError(f"attention='per_head' needs the number of heads of this {layout.kind} leaf; none given.")
+    if size % layout.heads:
+        raise ValueError(f"{layout.kind} leaf: {what} {size} is not a multiple of its {layout.heads} heads.")
+    return size // layout.heads
+
+
+def _matrix_shape(layout: MatrixLayout, shape: tuple[int, ...], attention: str, fused: int,
+                  fused_rows: int | None = None):
+    """(count, rows, cols) of the PyTorch-oriented matrices a leaf contributes.
+
+    ``fused_rows``: ``qkv_rows`` siblings stacked by ``attention="full"``: their rows together.
+    """
     core = shape[layout.layer_axes :]
     layers = math.prod(shape[: layout.layer_axes])
     if layout.kind == "dense":
@@ -203,6 +250,21 @@ def _matrix_shape(layout: MatrixLayout, shape: tuple[int, ...], attention: str, 
         return layers, d_out, d_in
     if layout.kind == "matrix":
         rows, cols = core
+        return layers, rows, cols
+    if layout.kind == "qkv_rows":
+        rows, cols = _torch_layout_matrix(layout, core)
+        if rows % layout.fused:
+            raise ValueError(f"qkv_rows leaf with {rows} rows cannot hold {layout.fused} fused projections.")
+        if attention == "per_head":
+            head_dim = _check_heads(layout, rows // layout.fused, "rows per projection")
+            return layers * layout.fused * layout.heads, head_dim, cols
+        if attention == "full":
+            return layers, rows if fused_rows is None else fused_rows, cols
+        return layers * layout.fused, rows // layout.fused, cols
+    if layout.kind == "out_cols":
+        rows, cols = _torch_layout_matrix(layout, core)
+        if attention == "per_head":
+            return layers * layout.heads, rows, _check_heads(layout, cols, "columns")
         return layers, rows, cols
     if layout.kind == "attn_in":
         embed, heads, head_dim = core
@@ -253,9 +315,21 @@ class MatrixPlan:
         layers = math.prod(member.layer_shape)
         core = member.leaf_shape[layout.layer_axes :]
         mats = []
-        for x in arrays:
+        for j, x in enumerate(arrays):
+            core = member.shape_of(j)[layout.layer_axes :]
             x = x.reshape(lead_shape + (layers,) + core)
-            if layout.kind == "dense":
+            if layout.kind in ("qkv_rows", "out_cols"):
+                if layout.transposed:
+                    x = jnp.swapaxes(x, -1, -2)
+                rows, cols = x.shape[-2:]
+                if layout.kind == "qkv_rows" and member.attention != "full":
+                    per = layout.fused * (layout.heads if member.attention == "per_head" else 1)
+                    x = x.reshape(lead_shape + (layers * per, rows // per, cols))
+                elif layout.kind == "out_cols" and member.attention == "per_head":
+                    heads = layout.heads
+                    x = jnp.moveaxis(x.reshape(lead_shape + (layers, rows, heads, cols // heads)), -2, -3)
+                    x = x.reshape(lead_shape + (layers * heads, rows, cols // heads))
+            elif layout.kind == "dense":
                 x = jnp.swapaxes(x, -1, -2)  # (in, out) -> (out, in)
             elif layout.kind == "matrix":
                 pass  # already (rows, cols)
@@ -291,9 +365,25 @@ class MatrixPlan:
             layout = member.layout
             core = member.leaf_shape[layout.layer_axes :]
             n_fused = len(member.leaf_ids)
-            rows = block.shape[-2] // n_fused
+            if layout.kind == "qkv_rows" and n_fused > 1:  # row counts may differ (grouped-query attention)
+                bounds = np.cumsum([0] + [_torch_layout_matrix(layout, member.shape_of(j)[layout.layer_axes :])[0]
+                                          for j in range(n_fused)])
+            else:
+                bounds = np.arange(n_fused + 1) * (block.shape[-2] // n_fused)
             for j, leaf_id in enumerate(member.leaf_ids):
-                x = block[..., j * rows : (j + 1) * rows, :] if n_fused > 1 else block
+                x = block[..., bounds[j] : bounds[j + 1], :] if n_fused > 1 else block
+                leaf_shape = member.shape_of(j)
+                if layout.kind in ("qkv_rows", "out_cols"):
+                    layers = math.prod(member.layer_shape)
+                    rows, cols = _torch_layout_matrix(layout, leaf_shape[layout.layer_axes :])
+                    if layout.kind == "out_cols" and member.attention == "per_head":
+                        x = x.reshape(lead_shape + (layers, layout.heads, rows, cols // layout.heads))
+                        x = jnp.moveaxis(x, -3, -2)
+                    x = x.reshape(lead_shape + (layers, rows, cols))
+                    if layout.transposed:
+                        x = jnp.swapaxes(x, -1, -2)
+                    out[leaf_id] = x.reshape(lead_shape + leaf_shape)
+                    continue
                 if layout.kind == "matrix":
                     pass
                 elif layout.kind == "attn_in" and member.attention == "per_head":
@@ -425,6 +515,7 @@ class MatrixPlan:
             leaf_ids=tuple(range(len(member.leaf_ids))),
             layout=dataclasses.replace(member.layout, layer_axes=0),
             leaf_shape=core,
+            leaf_shapes=tuple(shape[member.layout.layer_axes :] for shape in member.leaf_shapes),
             offset=0,
             count=per_layer,
         )
@@ -432,9 +523,9 @@ class MatrixPlan:
         def load(j: jax.Array) -> jax.Array:
             layer, within = j // per_layer, j % per_layer
             parts = []
-            for leaf_id in member.leaf_ids:
+            for j, leaf_id in enumerate(member.leaf_ids):
                 x = jnp.asarray(leaves[leaf_id])
-                x = x.reshape(x.shape[:lead] + (layers,) + core)
+                x = x.reshape(x.shape[:lead] + (layers,) + member.shape_of(j)[member.layout.layer_axes :])
                 parts.append(jax.lax.dynamic_index_in_dim(x, layer, axis=lead, keepdims=False))
             matrices = self._member_matrices(one_layer, parts)  # (per_layer, *lead, m, n)
             return jax.lax.dynamic_index_in_dim(matrices, within, axis=0, keepdims=False)
@@ -486,8 +577,25 @@ def map_groups_on_mesh(fn: GroupKernel, x: jax.Array, mesh: Mesh, *, batch_size:
     return jax.tree_util.tree_map(lambda y: y[:num], out)
 
 
+def _stackable(layouts: Sequence[MatrixLayout], shapes: Sequence[tuple[int, ...]]) -> bool:
+    """Whether ``qkv_rows`` leaves can be stacked along their rows: same layers, columns and layout."""
+    first = layouts[0]
+    if any(dataclasses.replace(l, qkv_role=0, heads=0) != dataclasses.replace(first, qkv_role=0, heads=0)
+           for l in layouts):
+        return False
+    cores = [_torch_layout_matrix(first, s[first.layer_axes :]) for s in shapes]
+    return len({s[: first.layer_axes] for s in shapes}) == 1 and len({c[1] for c in cores}) == 1
+
+
 def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _module_name(path: str) -> str:
+    """The module holding a leaf: ``"a/b"`` of ``"a/b/kernel"``; ``"a.b"`` of a PyTorch name ``"a.b.weight"``."""
+    if "/" not in path and "." in path:
+        return path.rsplit(".", 1)[0]
+    return _parent(path)
 
 
 def matrix_plan(
@@ -534,10 +642,21 @@ def matrix_plan(
     units: list[tuple[str, tuple[int, ...]]] = []
     fused_done: set[int] = set()
     by_path = {paths[i]: i for i in layouts}
+    qkv_siblings: dict[str, dict[int, int]] = {}
+    for i, layout in layouts.items():
+        if layout.kind == "qkv_rows" and layout.qkv_block and layout.fused == 1:
+            qkv_siblings.setdefault(layout.qkv_block, {})[layout.qkv_role] = i
     for i in sorted(layouts):
         if i in fused_done:
             continue
-        module = _parent(paths[i])
+        module = _module_name(paths[i])
+        if attention == "full" and layouts[i].kind == "qkv_rows" and layouts[i].qkv_block:
+            roles = qkv_siblings.get(layouts[i].qkv_block, {})
+            trio = [roles.get(r) for r in range(3)]
+            if all(t is not None for t in trio) and _stackable([layouts[t] for t in trio], [shapes[t] for t in trio]):
+                fused_done.update(trio)
+                units.append((f"{layouts[i].qkv_block}.qkv", tuple(trio)))
+                continue
         if attention == "full" and layouts[i].kind == "attn_in":
             block = _parent(module)
             trio = [by_path.get(f"{block}/{n}/kernel" if block else f"{n}/kernel") for n in ("query", "key", "value")]
@@ -554,11 +673,18 @@ def matrix_plan(
     offsets: dict[tuple[int, int, str], int] = {}
     for name, ids in units:
         layout = layouts[ids[0]]
-        count, rows, cols = _matrix_shape(layout, shapes[ids[0]], attention, len(ids))
+        fused_rows = None
+        if layout.kind == "qkv_rows" and len(ids) > 1:
+            fused_rows = sum(_torch_layout_matrix(layouts[t], shapes[t][layout.layer_axes :])[0] for t in ids)
+        try:
+            count, rows, cols = _matrix_shape(layout, shapes[ids[0]], attention, len(ids), fused_rows)
+        except ValueError as err:
+            raise ValueError(f"{paths[ids[0]]!r} (shape {shapes[ids[0]]}): {err}") from err
         group = (rows, cols, dtypes[ids[0]])
         offset = offsets.get(group, 0)
         offsets[group] = offset + count
-        members.append(Member(name, ids, layout, attention, shapes[ids[0]], group, offset, count))
+        leaf_shapes = tuple(shapes[t] for t in ids) if len({shapes[t] for t in ids}) > 1 else ()
+        members.append(Member(name, ids, layout, attention, shapes[ids[0]], group, offset, count, leaf_shapes))
     groups = tuple(offsets)
     return MatrixPlan(
         treedef=treedef,

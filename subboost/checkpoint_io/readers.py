@@ -6,6 +6,8 @@
 * an orbax PyTree checkpoint directory (partial restore of the requested leaves);
 * a finished streaming merge output directory (``params.safetensors``, checksums from
   ``merge_info.json``);
+* a directory format registered in `DIRECTORY_OPENERS` (Hugging Face model directories,
+  `subboost.checkpoint_io.huggingface`);
 * a parameter pytree already in memory.
 
 Recorded checksums are verified on every read.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -166,6 +168,11 @@ class TreeReader(CheckpointReader):
         return {name: np.asarray(self._leaves[name]) for name in names}
 
 
+# Readers of further directory formats: ``opener(path) -> reader``, or None when ``path`` is not theirs.
+# `subboost.checkpoint_io.huggingface` registers Hugging Face model directories (tried first).
+DIRECTORY_OPENERS: list[Callable[[Path], "CheckpointReader | None"]] = []
+
+
 def open_checkpoint(source: str | os.PathLike | PyTree) -> CheckpointReader:
     """A lazy reader for a checkpoint path (format detected) or an in-memory pytree."""
     if isinstance(source, CheckpointReader):
@@ -179,6 +186,10 @@ def open_checkpoint(source: str | os.PathLike | PyTree) -> CheckpointReader:
         return SafetensorsReader(path)
     if not path.is_dir():
         raise SubboostError(f"{path}: not a checkpoint (neither a .safetensors file nor a directory).")
+    for opener in DIRECTORY_OPENERS:
+        reader = opener(path)
+        if reader is not None:
+            return reader
     if (path / PARAMS_FILE).exists() or (path / INFO_FILE).exists():
         if not (path / COMPLETE_MARKER).exists():
             raise SubboostError(
@@ -199,7 +210,7 @@ def open_checkpoint(source: str | os.PathLike | PyTree) -> CheckpointReader:
         return OrbaxReader(candidates[0])
     raise SubboostError(
         f"{path}: unknown checkpoint format (expected a .safetensors file, an orbax checkpoint "
-        f"directory or a subboost merge output directory)."
+        f"directory, a subboost merge output directory or a Hugging Face model directory)."
     )
 
 
@@ -214,6 +225,7 @@ def read_params(source: str | os.PathLike, names: Sequence[str] | None = None) -
 
 
 __all__ = [
+    "DIRECTORY_OPENERS",
     "CheckpointReader",
     "OrbaxReader",
     "SafetensorsReader",

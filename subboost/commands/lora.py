@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,6 @@ import numpy as np
 
 from subboost.checkpoint_io.peft_adapters import is_adapter_dir
 from subboost.errors import SubboostError
-
-BASE_WEIGHTS = "model.safetensors"
-
 
 def adapter_experts(experts: list[str]) -> bool:
     """True when the experts are adapter directories; all or none of them must be."""
@@ -48,15 +44,18 @@ def check_adapter_rank(args: argparse.Namespace) -> bool:
     return adapters
 
 
-def base_weights_file(base: str) -> Path:
-    """The safetensors file of a Hugging Face base: the file itself, or ``model.safetensors`` in the directory."""
+def open_base(base: str):
+    """A reader of the base: a Hugging Face model directory (any layout), or one ``.safetensors`` file."""
+    from subboost.checkpoint_io.huggingface import HuggingFaceReader, is_huggingface_dir
+    from subboost.checkpoint_io.readers import SafetensorsReader
+
     path = Path(base)
+    if is_huggingface_dir(path):
+        return HuggingFaceReader(path)
     if path.is_file() and path.suffix == ".safetensors":
-        return path
-    if path.is_dir() and (path / BASE_WEIGHTS).is_file():
-        return path / BASE_WEIGHTS
-    raise SubboostError(f"--base {base}: adapters merge onto a Hugging Face model directory with {BASE_WEIGHTS} "
-                        "(one file) or a .safetensors file.")
+        return SafetensorsReader(path)
+    raise SubboostError(f"--base {base}: adapters merge onto a Hugging Face model directory or a .safetensors "
+                        "file of tensors named like the adapted model's.")
 
 
 def _print_errors(errors: dict[str, float]) -> None:
@@ -67,20 +66,21 @@ def _print_errors(errors: dict[str, float]) -> None:
 
 def run_merge_adapters(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
     """``subboost merge`` when every expert is an adapter directory (arguments already checked)."""
-    from subboost.checkpoint_io.readers import SafetensorsReader
-    from subboost.checkpoint_io.safetensors_format import save_safetensors
-    from subboost.lora import apply_merge, map_modules, merge_adapters, save_adapter
+    from subboost.checkpoint_io.huggingface import HuggingFaceReader, HuggingFaceWriter, parse_size
+    from subboost.checkpoint_io.safetensors_format import SafetensorsWriter
+    from subboost.lora import map_modules, merge_adapters, save_adapter
     from subboost.outputs import staged_output
 
     if args.attn_beta is not None or args.attention != "per_qkv":
         raise SubboostError("merge: --attn-beta and --attention do not apply to adapters (each adapted module is "
                             "its own matrix).")
-    weights_file = base_weights_file(args.base)
-    reader = SafetensorsReader(weights_file)
+    shard_bytes = parse_size(args.shard_size)
+    reader = open_base(args.base)
     merged = merge_adapters(args.experts, args.method, beta=args.beta, mode=args.mode, rank_rtol=args.rank_rtol,
                             **kwargs)
     shapes = {name: spec.shape for name, spec in reader.specs.items()}
-    map_modules(merged.template.modules, shapes, source=merged.template.source, base_name=f"base {args.base}")
+    mapping = map_modules(merged.template.modules, shapes, source=merged.template.source,
+                          base_name=f"base {args.base}")
     how = f"{args.method}" + (" (factored)" if merged.factored else " (dense)") + (
         f" boosted (beta={args.beta}, {args.mode})" if args.beta is not None else "")
     if args.adapter_rank is not None:
@@ -88,13 +88,24 @@ def run_merge_adapters(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
         _print_errors(errors)
         print(f"wrote {args.out}: a rank-{args.adapter_rank} adapter of {args.alpha} * {how}")
         return 0
-    tensors = apply_merge(reader.read(list(reader.specs)), merged, alpha=args.alpha, base_name=f"base {args.base}")
-    inputs = [args.base, *args.experts]
-    with staged_output(args.out, overwrite=args.overwrite, inputs=inputs, name="--out") as built:
-        save_safetensors(tensors, built / BASE_WEIGHTS, metadata={"format": "pt"})  # tensor names kept
-        if Path(args.base).is_dir():  # config.json, generation / tokenizer files: the model stays loadable
-            for extra in Path(args.base).glob("*.json"):
-                shutil.copy2(extra, built / extra.name)
+    module_of = {tensor: module for module, tensor in mapping.items()}
+    specs = {name: (tuple(spec.shape), np.dtype(spec.dtype)) for name, spec in reader.specs.items()}
+    with staged_output(args.out, overwrite=args.overwrite, inputs=[args.base, *args.experts], name="--out") as built:
+        if isinstance(reader, HuggingFaceReader):  # shards, passed-through tensors, config and tokenizer files
+            writer = HuggingFaceWriter(built, reader, specs, shard_bytes=shard_bytes)
+        else:
+            writer = SafetensorsWriter(built / Path(args.base).name, specs, metadata={"format": "pt"})
+        try:
+            for name in specs:  # one tensor in memory at a time
+                weight = reader.read([name])[name]
+                if name in module_of:
+                    delta = merged.update(module_of[name])
+                    weight = (weight.astype(np.float32) + float(args.alpha) * delta).astype(weight.dtype)
+                writer.write(name, weight)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         (built / "lora_merge.json").write_text(json.dumps({
             "method": args.method, "factored": merged.factored, "beta": args.beta, "alpha": args.alpha,
             "base": args.base, "adapters": list(args.experts)}, indent=2) + "\n")

@@ -8,6 +8,10 @@ Examples::
 
   # boost an already merged model (boosting commutes with the alpha scaling)
   subboost boost merged_ckpt --base base_ckpt --beta 0.01 --out boosted_ckpt
+
+  # Hugging Face model directories (any architecture): streamed, written back as one
+  subboost merge --base Qwen2-0.5B qwen-math qwen-code --method ties --param k=0.2 \\
+      --alpha 1.0 --shard-size 2GB --out merged-qwen
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax
 import subboost as sb
 from subboost.boosting import BOOST_MODES
 from subboost.commands.common import add_command, add_merge_method_arguments
+from subboost.streaming.chunks import DEFAULT_CHUNK_BYTES
 from subboost.tree import ATTENTION_MODES
 
 
@@ -122,7 +127,23 @@ def _check_arguments(args: argparse.Namespace, inputs: list[str]) -> dict[str, A
     return kwargs
 
 
+def run_merge_huggingface(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
+    """A Hugging Face base: `subboost.streaming.merge_from_checkpoints` writes a Hugging Face directory."""
+    from subboost.streaming import merge_from_checkpoints
+
+    boost = None if args.beta is None else {
+        "beta": args.beta, "mode": args.mode, "attention": args.attention, "attn_beta": args.attn_beta,
+        "rank_rtol": args.rank_rtol}
+    merge_from_checkpoints(args.base, args.experts, method=args.method, boost=boost, out=args.out, alpha=args.alpha,
+                           overwrite=args.overwrite, chunk_bytes=args.chunk_bytes, shard_size=args.shard_size,
+                           progress=sys.stderr.isatty(), **kwargs)
+    print(f"wrote {args.out} (Hugging Face directory): base + {args.alpha} * {args.method}"
+          + (f" boosted (beta={args.beta}, {args.mode})" if args.beta is not None else ""))
+    return 0
+
+
 def run_merge(args: argparse.Namespace) -> int:
+    from subboost.checkpoint_io.huggingface import is_huggingface_dir, parse_size
     from subboost.checkpoints import load_base_and_experts, save_params
 
     kwargs = _check_arguments(args, [args.base, *args.experts])
@@ -130,6 +151,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
     if check_adapter_rank(args):  # PEFT LoRA adapters as experts
         return run_merge_adapters(args, kwargs)
+    if is_huggingface_dir(args.base):
+        parse_size(args.shard_size)  # checked before anything is read
+        return run_merge_huggingface(args, kwargs)
     base, tvs = load_base_and_experts(args.base, args.experts)
     tau = sb.merge(tvs, args.method, **kwargs)
     before = sb.stable_rank(tau, attention=args.attention)
@@ -179,6 +203,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--alpha", type=float, default=1.0, help="scaling of the merged task vector")
     merge.add_argument("--adapter-rank", type=int, default=None,
                        help="experts are PEFT LoRA adapters: write a new adapter of this rank, not a full model")
+    merge.add_argument("--shard-size", default="5GB",
+                       help="Hugging Face base: the largest safetensors shard written (default 5GB)")
+    merge.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                       help="Hugging Face base: bytes of one streamed chunk over all experts (the memory knob)")
     _add_boost_flags(merge, required=False)
     merge.set_defaults(func=run_merge)
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from subboost.checkpoint_io.huggingface import attention_block
 from subboost.checkpoint_io.readers import CheckpointReader
 from subboost.errors import SubboostError
 from subboost.merging.dare import keep_mask as dare_keep_mask
@@ -33,7 +34,8 @@ def _unit_key(path: str) -> str:
     parts = path.split("/")
     if len(parts) >= 3 and parts[-2] in ATTENTION_IN_NAMES:
         return "/".join(parts[:-2]) + "/<qkv>"
-    return path
+    block = attention_block(path) if len(parts) == 1 else None  # a Hugging Face tensor name
+    return path if block is None else block + ".<qkv>"
 
 
 def plan_chunks(specs: Mapping[str, jax.ShapeDtypeStruct], num_experts: int, chunk_bytes: int) -> list[list[str]]:

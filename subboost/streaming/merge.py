@@ -26,8 +26,8 @@ from subboost.checkpoint_io.metadata import (
     require_content,
     specs_of,
 )
+from subboost.checkpoint_io.huggingface import name_rules, output_writer, parse_size
 from subboost.checkpoint_io.readers import open_checkpoint
-from subboost.checkpoint_io.safetensors_format import SafetensorsWriter
 from subboost.errors import SubboostError
 from subboost.merging import merge
 from subboost.merging.registry import METHODS, MergeMethod, check_arguments
@@ -85,12 +85,13 @@ def _identity(source: Any, what: str) -> dict[str, Any]:
     return require_content(source, "params", what=what)
 
 
-def _require_matrices(specs: Mapping[str, jax.ShapeDtypeStruct], record: MergeMethod, boost_options: Any) -> None:
+def _require_matrices(specs: Mapping[str, jax.ShapeDtypeStruct], record: MergeMethod, boost_options: Any,
+                      method_kwargs: Mapping[str, Any]) -> None:
     """Whole-model check (a chunk may hold no matrix): boosting and matrix methods need one."""
     tree = nest(dict(specs))
     users = [("subspace_boost", boost_options)] if boost_options is not None else []
     if record.matrix_kernel is not None:
-        users.append((record.name, {}))
+        users.append((record.name, method_kwargs))
     for what, options in users:
         is_matrix = options.get("is_matrix")
         if not matrix_plan(tree, is_matrix=is_matrix, attention=options.get("attention", "per_qkv")).members:
@@ -109,6 +110,7 @@ def merge_from_checkpoints(
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
+    shard_size: int | str | None = None,
     **method_kwargs: Any,
 ) -> Path:
     """Merges (and boosts) experts streamed from disk, writing the result incrementally.
@@ -143,6 +145,9 @@ def merge_from_checkpoints(
         directory, never another folder -- once the new one is complete.
       chunk_bytes: bytes of one chunk summed over experts (the memory knob).
       progress: show tqdm progress bars.
+      shard_size: a Hugging Face base with ``alpha`` writes a Hugging Face directory
+        (`subboost.checkpoint_io.huggingface`) in safetensors shards of at most this many
+        bytes (an int, or ``"5GB"``, ``"500MB"``; default 5GB).
       **method_kwargs: the method's hyper-parameters (as for `subboost.merge`).
 
     Returns:
@@ -176,6 +181,7 @@ def merge_from_checkpoints(
         )
     scheme = record.streaming(method_kwargs)
     boost_options = _boost_options(boost)
+    shard_bytes = None if shard_size is None else parse_size(shard_size)
 
     # Every input is opened and compared with the base before anything is written.
     base_identity = _identity(base, "the base")
@@ -201,7 +207,10 @@ def merge_from_checkpoints(
         check_same_parameters(specs_of(base_reader.specs), specs_of(reader.specs), what=what, base_name=base_name)
         check_same_architecture(recorded, base_identity["architecture"], what=what, base_name=base_name)
         experts.append(reader)
-    _require_matrices(base_reader.specs, record, boost_options)
+    # Tensor names of a Hugging Face directory: its family rules say which are matrices.
+    method_kwargs, boost_options = name_rules(base_reader, record, method_kwargs, boost_options)
+    scheme = record.streaming(method_kwargs)
+    _require_matrices(base_reader.specs, record, boost_options, method_kwargs)
 
     specs = base_reader.specs
     names = list(specs)
@@ -233,9 +242,9 @@ def merge_from_checkpoints(
             "read_passes": passes + 1,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
-        writer = SafetensorsWriter(
-            staging / PARAMS_FILE, out_specs, metadata={"format": info["format"], "content": info["content"]}
-        )
+        writer = output_writer(staging, out_specs, base=base_reader, content=info["content"],
+                               metadata={"format": info["format"], "content": info["content"]},
+                               shard_bytes=shard_bytes, params_file=PARAMS_FILE)
         checksums: dict[str, str] = {}
         try:
             label = f"pass {passes + 1}/{passes + 1}: merge" + (" + boost" if boost_options else "") + " + write"
@@ -257,6 +266,7 @@ def merge_from_checkpoints(
             writer.abort()
             raise
         writer.close()
+        info.update(getattr(writer, "provenance", dict)())
         info["checksums"] = {name: checksums[name] for name in names}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         (staging / COMPLETE_MARKER).write_text(info["created"] + "\n")
