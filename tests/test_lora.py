@@ -87,6 +87,26 @@ def test_read_adapter_updates_equal_peft_delta_weights(tmp_path, config):
         assert adapter.modules["encoder.layer.0.attention.self.query"].scale == 3 / 4
 
 
+def test_gpt2_conv1d_and_embedding_adapters_round_trip_through_peft(tmp_path):
+    """fan_in_fan_out (Conv1D, (in, out) weights) and embedding adapters: updates are (B A)^T, as peft's."""
+    torch.manual_seed(0)
+    base = transformers.GPT2Model(transformers.GPT2Config(vocab_size=30, n_positions=8, n_embd=16, n_layer=1,
+                                                          n_head=2)).eval()
+    paths = [tmp_path / "g0", tmp_path / "g1"]
+    for t, path in enumerate(paths):
+        make_adapter(path, seed=t, base=base, targets=["c_attn", "wte"], fan_in_fan_out=True)
+    adapter = read_adapter(paths[0])
+    assert adapter.modules["h.0.attn.c_attn"].weight_shape == (16, 48)
+    assert adapter.modules["wte"].kind == "embedding" and adapter.modules["wte"].weight_shape == (30, 16)
+    merged = merge_adapters(paths, "tsv")
+    save_adapter(merged, tmp_path / "out", rank=8)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "out")
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            np.testing.assert_allclose(module.get_delta_weight("default").detach().numpy(), merged.update(name),
+                                       rtol=0, atol=1e-5)
+
+
 def test_read_adapter_from_bin_equals_safetensors(tmp_path, adapters):
     from safetensors.torch import load_file
 

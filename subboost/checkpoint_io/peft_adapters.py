@@ -273,8 +273,9 @@ def write_adapter(
     for name, (a, b) in factors.items():
         module = template.modules[name]
         a_key, b_key = FACTOR_KEYS[module.kind]
-        arrays[f"{KEY_PREFIX}{name}.{a_key}.weight"] = np.ascontiguousarray(a, dtype=dtype)
-        arrays[f"{KEY_PREFIX}{name}.{b_key}.weight"] = np.ascontiguousarray(b, dtype=dtype)
+        suffix = ".weight" if module.kind == "linear" else ""  # embedding factors are bare parameters in peft
+        arrays[f"{KEY_PREFIX}{name}.{a_key}{suffix}"] = np.ascontiguousarray(a, dtype=dtype)
+        arrays[f"{KEY_PREFIX}{name}.{b_key}{suffix}"] = np.ascontiguousarray(b, dtype=dtype)
     save_safetensors(arrays, path / SAFETENSORS_FILE, metadata={"format": "pt"})  # flat: keys kept as they are
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
