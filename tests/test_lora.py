@@ -373,3 +373,33 @@ def test_flax_task_vector_of_bert_follows_the_converter_layout(adapters, bert_di
     np.testing.assert_allclose(layer["attention"]["query"]["kernel"], query.reshape(32, 2, 16), atol=1e-6)
     np.testing.assert_array_equal(layer["attention"]["key"]["kernel"], 0)  # not adapted
     np.testing.assert_array_equal(tau["embeddings"]["word_embeddings"]["embedding"], 0)
+
+
+def test_flax_task_vector_of_clip_vision_splits_heads(tmp_path):
+    from subboost.lora.flax_models import flax_task_vector
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=8, patch_size=4)
+    base = transformers.CLIPVisionModel(config).eval()
+    base.save_pretrained(tmp_path / "clip")
+    for t in range(2):
+        make_adapter(tmp_path / f"c{t}", seed=t, base=base, targets=["q_proj", "fc1"])
+    merged = merge_adapters([tmp_path / "c0", tmp_path / "c1"], "task_arithmetic")
+    tau = flax_task_vector(merged, tmp_path / "clip")
+    block = jax_tree_leaves_with_paths(tau)
+    names = {name.rsplit(".", 1)[-1]: name for name in merged.modules}  # peft's names lack "vision_model."
+    q = merged.update(names["q_proj"]).T.reshape(32, 2, 16)
+    fc1 = merged.update(names["fc1"]).T
+    matches_q = [p for p, v in block.items() if v.shape == (32, 2, 16) and np.allclose(v, q, atol=1e-6)]
+    matches_fc = [p for p, v in block.items() if v.shape == (32, 64) and np.allclose(v, fc1, atol=1e-6)]
+    assert len(matches_q) == 1 and "query" in matches_q[0], block.keys()
+    assert len(matches_fc) == 1 and "c_fc" in matches_fc[0]
+    changed = [p for p, v in block.items() if np.any(v != 0)]
+    assert sorted(changed) == sorted(matches_q + matches_fc)  # everything else (proj = I included) is zero
+
+
+def jax_tree_leaves_with_paths(tree):
+    from subboost.tree import leaves_with_paths
+
+    return {p: np.asarray(v) for p, v in leaves_with_paths(tree)}
