@@ -67,23 +67,33 @@ def task_mask(ranks: Sequence[int]) -> np.ndarray:
     return mask
 
 
-def joint_cores(b: jax.Array, a: jax.Array, ranks: Sequence[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(Q_B, C, Q_A)`` of stacked factors: ``B_t A_t = Q_B C_t Q_A^T``.
+def joint_bases(b: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(Q_B, R_B, Q_A, R_A)``: thin QRs ``[B_1 .. B_T] = Q_B R_B`` and ``[A_1 .. A_T]^T = Q_A R_A``.
 
     Args:
       b: ``(..., m, R)``, the scaled ``B_t`` side by side (task after task).
       a: ``(..., R, n)``, the ``A_t`` stacked row-wise in the same order.
-      ranks: ``r_t`` per task (``sum = R``).
+    """
+    q_b, r_b = linalg.qr(b)
+    q_a, r_a = linalg.qr(linalg.after(jnp.swapaxes(a, -1, -2), r_b))  # one LAPACK call at a time
+    return q_b, r_b, q_a, r_a
+
+
+def task_cores(r_b: jax.Array, r_a: jax.Array, ranks: Sequence[int]) -> jax.Array:
+    """``C (..., T, k_B, k_A)`` with ``C_t = R_B[:, block t] R_A[:, block t]^T``, so ``B_t A_t = Q_B C_t Q_A^T``."""
+    mask = jnp.asarray(task_mask(ranks), r_b.dtype)
+    return jnp.einsum("...ir,tr,...jr->...tij", r_b, mask, r_a)
+
+
+def joint_cores(b: jax.Array, a: jax.Array, ranks: Sequence[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(Q_B, C, Q_A)`` of stacked factors: ``B_t A_t = Q_B C_t Q_A^T`` (`joint_bases`, `task_cores`).
 
     Returns:
       ``Q_B (..., m, k_B)``, ``C (..., T, k_B, k_A)``, ``Q_A (..., n, k_A)`` in the
       compute dtype (>= float32).
     """
-    q_b, r_b = linalg.qr(b)
-    q_a, r_a = linalg.qr(linalg.after(jnp.swapaxes(a, -1, -2), r_b))  # one LAPACK call at a time
-    mask = jnp.asarray(task_mask(ranks), r_b.dtype)
-    cores = jnp.einsum("...ir,tr,...jr->...tij", r_b, mask, r_a)
-    return q_b, cores, q_a
+    q_b, r_b, q_a, r_a = joint_bases(b, a)
+    return q_b, task_cores(r_b, r_a, ranks), q_a
 
 
 def _tolerance(shape: tuple[int, int], dtype, rank_rtol: float | None) -> float:
@@ -97,7 +107,12 @@ def _triplets_kept(s: jax.Array, scale: jax.Array, tol: float) -> jax.Array:
 
 def iso_c_core(cores: jax.Array, *, shape: tuple[int, int], rank_rtol: float | None = None) -> jax.Array:
     """Iso-C on cores ``(..., T, k_B, k_A)``: ``(sum(s) / min(m, n)) U_+ V_+^T`` of the summed core."""
-    u, s, vh = linalg.svd(jnp.sum(cores, axis=-3))
+    return flat_spectrum_core(jnp.sum(cores, axis=-3), shape=shape, rank_rtol=rank_rtol)
+
+
+def flat_spectrum_core(total: jax.Array, *, shape: tuple[int, int], rank_rtol: float | None = None) -> jax.Array:
+    """Iso-C of a summed core ``(..., k_B, k_A)``: determined singular values replaced by ``sum(s) / min(m, n)``."""
+    u, s, vh = linalg.svd(total)
     keep = _triplets_kept(s, s[..., 0], _tolerance(shape, s.dtype, rank_rtol))
     level = jnp.sum(s * keep, axis=-1) / min(shape)
     return level[..., None, None] * ((u * keep[..., None, :]) @ vh)
@@ -215,9 +230,14 @@ def merge_group(b: jax.Array, a: jax.Array, previous: jax.Array | None = None, *
       mode, rank_rtol: boosting's cutoff rule and rank tolerance (also the tolerance
         of the SVD merges).
     """
-    b = linalg.after(b, previous)
-    q_b, cores, q_a = joint_cores(b, a, ranks)
-    core = merge_cores(cores, method, shape=shape, ranks=ranks, rank_rtol=rank_rtol, **dict(method_kwargs))
+    q_b, r_b, q_a, r_a = joint_bases(linalg.after(b, previous), a)
+    if method in ("task_arithmetic", "weight_averaging", "iso_c"):  # only the sum: R_B R_A^T, no per-task cores
+        total = r_b @ jnp.swapaxes(r_a, -1, -2)
+        core = {"task_arithmetic": lambda: total, "weight_averaging": lambda: total / len(ranks),
+                "iso_c": lambda: flat_spectrum_core(total, shape=shape, rank_rtol=rank_rtol)}[method]()
+    else:
+        core = merge_cores(task_cores(r_b, r_a, ranks), method, shape=shape, ranks=ranks, rank_rtol=rank_rtol,
+                           **dict(method_kwargs))
     if beta is not None:
         core = boost_core(core, shape=shape, beta=beta, mode=mode, rank_rtol=rank_rtol)
     return q_b, core, q_a
@@ -235,10 +255,13 @@ __all__ = [
     "boost_core",
     "check_boost",
     "iso_c_core",
+    "flat_spectrum_core",
     "iso_cts_core",
+    "joint_bases",
     "joint_cores",
     "merge_cores",
     "merge_group",
+    "task_cores",
     "task_mask",
     "tsv_core",
 ]
