@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subboost import linalg
-from subboost.boosting import subspace_boost
+from subboost.boosting import check_rank_arguments, subspace_boost
 from subboost.checkpoint_io.peft_adapters import LoraAdapter, LoraModule, read_adapter, write_adapter
 from subboost.errors import SubboostError
 from subboost.lora.factored import FACTORED_METHODS, check_boost, merge_group
@@ -194,6 +194,7 @@ def merge_adapters(
     check_compatible(adapters)
     weights = _weights(weights, len(adapters))
     check_boost(beta, mode)
+    check_rank_arguments(None, rank_rtol)
     method_record(method)
     if factored is None:
         factored = method in FACTORED_METHODS
