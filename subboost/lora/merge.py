@@ -188,14 +188,14 @@ def merge_adapters(
       SubboostError: unreadable adapters, adapters of different bases or target
         modules (one line naming the adapter and module), bad hyper-parameters.
     """
+    check_boost(beta, mode)
+    check_rank_arguments(None, rank_rtol)
+    method_record(method)
     adapters = [_as_adapter(a) for a in adapters]
     if len(adapters) < 2:
         raise SubboostError(f"merge_adapters: needs at least two adapters, got {len(adapters)}.")
     check_compatible(adapters)
     weights = _weights(weights, len(adapters))
-    check_boost(beta, mode)
-    check_rank_arguments(None, rank_rtol)
-    method_record(method)
     if factored is None:
         factored = method in FACTORED_METHODS
     if factored and method not in FACTORED_METHODS:
