@@ -38,6 +38,7 @@ from subboost.convert import convert_checkpoint
 from subboost import sharding, streaming
 from subboost.streaming import merge_from_checkpoints
 from subboost import polar_boost
+from subboost import lora
 from subboost.reference import reference_settings, reference_ties_k
 from subboost import post_merge as post
 from subboost.post_merge import chain
@@ -116,6 +117,7 @@ __all__ = [
     "save_params",
     # submodules
     "linalg",
+    "lora",
     "merging",
     "models",
     "polar_boost",

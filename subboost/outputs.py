@@ -86,6 +86,7 @@ ANALYSIS_FILES: tuple[str, ...] = (
     "spectra_boosted.png", "spectra_boosted.json", "summary.json",
 )
 ANALYSIS_FORMAT = "subboost.analysis/1"  # summary.json's "format"
+LORA_FORMAT = "subboost.lora/1"  # lora_merge.json's "format" (a merged PEFT adapter)
 
 OUTPUT_KINDS: tuple[OutputKind, ...] = (
     OutputKind("subboost.json", "subboost_checkpoint", (1, 2), (*ORBAX_ENTRIES, "subboost.json"),
@@ -93,6 +94,8 @@ OUTPUT_KINDS: tuple[OutputKind, ...] = (
     OutputKind("merge_info.json", "format", ("subboost.streaming/1",),
                ("params.safetensors", "merge_info.json", "COMPLETE"), "a streaming merge output"),
     OutputKind("summary.json", "format", (ANALYSIS_FORMAT,), ANALYSIS_FILES, "a subboost analysis"),
+    OutputKind("lora_merge.json", "format", (LORA_FORMAT,),
+               ("adapter_config.json", "adapter_model.safetensors", "lora_merge.json"), "a merged LoRA adapter"),
 )
 # Marker file -> what wrote the directory holding it.
 MARKER_FILES: dict[str, str] = {kind.marker: kind.description for kind in OUTPUT_KINDS}

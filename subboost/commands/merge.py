@@ -153,15 +153,20 @@ def run_merge(args: argparse.Namespace) -> int:
     from subboost.checkpoint_io.huggingface import is_huggingface_dir, parse_size
     from subboost.checkpoints import load_base_and_experts, save_params
 
+    from subboost.commands.lora import check_adapter_rank, run_merge_adapters
+
     kwargs = _check_arguments(args, [args.base, *args.experts])
     post = sb.post.parse(args.post) if args.post else None  # bad operators refused before loading
+    adapters = check_adapter_rank(args)  # PEFT LoRA adapters as experts
     streamed = "a pod (--distributed)" if jax.process_count() > 1 else (
-        "a Hugging Face base" if is_huggingface_dir(args.base) else None)
+        "LoRA adapters" if adapters else "a Hugging Face base" if is_huggingface_dir(args.base) else None)
     if post is not None and streamed:
-        raise SubboostError(f"--post is not available with {streamed} (streamed merges apply no post-merge "
-                            "operators yet); use --beta for boosting, or merge in memory.")
+        raise SubboostError(f"--post is not available with {streamed} (these merges apply no post-merge "
+                            "operators yet); use --beta for boosting, or merge full checkpoints in memory.")
     if jax.process_count() > 1:  # a pod (--distributed): every process streams its share
         return _run_merge_on_processes(args, kwargs)
+    if adapters:
+        return run_merge_adapters(args, kwargs)
     if is_huggingface_dir(args.base):
         parse_size(args.shard_size)  # checked before anything is read
         return run_merge_huggingface(args, kwargs)
@@ -229,6 +234,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_merge_method_arguments(merge, methods=sb.available_methods())
     merge.add_argument("--alpha", type=float, default=None,
                        help="scaling of the merged task vector (required: no default; choose it on validation data)")
+    merge.add_argument("--adapter-rank", type=int, default=None,
+                       help="experts are PEFT LoRA adapters: write a new adapter of this rank, not a full model")
     merge.add_argument("--shard-size", default="5GB",
                        help="Hugging Face base: the largest safetensors shard written (default 5GB)")
     merge.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
