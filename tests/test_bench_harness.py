@@ -116,7 +116,7 @@ def test_toy_suite_runs_through_the_harness(toy_suite, tmp_path):
 
 
 def test_seed_summary_is_mean_and_sample_sd_over_runs(toy_suite, tmp_path):
-    paths, config = [], ToyConfig(methods=("ties", "iso_c"))
+    paths, config = [], ToyConfig(methods=("ties", "iso_c"), sweep_methods=("ties",))
     for seed in (0, 1, 2):
         pipeline.run_benchmark(config, seed=seed, out_dir=tmp_path / f"seed{seed}", progress=False,
                                log=lambda _: None)
@@ -126,7 +126,7 @@ def test_seed_summary_is_mean_and_sample_sd_over_runs(toy_suite, tmp_path):
     values = [r["settings"][0]["methods"]["ties"]["boosted"]["normalized"] for r in runs]
     stats = summary["settings"]["2"]["ties/boosted"]["normalized"]
     assert stats["mean"] == pytest.approx(np.mean(values)) and stats["sd"] == pytest.approx(np.std(values, ddof=1))
-    assert summary["seeds"] == [0, 1, 2] and len(summary["boost_sweep"]["methods"]["task_arithmetic"]) == 3
+    assert summary["seeds"] == [0, 1, 2] and len(summary["boost_sweep"]["methods"]["ties"]) == 3
     assert f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}" in markdown
     assert "Iso-C + boost" in markdown and "seeds 0, 1, 2" in markdown
     other = tmp_path / "other.json"
