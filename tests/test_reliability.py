@@ -731,6 +731,8 @@ def test_hostile_paths_headers_and_numbers_give_one_line(work, tmp_path, capsys)
     w = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     cases = {
         "inf_shape": ({"w": {**w, "shape": [1e999]}}, "not a list of integers"),
+        "str_shape": ({"w": {**w, "shape": ["2"]}}, "not a list of integers"),
+        "huge_shape": ({"w": {**w, "shape": [2**62, 2**62]}}, "does not fit shape"),
         "gap": ({"w": w, "v": {**w, "data_offsets": [12, 20]}}, "leaves a gap"),
         "overlap": ({"w": w, "v": {**w, "data_offsets": [4, 12]}}, "overlaps the previous tensor"),
         "metadata": ({"__metadata__": {"content": ["params"]}, "w": w}, "__metadata__ is not a map of strings"),
