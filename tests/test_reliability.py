@@ -98,7 +98,7 @@ def test_overwrite_never_replaces_an_ordinary_file(work, tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     assert_one_line_error(*run_cli(capsys, "convert", tmp_path / "head_MNIST.pt", notes, "--overwrite"),
-                          "is a file", "refusing to replace it even with overwrite")
+                          "is a file", "refusing to replace it even with --overwrite")
     assert notes.read_text() == "my notes\n"
     with pytest.raises(FileExistsError, match="is a file"):
         sb.save_params({"w": np.ones(2, np.float32)}, notes, overwrite=True)
