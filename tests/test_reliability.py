@@ -1,4 +1,4 @@
-"""One test per defect of issue 16: no input destroyed, no non-finite output, one clear line per bad input.
+"""One test per defect of two adversarial reviews: no input destroyed, no non-finite or silently wrong output, one clear line per bad input.
 
 Each test is named after the behaviour it guards; the CLI runs in-process (`cli.main`).
 """
@@ -824,13 +824,25 @@ def test_a_full_disk_gives_one_short_line_and_leaves_nothing(work, tmp_path, cap
         subprocess.run(["umount", "-l", small], check=False)
 
 
-def test_an_unusable_compile_cache_setting_is_one_line(monkeypatch, capsys):
+def test_an_unusable_compile_cache_setting_is_one_line(monkeypatch, capsys, tmp_path):
     from subboost.compilation import ENV_VAR, setup_cli_compile_cache
 
     monkeypatch.setenv(ENV_VAR, "~nosuchuser_i35/cache")
     assert setup_cli_compile_cache() is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "compilation cache off" in err and "nosuchuser_i35" in err, err
+    # a directory that exists but cannot be written (root writes anywhere: the write probe is made to fail)
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert setup_cli_compile_cache() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"compilation cache off ({tmp_path}: Read-only file system)" in err, err
 
 
 # --- R12. SIGTERM and SIGHUP clean up as Ctrl-C does ----------------------------------------------------
