@@ -1,4 +1,5 @@
-"""One test per defect of two adversarial reviews: no input destroyed, no non-finite or silently wrong output, one clear line per bad input.
+"""One test per defect of two adversarial reviews: no input destroyed, no non-finite or silently wrong output,
+one clear line per bad input.
 
 Each test is named after the behaviour it guards; the CLI runs in-process (`cli.main`).
 """
