@@ -1,4 +1,5 @@
-"""One test per defect of issue 16: no input destroyed, no non-finite output, one clear line per bad input.
+"""One test per defect of two adversarial reviews: no input destroyed, no non-finite or silently wrong output,
+one clear line per bad input.
 
 Each test is named after the behaviour it guards; the CLI runs in-process (`cli.main`).
 """
@@ -98,7 +99,7 @@ def test_overwrite_never_replaces_an_ordinary_file(work, tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     assert_one_line_error(*run_cli(capsys, "convert", tmp_path / "head_MNIST.pt", notes, "--overwrite"),
-                          "is a file", "refusing to replace it even with overwrite")
+                          "is a file", "refusing to replace it even with --overwrite")
     assert notes.read_text() == "my notes\n"
     with pytest.raises(FileExistsError, match="is a file"):
         sb.save_params({"w": np.ones(2, np.float32)}, notes, overwrite=True)
@@ -731,6 +732,8 @@ def test_hostile_paths_headers_and_numbers_give_one_line(work, tmp_path, capsys)
     w = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     cases = {
         "inf_shape": ({"w": {**w, "shape": [1e999]}}, "not a list of integers"),
+        "str_shape": ({"w": {**w, "shape": ["2"]}}, "not a list of integers"),
+        "huge_shape": ({"w": {**w, "shape": [2**62, 2**62]}}, "does not fit shape"),
         "gap": ({"w": w, "v": {**w, "data_offsets": [12, 20]}}, "leaves a gap"),
         "overlap": ({"w": w, "v": {**w, "data_offsets": [4, 12]}}, "overlaps the previous tensor"),
         "metadata": ({"__metadata__": {"content": ["params"]}, "w": w}, "__metadata__ is not a map of strings"),
@@ -822,13 +825,25 @@ def test_a_full_disk_gives_one_short_line_and_leaves_nothing(work, tmp_path, cap
         subprocess.run(["umount", "-l", small], check=False)
 
 
-def test_an_unusable_compile_cache_setting_is_one_line(monkeypatch, capsys):
+def test_an_unusable_compile_cache_setting_is_one_line(monkeypatch, capsys, tmp_path):
     from subboost.compilation import ENV_VAR, setup_cli_compile_cache
 
     monkeypatch.setenv(ENV_VAR, "~nosuchuser_i35/cache")
     assert setup_cli_compile_cache() is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "compilation cache off" in err and "nosuchuser_i35" in err, err
+    # a directory that exists but cannot be written (root writes anywhere: the write probe is made to fail)
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert setup_cli_compile_cache() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"compilation cache off ({tmp_path}: Read-only file system)" in err, err
 
 
 # --- R12. SIGTERM and SIGHUP clean up as Ctrl-C does ----------------------------------------------------
