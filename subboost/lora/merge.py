@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subboost import linalg
 from subboost.boosting import check_rank_arguments, subspace_boost
 from subboost.checkpoint_io.peft_adapters import LoraAdapter, LoraModule, read_adapter, write_adapter
 from subboost.errors import SubboostError
