@@ -809,9 +809,14 @@ def test_library_logging_is_quiet_during_a_command_and_restored(work, tmp_path, 
         logging.getLogger("absl").error("orbax noise")
         assert all(logging.getLogger(name).level > logging.CRITICAL for name in QUIETED_LOGGERS)
     assert {name: logging.getLogger(name).level for name in QUIETED_LOGGERS} == levels
-    code, err = run_cli(capsys, *merge_argv(work, "--alpha", "1e300", "--out", tmp_path / "m"))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = run_cli(capsys, *merge_argv(work, "--alpha", "1e300", "--out", tmp_path / "m"))
     assert_one_line_error(code, err, "NaN or infinite")
-    assert err.count("\n") == 1, err  # not even a numpy overflow warning before it
+    assert err.count("\n") == 1, err
+    assert [str(w.message) for w in caught] == []  # not even a numpy overflow warning before it
     assert not (tmp_path / "m").exists()
 
 
