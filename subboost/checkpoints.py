@@ -105,6 +105,7 @@ def save_params(
         checkpointer = ocp.PyTreeCheckpointer()
         try:
             checkpointer.save(target, args=ocp.args.PyTreeSave(host))
+            (target / METADATA_FILE).write_text(meta_text + "\n")
         except Exception as err:  # tensorstore's errors carry a page of spec: one short line instead
             reason = "no space left on the device" if "No space left" in str(err) else short_error(err)
             message = f"{describe(path)}: cannot write the checkpoint ({reason}); nothing was written."
@@ -113,7 +114,6 @@ def save_params(
             raise SubboostError(message) from err
         finally:
             checkpointer.close() if hasattr(checkpointer, "close") else None
-        (target / METADATA_FILE).write_text(meta_text + "\n")
 
     return write_atomically(path, build, overwrite=overwrite, inputs=inputs)
 

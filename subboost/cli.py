@@ -72,13 +72,22 @@ def stop_signals_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_library_logging() -> Iterator[None]:
-    """Library loggers (`QUIETED_LOGGERS`) report nothing while the block runs; their levels restored after."""
+    """Library loggers (`QUIETED_LOGGERS`) report nothing while the block runs; their levels restored after.
+
+    numpy's overflow warnings (a huge ``--alpha`` cast to float32) are dropped too: every
+    result is checked for NaN and inf before it is written, and that check reports the
+    overflow in one line naming the parameter.
+    """
+    import warnings
+
     loggers = [logging.getLogger(name) for name in QUIETED_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL + 1)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
+            yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)

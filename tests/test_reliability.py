@@ -108,7 +108,8 @@ def test_overwrite_never_replaces_an_ordinary_file(work, tmp_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "data.csv").write_text("1,2\n")
-    assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "e0", "--base", work / "base", "--out", folder,
+    assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "e0", "--base", work / "base",
+                                   "--out", folder,
                                    "--overwrite"), "not a checkpoint or other output written by subboost")
     assert notes.read_text() == "my notes\n" and (folder / "data.csv").read_text() == "1,2\n"
     # what subboost wrote (marker subboost.json) is replaced with --overwrite
@@ -135,7 +136,8 @@ def test_non_finite_alpha_or_task_vector_is_refused(work, capsys):
 
 # --- 4. architecture checked by the CLI ---------------------------------------------
 def test_merge_refuses_an_expert_of_another_architecture(work, capsys):
-    code, err = run_cli(capsys, "merge", "--alpha", "0.5", work / "gelu", work / "e1", "--base", work / "base", "--out", work / "x")
+    code, err = run_cli(capsys, "merge", "--alpha", "0.5", work / "gelu", work / "e1", "--base", work / "base",
+                        "--out", work / "x")
     assert_one_line_error(code, err, f"expert 0 ({work / 'gelu'})", "'gelu'", "'quick_gelu'")
     assert not (work / "x").exists()
     with pytest.raises(SubboostError, match="architecture"):
@@ -426,7 +428,8 @@ def test_interrupted_save_leaves_no_partial_folder(tmp_path, monkeypatch):
 def test_error_messages_name_the_file(work, tmp_path, capsys):
     short = tmp_path / "short"
     sb.save_params({k: v for k, v in sb.load_params(work / "e1", as_numpy=True).items() if k != "proj"}, short)
-    assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "e0", short, "--base", work / "base", "--out", tmp_path / "x"),
+    assert_one_line_error(*run_cli(capsys, "merge", "--alpha", "0.5", work / "e0", short, "--base", work / "base",
+                                   "--out", tmp_path / "x"),
                           f"expert 1 ({short})", "missing parameters ['proj']")
     from subboost.convert.common import ConversionError, count_blocks
 
@@ -598,7 +601,8 @@ def test_leaves_that_would_share_a_stored_name_are_refused_at_save(tmp_path, cap
     for name, tree in (("e0", {"x.y": zeros, "x/y": ones}), ("e1", {"x.y": ones, "x/y": zeros}),
                        ("base", {"x.y": zeros, "x/y": zeros})):
         path = tmp_path / f"{name}.safetensors"
-        writer = sb.checkpoint_io.safetensors_format.SafetensorsWriter(path, {k: (v.shape, v.dtype) for k, v in tree.items()})
+        specs = {k: (v.shape, v.dtype) for k, v in tree.items()}
+        writer = sb.checkpoint_io.safetensors_format.SafetensorsWriter(path, specs)
         for k, v in tree.items():
             writer.write(k, v)
         writer.close()
@@ -805,9 +809,14 @@ def test_library_logging_is_quiet_during_a_command_and_restored(work, tmp_path, 
         logging.getLogger("absl").error("orbax noise")
         assert all(logging.getLogger(name).level > logging.CRITICAL for name in QUIETED_LOGGERS)
     assert {name: logging.getLogger(name).level for name in QUIETED_LOGGERS} == levels
-    code, err = run_cli(capsys, *merge_argv(work, "--alpha", "1e300", "--out", tmp_path / "m"))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = run_cli(capsys, *merge_argv(work, "--alpha", "1e300", "--out", tmp_path / "m"))
     assert_one_line_error(code, err, "NaN or infinite")
-    assert err.count("\n") == 1, err  # not even a numpy overflow warning before it
+    assert err.count("\n") == 1, err
+    assert [str(w.message) for w in caught] == []  # not even a numpy overflow warning before it
     assert not (tmp_path / "m").exists()
 
 
@@ -818,8 +827,8 @@ def test_a_full_disk_gives_one_short_line_and_leaves_nothing(work, tmp_path, cap
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", small], check=True)
     try:
         code, err = run_cli(capsys, *merge_argv(work, "--out", small / "m"))
-        assert_one_line_error(code, err, "cannot write the checkpoint (no space left on the device)")
-        assert err.count("\n") == 1 and len(err) < 300, err
+        assert_one_line_error(code, err, str(small / "m"))
+        assert "no space left on" in err.lower() and err.count("\n") == 1 and len(err) < 300, err
         assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", "-l", small], check=False)
