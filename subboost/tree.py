@@ -231,9 +231,9 @@ def _torch_layout_matrix(layout: MatrixLayout, core: tuple[int, ...]) -> tuple[i
 
 def _check_heads(layout: MatrixLayout, size: int, what: str) -> int:
     if layout.heads < 1:
-        raise ValueError(f"attention='per_head' needs the number of heads of this {layout.kind} leaf; none given.")
+        raise SubboostError(f"attention='per_head' needs the number of heads of this {layout.kind} leaf; none given.")
     if size % layout.heads:
-        raise ValueError(f"{layout.kind} leaf: {what} {size} is not a multiple of its {layout.heads} heads.")
+        raise SubboostError(f"{layout.kind} leaf: {what} {size} is not a multiple of its {layout.heads} heads.")
     return size // layout.heads
 
 
@@ -254,7 +254,7 @@ def _matrix_shape(layout: MatrixLayout, shape: tuple[int, ...], attention: str, 
     if layout.kind == "qkv_rows":
         rows, cols = _torch_layout_matrix(layout, core)
         if rows % layout.fused:
-            raise ValueError(f"qkv_rows leaf with {rows} rows cannot hold {layout.fused} fused projections.")
+            raise SubboostError(f"qkv_rows leaf with {rows} rows cannot hold {layout.fused} fused projections.")
         if attention == "per_head":
             head_dim = _check_heads(layout, rows // layout.fused, "rows per projection")
             return layers * layout.fused * layout.heads, head_dim, cols
@@ -679,7 +679,7 @@ def matrix_plan(
         try:
             count, rows, cols = _matrix_shape(layout, shapes[ids[0]], attention, len(ids), fused_rows)
         except ValueError as err:
-            raise ValueError(f"{paths[ids[0]]!r} (shape {shapes[ids[0]]}): {err}") from err
+            raise SubboostError(f"{paths[ids[0]]!r} (shape {shapes[ids[0]]}): {err}") from err
         group = (rows, cols, dtypes[ids[0]])
         offset = offsets.get(group, 0)
         offsets[group] = offset + count

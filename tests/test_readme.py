@@ -49,7 +49,7 @@ def test_every_subcommand_the_docs_name_exists():
     parser = cli.build_parser()
     subcommands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 - argparse has no public accessor
     code = "\n".join(re.findall(r"```bash\n(.*?)```", ALL_DOCS, re.S))
-    named = set(re.findall(r"`subboost (\w+)", ALL_DOCS)) | set(re.findall(r"^\s*subboost (\w+)", code, re.M))
+    named = set(re.findall(r"`subboost ([a-z]\w*)", ALL_DOCS)) | set(re.findall(r"^\s*subboost ([a-z]\w*)", code, re.M))
     assert named, "the docs name no subcommands"
     assert named <= subcommands, f"docs name unknown subcommands: {sorted(named - subcommands)}"
 

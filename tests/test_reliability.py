@@ -644,7 +644,7 @@ def test_a_checkpoint_is_what_its_own_folder_holds(work, tmp_path, capsys):
 
 # --- R6. a failed analyze --overwrite leaves the old files as they were ------------------------------
 def test_failed_analyze_overwrite_changes_nothing(work, tmp_path, capsys, monkeypatch):
-    from subboost.commands.analyze import replace_files
+    from subboost.expert_analysis import replace_files
 
     out = tmp_path / "an"
     out.mkdir()
@@ -835,7 +835,7 @@ def test_a_full_disk_gives_one_short_line_and_leaves_nothing(work, tmp_path, cap
 
 
 def test_an_unusable_compile_cache_setting_is_one_line(monkeypatch, capsys, tmp_path):
-    from subboost.compilation import ENV_VAR, setup_cli_compile_cache
+    from subboost.compilation import CACHE_ENV_VAR as ENV_VAR, setup_cli_compile_cache
 
     monkeypatch.setenv(ENV_VAR, "~nosuchuser_i35/cache")
     assert setup_cli_compile_cache() is None

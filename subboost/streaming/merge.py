@@ -41,7 +41,7 @@ def merge_from_checkpoints(
         tvs = sb.task_vectors(base, experts)
         tau = sb.merge(tvs, method, **method_kwargs)
         tau = sb.subspace_boost(tau, **boost)              # if boost
-        result = tau if alpha is None else sb.apply_task_vector(base, tau, alpha)
+        result = tau if alpha is None else sb.apply_task_vector(base, tau, alpha=alpha)
 
     with memory for one chunk of ``chunk_bytes`` across all experts instead
     of all experts at once (see the module docstring for the exact schemes

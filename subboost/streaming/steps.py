@@ -261,7 +261,7 @@ def merge_chunk(names, tvs, base_arrays, stream, scheme, thresholds, majority, b
     if boost is not None:  # per matrix: exact chunk by chunk
         merged = dict(leaves_with_paths(subspace_boost(nest(merged), **boost, validate=False)))
     if alpha is not None:
-        params = apply_task_vector(nest({n: base_arrays[n] for n in names}), nest(merged), alpha)
+        params = apply_task_vector(nest({n: base_arrays[n] for n in names}), nest(merged), alpha=alpha)
         merged = dict(leaves_with_paths(params))
     return merged
 
