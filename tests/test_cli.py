@@ -39,5 +39,5 @@ def test_every_help_is_plain_text_and_shows_every_default():
             shown = parser._get_formatter()._expand_help(action)
             assert "default" in shown, f"subboost {name} {action.option_strings[-1]}: {shown!r}"
     merge_help = commands["merge"].format_help()
-    assert "(default: task_arithmetic)" in " ".join(merge_help.split())
+    assert "(default task_arithmetic)" in " ".join(merge_help.split())
     assert "--seed SEED PRNG seed for DARE (default: 0)" in " ".join(merge_help.split())
