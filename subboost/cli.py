@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "subboost.commands.demo",
     "subboost.commands.analyze",
     "subboost.commands.eval",
+    "subboost.commands.data",
 )
 
 # OSError covers FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ...
@@ -48,11 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from subboost import blas_threads
     from subboost.compilation import setup_cli_compile_cache
 
     setup_cli_compile_cache(enabled=not args.no_compile_cache)  # before anything compiles
     try:
-        return int(args.func(args) or 0)
+        with blas_threads.limited():  # one BLAS thread under XLA's LAPACK calls (subboost.blas_threads)
+            return int(args.func(args) or 0)
     except USER_ERRORS as err:
         if args.traceback:
             raise
