@@ -265,3 +265,33 @@ def test_pinned_wheels_from_the_package_index(tmp_path):
     for task in tasks.load_tasks(data_dir):
         assert all(tasks.MIN_WORDS <= len(t.split()) <= tasks.MAX_WORDS for t in task.texts), task.name
         assert "http" not in " ".join(task.texts) or task.name != "health_source"
+
+
+# ----------------------------------------------------------------------------
+# The text suite's "real" task set, built from task files
+# ----------------------------------------------------------------------------
+def test_real_suite_from_task_files(small_suite, monkeypatch):
+    pytest.importorskip("tokenizers")
+    from subboost.text_bench import real_tasks
+    from subboost.text_bench.tokenize import SentenceTokenizer
+    from subboost.text_bench.weights import packaged_model_zip
+
+    wheel_dir, data_dir = small_suite
+    tasks.prepare_tasks(data_dir, wheel_dir=wheel_dir)
+    monkeypatch.setattr(real_tasks, "REAL_TASKS", tuple(
+        real_tasks.TextTask(s.name, s.classes, real_tasks._not_generated, s.description) for s in tasks.TASK_SPECS))
+    tokenizer = SentenceTokenizer.from_zip(packaged_model_zip())
+    kwargs = dict(train=16, val=4, test=8, head_shots=2, max_length=12, data_dir=data_dir)
+    suite = real_tasks.build_real_suite(2, tokenizer, seed=3, **kwargs)
+    assert [t.name for t in suite.tasks] == ["spam", "mood"] and suite.num_classes.tolist() == [2, 2]
+    assert suite.train.input_ids.shape == (2, 16, suite.length) and suite.test.labels.shape == (2, 8)
+    assert suite.heads.labels.tolist() == [[0, 0, 1, 1]] * 2
+    for t, (ids_row, text) in enumerate(zip(suite.test.input_ids[:, 0], suite.test.sentences)):
+        expected = tokenizer.encode([text[0]], max_length=12, pad_to=suite.length).input_ids[0]
+        np.testing.assert_array_equal(ids_row, expected)
+    spam_test = dict(zip(suite.test.sentences[0], suite.test.labels[0]))
+    assert all(("win cash" in s) == bool(y) for s, y in spam_test.items())
+    again = real_tasks.build_real_suite(2, tokenizer, seed=3, **kwargs)
+    np.testing.assert_array_equal(again.train.input_ids, suite.train.input_ids)
+    other = real_tasks.build_real_suite(2, tokenizer, seed=4, **kwargs)
+    assert other.test.sentences != suite.test.sentences

@@ -105,6 +105,12 @@ class TextBenchConfig:
                                    "steps_per_call"))}
         fields, modules = with_options(self, fields, (generators, splits, model, finetune, prototype_heads, tokenize),
                                        task_variants)
+        if self.task_set == "real":  # the prepared data: their settings' key and the modules that split them
+            from subboost.text_bench import real_tasks
+            from subboost.text_data import tasks as text_data_tasks
+
+            fields["real_data"] = text_data_tasks.spec_key()
+            modules = [*modules, real_tasks, text_data_tasks]
         return source_key({"seed": seed, "weights": weights_sha256, "config": fields}, modules)
 
 

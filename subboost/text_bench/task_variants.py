@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from subboost.text_bench.generators import NAMES, NUMBERS, PLACES, TASKS, THINGS, TIMES, TextTask
+from subboost.text_bench.real_tasks import REAL_TASKS, build_real_suite
 from subboost.text_bench.splits import TextSuite, build_suite
 
 _BY_NAME = {t.name: t for t in TASKS}
@@ -139,16 +140,20 @@ VARIANTS: tuple[TextTask, ...] = tuple(
         _one_vs_rest("tense") + _one_vs_rest("person"), _numbers(), _nuisance(),
     ])))
 MANY_TASKS: tuple[TextTask, ...] = TASKS + VARIANTS
-TASK_SETS: dict[str, tuple[TextTask, ...]] = {"standard": TASKS, "many": MANY_TASKS}
+TASK_SETS: dict[str, tuple[TextTask, ...]] = {"standard": TASKS, "many": MANY_TASKS, "real": REAL_TASKS}
 
 
 def task_set(name: str) -> tuple[TextTask, ...]:
-    """The tasks of a named set: ``"standard"`` (the suite's 12) or ``"many"`` (those 12, then 38 variants)."""
+    """The tasks of a named set: ``"standard"`` (the suite's 12), ``"many"`` (those 12, then 38 variants) or
+    ``"real"`` (labelled sentences of `subboost.text_bench.real_tasks`)."""
     if name not in TASK_SETS:
         raise ValueError(f"TextBenchConfig.task_set must be one of {', '.join(TASK_SETS)}, got {name!r}.")
     return TASK_SETS[name]
 
 
 def build_task_suite(name: str, num_tasks: int, tokenizer, **kwargs: Any) -> TextSuite:
-    """`splits.build_suite` of the first ``num_tasks`` tasks of the set ``name`` (``kwargs``: its keywords)."""
+    """`splits.build_suite` of the first ``num_tasks`` tasks of the set ``name`` (``kwargs``: its keywords);
+    `real_tasks.build_real_suite` for ``"real"``."""
+    if name == "real":
+        return build_real_suite(num_tasks, tokenizer, **kwargs)
     return build_suite(task_set(name)[:num_tasks], tokenizer, **kwargs)
