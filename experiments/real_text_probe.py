@@ -21,6 +21,8 @@ import os
 import time
 from pathlib import Path
 
+BETAS = (0.0, 0.01, 0.02, 0.05, 0.1)  # the issue's cutoff report
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +73,7 @@ def main() -> None:
         static = {"model": model, "batch": config.eval_batch}
         pretrained = np.asarray(text_eval.accuracies(base, *test, heads_j, **static))
         expert = np.asarray(text_eval.expert_accuracies(base, experts, *test, heads_j, **static))
+        regime_figures, expert_cutoffs = task_vector_regime(base, experts, config.num_tasks)
     wall = time.perf_counter() - start
     losses = loaded["meta"].get("finetune_losses") or [[float("nan")]] * config.num_tasks
     print(f"settings: {json.dumps(vars(args))}; sequence length {suite.length}, {suite.truncated} sentences "
@@ -82,10 +85,40 @@ def main() -> None:
               f"{100 * (expert[t] - pretrained[t]):+.1f} | {losses[t][0]:.3f} -> {losses[t][-1]:.3f} |")
     print(f"| mean | | {100 * pretrained.mean():.1f} | {100 * expert.mean():.1f} | "
           f"{100 * (expert.mean() - pretrained.mean()):+.1f} | |")
+    print()
+    print(f"task vectors: mean pairwise cosine {regime_figures['cosine_mean']:.3f} (max "
+          f"{regime_figures['cosine_max']:.3f}); sum of all {config.num_tasks}: stable rank "
+          f"{regime_figures['sum'][str(config.num_tasks)]['stable_rank']:.2f}, share of matrices with k > 0 per beta "
+          f"{regime_figures['sum'][str(config.num_tasks)]['cutoff_nonzero']}")
+    print("| task | relative norm (%) | stable rank | matrices with k > 0 at beta " + " / ".join(map(str, BETAS)) + " |")
+    print("|---|---|---|---|")
+    for t, task in enumerate(suite.tasks):
+        print(f"| {task.name} | {100 * regime_figures['relative_norms'][t]:.2f} | "
+              f"{regime_figures['expert_stable_rank'][t]:.2f} | "
+              + " / ".join(str(expert_cutoffs[t][b]) for b in BETAS) + f" of {expert_cutoffs[t]['matrices']} |")
     print(f"wall {wall:.0f} s (fine-tuning included unless cached); load average {os.getloadavg()[0]:.1f}")
     (out / f"probe_seed{args.seed}_steps{args.steps}.json").write_text(json.dumps(
         {"settings": vars(args), "pretrained": pretrained.tolist(), "experts": expert.tolist(),
-         "tasks": [t.name for t in suite.tasks], "losses": losses, "wall_s": wall, "timings": loaded["timings"]}))
+         "tasks": [t.name for t in suite.tasks], "losses": losses, "wall_s": wall, "timings": loaded["timings"],
+         "regime": regime_figures, "expert_cutoffs": [{str(k): v for k, v in c.items()} for c in expert_cutoffs]}))
+
+
+def task_vector_regime(base, experts, num_tasks: int):
+    """`subboost.text_bench.regime.regime` of the experts' task vectors, and for each expert the number of
+    its matrices whose boosting cutoff index is positive at each of `BETAS`."""
+    import jax
+    import numpy as np
+
+    from subboost.text_bench.pipeline import stacked_task_vectors
+    from subboost.text_bench.regime import cutoffs, regime
+
+    tvs = stacked_task_vectors(base["encoder"], experts, num_tasks)
+    figures = regime(base["encoder"], tvs, task_counts=(num_tasks,), betas=BETAS)
+    per_expert = []
+    for t in range(num_tasks):
+        ks = cutoffs(jax.tree_util.tree_map(lambda x, t=t: x[t], tvs), BETAS)
+        per_expert.append({**{b: int(np.sum(k > 0)) for b, k in ks.items()}, "matrices": int(len(ks[BETAS[0]]))})
+    return figures, per_expert
 
 
 if __name__ == "__main__":

@@ -295,3 +295,13 @@ def test_real_suite_from_task_files(small_suite, monkeypatch):
     np.testing.assert_array_equal(again.train.input_ids, suite.train.input_ids)
     other = real_tasks.build_real_suite(2, tokenizer, seed=4, **kwargs)
     assert other.test.sentences != suite.test.sentences
+
+
+def test_damaged_cached_weights_are_named(tmp_path):
+    from subboost.text_bench.weights import WEIGHTS_WHEEL, packaged_model_zip
+
+    path = tmp_path / f"all-MiniLM-L6-v2-{WEIGHTS_WHEEL.version}.zip"
+    path.write_bytes(b"not the model")
+    with pytest.raises(SubboostError, match=f"{path}: SHA-256 .* does not match the pinned") as err:
+        packaged_model_zip(tmp_path)
+    assert "\n" not in str(err.value) and path.read_bytes() == b"not the model"  # never replaced silently
