@@ -51,8 +51,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import subboost as sb
-from subboost.bench import get_config, load_or_train
-from subboost.bench import evaluate as bench_eval
+from subboost.bench.suites.vision import get_config, load_or_train
+from subboost.bench.suites.vision import evaluate as bench_eval
 
 print("subboost", sb.__version__, "| jax", jax.__version__, "| backend:", jax.default_backend())
 
@@ -89,7 +89,7 @@ print(jax.tree_util.tree_map(jnp.shape, tvs["transformer"]["resblocks_0"]["mlp"]
 # ## Reference accuracies: pretrained model and experts
 #
 # Each task has a frozen classification head on top of the shared encoder;
-# `subboost.bench.evaluate` computes the accuracies of all ten tasks in one
+# `subboost.bench.suites.vision.evaluate` computes the accuracies of all ten tasks in one
 # jit-compiled call. Normalized accuracy = merged accuracy / the task's expert accuracy.
 
 # %%

@@ -54,8 +54,8 @@ import numpy as np
 from IPython.display import Image, display
 
 import subboost as sb
-from subboost.bench import get_config, load_or_train
-from subboost.bench import evaluate as bench_eval
+from subboost.bench.suites.vision import get_config, load_or_train
+from subboost.bench.suites.vision import evaluate as bench_eval
 from subboost.plots import plot_rank_collapse, plot_spectra_evolution
 
 # Figures (PNG + the numbers drawn, as JSON) go outside the source tree: to

@@ -53,8 +53,8 @@ import numpy as np
 from IPython.display import Image, display
 
 import subboost as sb
-from subboost.bench import get_config, load_or_train
-from subboost.bench import evaluate as bench_eval
+from subboost.bench.suites.vision import get_config, load_or_train
+from subboost.bench.suites.vision import evaluate as bench_eval
 from subboost.alignment import mean_alignment
 from subboost.hogsvd import common_eigenvalue, isolated_eigenvalue
 from subboost.plots import plot_alignment, plot_gsv_distributions, pool_generalized_singular_values

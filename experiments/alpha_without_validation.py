@@ -36,11 +36,11 @@ from tqdm.auto import tqdm
 
 import subboost as sb
 from experiments.merge_settings import DEFAULT_BETA, add_common_arguments, boost, load_suite, prepare_out
-from subboost.bench.config import SVD_BATCH_SIZE
+from subboost.bench.settings import SVD_BATCH_SIZE
 from subboost.bench.sweep import select
 
 METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "tsv", "iso_c")
-# One layer at a time, as the benchmark runs its SVDs (`subboost.bench.config.SVD_BATCH_SIZE`: batched LAPACK
+# One layer at a time, as the benchmark runs its SVDs (`subboost.bench.settings.SVD_BATCH_SIZE`: batched LAPACK
 # kernels on a 2-thread CPU pool can wait on each other forever).
 RULES = {
     "hogsvd": lambda tvs, tau: sb.alpha_from_hogsvd(tvs, tau, batch_size=SVD_BATCH_SIZE),

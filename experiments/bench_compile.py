@@ -53,8 +53,8 @@ CHANGED = frozenset({"task_arithmetic", "ties", "dare", "consensus", "boost_swee
 def tree_shapes(tree: str, layers: int):
     import jax
 
-    from subboost.bench.config import get_config
-    from subboost.bench.model import init_encoder
+    from subboost.bench.suites.vision.config import get_config
+    from subboost.bench.suites.vision.model import init_encoder
     from subboost.models.clip_vit import get_config as vit_config
     from subboost.models.clip_vit import param_shapes
 
@@ -91,7 +91,8 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
 
     import subboost as sb
-    from subboost.bench.config import DEFAULT_METHOD_KWARGS, SVD_BATCH_SIZE, SWEEP_BETAS
+    from subboost.bench.settings import DEFAULT_METHOD_KWARGS, SVD_BATCH_SIZE
+    from subboost.grids import BOOST_SWEEP_BETAS as SWEEP_BETAS
 
     if args.mode == "before":
         use_before_programs()

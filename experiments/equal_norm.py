@@ -7,7 +7,7 @@ small singular values), not through the larger norm it gives the task vector; so
 the boosted model's norm, plain task arithmetic (TA) is worse than boosted TA.
 
 At one task count (``--num-tasks``, default the suite's largest), for every beta of the benchmark's boosting sweep
-(`subboost.bench.config.SWEEP_BETAS`; beta = 1 leaves the spectrum as it is):
+(`subboost.bench.suites.vision.config.SWEEP_BETAS`; beta = 1 leaves the spectrum as it is):
 
 * ``boosted``: TA boosted at beta, alpha tuned on validation (the benchmark's sweep,
   `subboost.bench.sweep.select`); ``alpha * boost(tau)`` is the *reference* task vector;
@@ -82,7 +82,7 @@ def rescale_to(tree, reference):
 
 def svd_one_at_a_time(x):
     """``linalg.svd`` of a ``(G, m, n)`` group, one matrix at a time (`jax.lax.map`), as the benchmark runs
-    its SVDs (`subboost.bench.config.SVD_BATCH_SIZE`: batched CPU LAPACK kernels can deadlock on 2 threads)."""
+    its SVDs (`subboost.bench.settings.SVD_BATCH_SIZE`: batched CPU LAPACK kernels can deadlock on 2 threads)."""
     return jax.lax.map(linalg.svd, x)
 
 

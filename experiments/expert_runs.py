@@ -1,9 +1,8 @@
 """What `experiments.many_experts` and `experiments.noisy_experts` share: trained models -> merges -> tables.
 
-Both reuse a benchmark's pipeline, vision (`subboost.bench.pipeline`) or text
-(`subboost.text_bench.pipeline`): ``load_or_train`` (cached by training key),
-``evaluate_merges`` (every method plain and boosted, alpha and beta chosen on
-validation by `subboost.bench.sweep.select`) and the same normalized accuracy
+Both reuse the benchmark harness (`subboost.bench.pipeline`) on a suite's trained models: the
+suite's ``prepare`` (cached by training key), ``evaluate_merges`` (every method plain and boosted,
+alpha and beta chosen on validation by `subboost.bench.sweep.select`) and the same normalized accuracy
 (merged / expert test accuracy per task, averaged). `load` hands both suites' models
 to the experiments through one interface, `Models`.
 
@@ -19,14 +18,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from subboost.bench.config import BenchConfig
-from subboost.bench.pipeline import MergeSetting, evaluate_merges, load_or_train, methods_to_run
-from subboost.text_bench.config import TextBenchConfig
+from subboost.bench.pipeline import evaluate_merges, methods_to_run
+from subboost.bench.suites import get_suite
+from subboost.bench.suites.text.config import TextBenchConfig
+from subboost.bench.suites.vision.config import BenchConfig
 
 METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
 
@@ -52,7 +50,7 @@ class Models:
       base, experts: the merged parameters (vision: the encoder; text: the transformer blocks), pretrained
         and fine-tuned (stacked on a leading task axis).
       pretrained_test, expert_test: clean test accuracy per task, ``(num_tasks,)``.
-      setting: ``num_tasks -> `` a `MergeSetting` (vision) or `TextMergeSetting` (text) of the first tasks.
+      setting: ``num_tasks -> `` the harness's `subboost.bench.pipeline.MergeSetting` of the first tasks.
       evaluate: ``(num_tasks, bar) -> `` the suite's ``evaluate_merges`` at that count.
     """
 
@@ -72,45 +70,13 @@ class Models:
 
 def load(config: BenchConfig | TextBenchConfig, *, seed: int, cache_dir: str | Path, progress: bool,
          log: Callable[[str], None]) -> Models:
-    """``config``'s models from ``cache_dir`` (trained and cached when absent), evaluated once on test."""
-    if isinstance(config, TextBenchConfig):
-        from experiments.merge_settings import load_text_settings
-        from subboost.text_bench import evaluate as text_eval
-        from subboost.text_bench import pipeline as text_pipeline
-
-        loaded, text_setting = load_text_settings(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
-        full = text_setting(config.num_tasks)
-        test = full.suite.test
-        pretrained = np.asarray(text_eval.accuracies(
-            full.base, jnp.asarray(test.input_ids), jnp.asarray(test.attention_mask), jnp.asarray(test.labels),
-            jax.tree_util.tree_map(jnp.asarray, full.heads), model=full.model, batch=config.eval_batch))
-
-        def evaluate_text(num_tasks: int, bar) -> dict[str, Any]:
-            s = text_setting(num_tasks)
-            return text_pipeline.evaluate_merges(config, s.model, s.suite, base=s.base, heads=s.heads,
-                                                 experts=s.experts, expert_test=s.expert_test, num_tasks=num_tasks,
-                                                 seed=seed, bar=bar)
-
-        return Models(config, [t.name for t in full.suite.tasks], [int(c) for c in full.suite.num_classes],
-                      full.base["encoder"], full.experts, pretrained, full.expert_test, text_setting,
-                      evaluate_text, Path(loaded["cache_dir"]), loaded["cache_hit"], dict(loaded["timings"]))
-    from subboost.bench import evaluate as bench_eval
-
-    models = load_or_train(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
-    heads = jax.tree_util.tree_map(jnp.asarray, models.heads)
-    test = jnp.asarray(models.data.test.images), jnp.asarray(models.data.test.labels)
-    static = {"model": config.model, "batch": config.eval_batch}
-    pretrained = np.asarray(bench_eval.accuracies(models.base, *test, heads, **static))
-    expert_test = np.asarray(bench_eval.expert_accuracies(models.experts, *test, heads, **static))
-
-    def setting(num_tasks: int) -> MergeSetting:
-        return MergeSetting(config, models.data, models.base, models.heads, models.experts, expert_test, num_tasks,
-                            seed)
-
-    return Models(config, models.task_names, [int(c) for c in models.data.num_classes], models.base, models.experts,
-                  pretrained, expert_test, setting,
-                  lambda num_tasks, bar: evaluate_merges(setting(num_tasks), bar=bar), models.cache_dir,
-                  models.cache_hit, models.timings)
+    """``config``'s models from ``cache_dir`` (trained and cached when absent), evaluated once on test
+    (the suite's own ``prepare``, `subboost.bench.suites`)."""
+    trained = get_suite(config.suite).prepare(config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)
+    return Models(config, [t["name"] for t in trained.tasks], [int(t["num_classes"]) for t in trained.tasks],
+                  trained.base, trained.experts, trained.pretrained_test, trained.expert_test, trained.setting,
+                  lambda num_tasks, bar: evaluate_merges(trained.setting(num_tasks), bar=bar), trained.cache_dir,
+                  trained.cache_hit, trained.timings)
 
 
 def merge_at_counts(models: Models, *, progress: bool = True, desc: str = "merging") -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ count and so degrades more slowly; the isotropic methods (Iso-C, Iso-CTS) alread
 have a flat spectrum and gain little from it. "Stops degrading" is read off the
 table: the change in normalized accuracy between the last two counts.
 
-Vision tasks (``--suite vision``): `subboost.bench.task_variants.MANY_TASKS`: the benchmark's 20 tasks in their
+Vision tasks (``--suite vision``): `subboost.bench.suites.vision.task_variants.MANY_TASKS`: the benchmark's 20 tasks in their
 order, then 30 class regroupings of them (parity, halves, shifted pairs, mod 3,
 mirror pairs of the parent's classes). Regroupings ask the encoder for *different*
 invariances on the same images (parity merges classes 0 and 2 that halves
@@ -18,7 +18,7 @@ mean pairwise cosine of the task vectors, over all pairs, within a family (a
 task and its variants) and across families.
 
 Text tasks (``--suite text``, ``OPENBLAS_NUM_THREADS=1`` in the environment):
-`subboost.text_bench.task_variants.MANY_TASKS`: the text suite's 12 tasks in their order, then 38 variants
+`subboost.bench.suites.text.task_variants.MANY_TASKS`: the text suite's 12 tasks in their order, then 38 variants
 (class regroupings of the 3- and 4-class tasks, number tasks on the parity sentences, and tasks that read
 the nuisance names, things, places and times every sentence carries).
 
@@ -44,12 +44,12 @@ from typing import Any
 import numpy as np
 
 from experiments.expert_runs import METHODS, fmt, load, merge_at_counts, parse_args, pyplot
-from subboost.bench.config import BenchConfig, get_config
+from subboost.bench.suites.vision.config import BenchConfig, get_config
 from subboost.bench.pipeline import prepare_out_dir
 from subboost.bench.regime import task_vector_geometry
 from subboost.bench.report import method_label
-from subboost.text_bench.config import TextBenchConfig
-from subboost.text_bench.config import get_config as get_text_config
+from subboost.bench.suites.text.config import TextBenchConfig
+from subboost.bench.suites.text.config import get_config as get_text_config
 
 RESULT_FILES = ("results.json", "results.md", "many_experts.png")
 SIZES: dict[str, dict[str, dict[str, Any]]] = {

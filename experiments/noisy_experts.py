@@ -8,7 +8,7 @@ shrinks (or turns negative) as the noise rate grows, and the boosted merge is mo
 aligned with the noise than the plain one.
 
 Setting: the mini-benchmark (``--suite vision``, `subboost.bench`) or the text suite
-(``--suite text``, `subboost.text_bench`: experts fine-tuned from all-MiniLM-L6-v2),
+(``--suite text``, `subboost.bench.suites.text`: experts fine-tuned from all-MiniLM-L6-v2),
 the same tasks, base and seed, with the experts fine-tuned on training labels of which
 a fraction ``rate`` in {0, 0.2, 0.4} was replaced by another class
 (`subboost.bench.label_noise`; deterministic per seed, heads and evaluation clean).
@@ -46,11 +46,12 @@ from tqdm.auto import tqdm
 
 import subboost as sb
 from experiments.expert_runs import load, merge_at_counts, parse_args, pyplot
-from subboost.bench.config import SVD_BATCH_SIZE, BenchConfig, get_config
+from subboost.bench.settings import SVD_BATCH_SIZE
+from subboost.bench.suites.vision.config import BenchConfig, get_config
 from subboost.bench.pipeline import prepare_out_dir
 from subboost.bench.report import method_label
-from subboost.text_bench.config import TextBenchConfig
-from subboost.text_bench.config import get_config as get_text_config
+from subboost.bench.suites.text.config import TextBenchConfig
+from subboost.bench.suites.text.config import get_config as get_text_config
 
 RESULT_FILES = ("results.json", "results.md", "noisy_experts.png")
 RATES: tuple[float, ...] = (0.0, 0.2, 0.4)

@@ -1,6 +1,7 @@
 """Calibration probe for the real-data text suite: pretrained-with-heads vs fine-tuned experts, per task.
 
-Fine-tunes one expert per real task (`subboost.text_bench.real_tasks`) from all-MiniLM-L6-v2 with
+Fine-tunes one expert per real task (`subboost.bench.suites.text.real_tasks`, the text suite's size
+``real`` with the settings given here) from all-MiniLM-L6-v2 with
 the text suite's own trainer and frozen prototype heads, and prints each task's test accuracy
 for the pretrained model with its heads and for its expert, the training loss at the start and
 end, and the wall time. No merging, no boosting: it only finds fine-tuning settings where the
@@ -46,15 +47,11 @@ def main() -> None:
     import numpy as np
 
     from subboost import blas_threads
-    from subboost.text_bench import evaluate as text_eval
-    from subboost.text_bench.config import get_config
-    from subboost.text_bench.pipeline import load_or_train
+    from subboost.bench.suites.text import evaluate as text_eval
+    from subboost.bench.suites.text.config import get_config
+    from subboost.bench.suites.text.pipeline import load_or_train
 
-    if args.data_dir is not None:
-        from subboost.text_data.tasks import DATA_DIR_ENV
-
-        os.environ[DATA_DIR_ENV] = args.data_dir
-    config = get_config("default", task_set="real", layers=args.layers, num_tasks=args.tasks,
+    config = get_config("real", data_dir=args.data_dir, layers=args.layers, num_tasks=args.tasks,
                         task_counts=(args.tasks,), train_per_task=args.train, val_per_task=args.val,
                         test_per_task=args.test, head_shots=args.head_shots, max_length=args.max_length,
                         finetune_steps=args.steps, finetune_batch=args.batch, finetune_lr=args.lr,
@@ -104,19 +101,20 @@ def main() -> None:
 
 
 def task_vector_regime(base, experts, num_tasks: int):
-    """`subboost.text_bench.regime.regime` of the experts' task vectors, and for each expert the number of
+    """`subboost.bench.suites.text.regime.regime` of the experts' task vectors, and for each expert the number of
     its matrices whose boosting cutoff index is positive at each of `BETAS`."""
     import jax
     import numpy as np
 
-    from subboost.text_bench.pipeline import stacked_task_vectors
-    from subboost.text_bench.regime import cutoffs, regime
+    import subboost as sb
+    from subboost.bench.pipeline import cutoff_indices, task_vectors_of
+    from subboost.bench.suites.text.regime import regime
 
-    tvs = stacked_task_vectors(base["encoder"], experts, num_tasks)
+    tvs = task_vectors_of(base["encoder"], experts, num_tasks)
     figures = regime(base["encoder"], tvs, task_counts=(num_tasks,), betas=BETAS)
     per_expert = []
     for t in range(num_tasks):
-        ks = cutoffs(jax.tree_util.tree_map(lambda x, t=t: x[t], tvs), BETAS)
+        ks = cutoff_indices(sb.spectra(jax.tree_util.tree_map(lambda x, t=t: x[t], tvs)), BETAS)
         per_expert.append({**{b: int(np.sum(k > 0)) for b, k in ks.items()}, "matrices": int(len(ks[BETAS[0]]))})
     return figures, per_expert
 

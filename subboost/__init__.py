@@ -9,12 +9,12 @@ Applications are reached through their subpackages:
   (``Evaluator``, ``select_alpha_beta``, ``normalized_accuracies``, ...);
 - ``subboost.selection``: the one alpha/beta selection rule;
 - ``subboost.data``: task registry and tf.data pipelines;
-- ``subboost.bench``, ``subboost.text_bench``: the offline mini-benchmarks;
+- ``subboost.bench``, ``subboost.bench.suites.text``: the offline mini-benchmarks;
 - ``subboost.cli``, ``subboost.commands``: the command line.
 """
 
 from subboost import linalg, merging, tree
-from subboost.boosting import BoostReport, GroupReport, boost_singular_values, subspace_boost
+from subboost.boosting import BoostReport, GroupReport, boost_singular_values, subspace_boost, subspace_boost_sweep
 from subboost.merging import available_methods, merge
 from subboost.merging.averaging import task_arithmetic, weight_averaging
 from subboost.merging.consensus import consensus
@@ -68,6 +68,7 @@ __all__ = [
     "GroupReport",
     "boost_singular_values",
     "subspace_boost",
+    "subspace_boost_sweep",
     # matrix view of parameter trees
     "MatrixLayout",
     "default_is_matrix",

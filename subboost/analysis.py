@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from subboost.boosting import BoostMode, boost_singular_values, check_boost_arguments
+from subboost.grids import DEFAULT_BETA
 from subboost.merging import METHODS, merge
 from subboost.spectra import energy_rank_from_singular_values, spectra, stable_rank_from_singular_values
 from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
@@ -114,7 +115,7 @@ def rank_collapse(
     *,
     counts: Sequence[int] | None = None,
     order: Sequence[int] | None = None,
-    beta: float | None = 0.01,
+    beta: float | None = DEFAULT_BETA,
     mode: BoostMode = "cumsum",
     fraction: float = 0.95,
     attention: AttentionMode = "per_qkv",

@@ -15,7 +15,7 @@ singular values of every merged weight matrix::
 projections (the q/k/v matrices in the layout ``attention=`` selects), like the
 authors' separate ``attn_svd_thresh``.
 
-Rank-deficient matrices. With ``k = 0`` (the usual case at ``beta = 0.01``)
+Rank-deficient matrices. With ``k = 0`` (the usual case at the default ``beta``)
 every singular value is raised to ``s_0``, exact zeros included, and their
 singular vectors are not unique: the result then depends on the SVD's choice
 of null-space basis (different on one device and on a mesh, or between
@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import jax
@@ -80,7 +80,7 @@ def cutoff_index(s: jax.Array, *, beta: float, mode: BoostMode = "cumsum") -> ja
     """
     r = s.shape[-1]
     if mode == "index":
-        return jnp.full(s.shape[:-1], min(int(beta * r), r - 1), jnp.int32)
+        return jnp.full(s.shape[:-1], polar_boost.index_cutoff(beta, r), jnp.int32)
     total = jnp.sum(s, axis=-1, keepdims=True)
     fraction = jnp.cumsum(s, axis=-1) / jnp.where(total > 0, total, 1)
     # The cumulative fraction is non-decreasing, so the first index reaching
@@ -136,7 +136,7 @@ def choose_solver(solver: Solver, shape: tuple[int, int], *, beta: float, mode: 
     r = min(shape)
     if solver == "svd":
         return "svd"
-    if mode == "index" and min(int(beta * r), r - 1) >= polar_boost.max_cutoff_index(r):
+    if mode == "index" and polar_boost.index_cutoff(beta, r) >= polar_boost.max_cutoff_index(r):
         return "svd"
     if solver == "polar":
         return "polar"
@@ -157,6 +157,13 @@ def _boost_svd_with_cutoff(x: jax.Array, beta: float, mode: BoostMode, rank_rtol
     """``(boosted, k, rank_deficient)`` by exact SVD."""
     u, s, vh = linalg.svd(x)
     deficient = rank_deficient(s, x.shape[-2:], rank_rtol)
+    boosted, k = boosted_spectrum(s, beta=beta, mode=mode, rank_rtol=rank_rtol)
+    return linalg.reconstruct(u, boosted, vh).astype(x.dtype), k, deficient
+
+
+def boosted_spectrum(s: jax.Array, *, beta: float, mode: BoostMode, rank_rtol: float | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """``(s', k)``: the boosted singular values and the cutoff index (module docstring), ``s`` descending."""
     if rank_rtol is not None:
         s = jnp.where(s > rank_rtol * s[..., :1], s, 0)
     k = cutoff_index(s, beta=beta, mode=mode)
@@ -164,7 +171,7 @@ def _boost_svd_with_cutoff(x: jax.Array, beta: float, mode: BoostMode, rank_rtol
     boosted = jnp.maximum(s, s_k)
     if rank_rtol is not None:
         boosted = jnp.where(s > 0, boosted, 0)  # the numerical null space stays zero
-    return linalg.reconstruct(u, boosted, vh).astype(x.dtype), k, deficient
+    return boosted, k
 
 
 def _svd_info(k: jax.Array, deficient: jax.Array) -> dict[str, jax.Array]:
@@ -459,6 +466,43 @@ def check_rank_arguments(attn_beta: float | None, rank_rtol: float | None) -> No
         check_real("rank_rtol", rank_rtol, what="subspace_boost", low=0.0, high=1.0, low_open=True, high_open=True)
 
 
+def prepare_boost_input(tau: PyTree, *, beta: float | None, attn_beta: float | None, rank_rtol: float | None,
+                        attention: AttentionMode, is_matrix: Callable | None, batch_size: int | None, solver: str,
+                        tol: float | None, validate: bool, mesh, what: str) -> tuple[PyTree, bool, dict]:
+    """The checks and normalisation shared by `subspace_boost` and `subspace_boost_sweep`.
+
+    Returns ``(tau, is_array, options)``: the (placed) input, whether it is a bare array, and the
+    normalised ``is_matrix``, ``attention``, ``attn_beta`` (``None`` when equal to ``beta``; ``beta=None``:
+    a sweep, where ``attn_beta`` is kept as given), ``tol`` and ``rank_rtol``.
+    """
+    check_solver_arguments(solver, tol)
+    check_rank_arguments(attn_beta, rank_rtol)
+    tol = None if tol is None else float(tol)
+    same = attn_beta is None or beta is not None and float(attn_beta) == float(beta)
+    attn_beta = None if same else float(attn_beta)
+    rank_rtol = None if rank_rtol is None else float(rank_rtol)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, what=what, low=1)
+    is_array = isinstance(tau, jax.Array) or hasattr(tau, "__array__") and not isinstance(tau, dict)
+    if validate and not is_array and not matrix_plan(tau, is_matrix=is_matrix, attention=attention).members:
+        # boosting would silently change nothing (e.g. scan-stacked kernels under the default predicate)
+        raise SubboostError(no_matrices_message(tau, what=what, is_matrix=is_matrix))
+    if is_array:
+        tau = jnp.asarray(tau)
+        if tau.ndim < 2:
+            raise SubboostError(f"{what}: a bare array needs >= 2 dimensions, got shape {tau.shape}.")
+        is_matrix, attention, attn_beta = _array_predicate, "per_qkv", None
+    if validate:
+        if not is_array:
+            check_floating(tau, what=f"{what} input")
+        check_finite(tau, what=f"{what} input")
+    if mesh is not None:
+        mesh_axes(mesh)
+        tau = place_parameters(tau, mesh)
+    return tau, is_array, {"is_matrix": is_matrix, "attention": attention, "attn_beta": attn_beta, "tol": tol,
+                           "rank_rtol": rank_rtol}
+
+
 def subspace_boost(
     tau: PyTree,
     *,
@@ -480,7 +524,7 @@ def subspace_boost(
     Args:
       tau: merged task vector (a parameter pytree), or a bare array whose two
         trailing axes form the matrices.
-      beta: cutoff in [0, 1] (paper grid {0.0, 0.01, 0.02}).
+      beta: cutoff in [0, 1] (the paper's grid: `subboost.grids.PAPER_BETAS`).
       attn_beta: cutoff of the attention q/k/v matrices (as formed by
         ``attention``); ``None`` = ``beta``. The authors' code uses 0.10.
       rank_rtol: singular values ``<= rank_rtol * s_0`` count as exact zeros
@@ -519,29 +563,11 @@ def subspace_boost(
       [4.0, 4.0, 4.0, 4.0]
     """
     check_boost_arguments(beta, mode)
-    check_solver_arguments(solver, tol)
-    check_rank_arguments(attn_beta, rank_rtol)
-    tol = None if tol is None else float(tol)
-    attn_beta = None if attn_beta is None or float(attn_beta) == float(beta) else float(attn_beta)
-    rank_rtol = None if rank_rtol is None else float(rank_rtol)
-    if batch_size is not None:
-        check_int("batch_size", batch_size, what="subspace_boost", low=1)
-    is_array = isinstance(tau, jax.Array) or hasattr(tau, "__array__") and not isinstance(tau, dict)
-    if validate and not is_array and not matrix_plan(tau, is_matrix=is_matrix, attention=attention).members:
-        # boosting would silently change nothing (e.g. scan-stacked kernels under the default predicate)
-        raise SubboostError(no_matrices_message(tau, what="subspace_boost", is_matrix=is_matrix))
-    if is_array:
-        tau = jnp.asarray(tau)
-        if tau.ndim < 2:
-            raise SubboostError(f"subspace_boost: a bare array needs >= 2 dimensions, got shape {tau.shape}.")
-        is_matrix, attention, attn_beta = _array_predicate, "per_qkv", None
-    if validate:
-        if not is_array:
-            check_floating(tau, what="subspace_boost input")
-        check_finite(tau, what="subspace_boost input")
-    if mesh is not None:
-        mesh_axes(mesh)
-        tau = place_parameters(tau, mesh)
+    tau, is_array, options = prepare_boost_input(
+        tau, beta=beta, attn_beta=attn_beta, rank_rtol=rank_rtol, attention=attention, is_matrix=is_matrix,
+        batch_size=batch_size, solver=solver, tol=tol, validate=validate, mesh=mesh, what="subspace_boost")
+    is_matrix, attention, attn_beta = options["is_matrix"], options["attention"], options["attn_beta"]
+    tol, rank_rtol = options["tol"], options["rank_rtol"]
     program = (_boost_tree_traced_beta if beta_can_be_traced(tau, mode=mode, solver=solver, attn_beta=attn_beta)
                else _boost_tree)
     out = program(
@@ -567,3 +593,127 @@ def tree_report(plan, solver: str, beta: float, attn_beta: float | None, mode: B
     attn_beta = beta if attn_beta is None else attn_beta
     solvers = [choose_solver(solver, g[:2], beta=group_beta(masks[g], beta, attn_beta), mode=mode) for g in plan.groups]
     return report(plan.groups, [names[g] for g in plan.groups], solvers, infos, rank_rtol)
+
+
+# ----------------------------------------------------------------------------
+# Many betas from one SVD per matrix
+# ----------------------------------------------------------------------------
+def sweep_group(x: jax.Array, *, betas: tuple[float, ...], mode: BoostMode, solver: Solver, tol: float | None,
+                rank_rtol: float | None) -> jax.Array:
+    """A group ``(G, m, n)`` boosted at every beta: ``(G, B, m, n)``.
+
+    Boosting keeps the singular vectors, so where every beta gets the exact SVD (`choose_solver`) one
+    ``U, s, V^T`` serves them all; otherwise each beta runs `boost_group` with its solver.
+    """
+    solvers = [choose_solver(solver, x.shape[-2:], beta=b, mode=mode) for b in betas]
+    if all(chosen == "svd" for chosen in solvers):
+        u, s, vh = linalg.svd(x)
+        out = [linalg.reconstruct(u, boosted_spectrum(s, beta=b, mode=mode, rank_rtol=rank_rtol)[0], vh).astype(x.dtype)
+               for b in betas]
+    else:
+        out = [boost_group(x, beta=b, mode=mode, solver=chosen, tol=tol, rank_rtol=rank_rtol)[0]
+               for b, chosen in zip(betas, solvers)]
+    return jnp.stack(out, axis=1)
+
+
+def _sweep_tree_impl(tau: PyTree, *, betas: tuple[float, ...], mode: BoostMode, attention: AttentionMode,
+                     is_matrix: Callable | None, batch_size: int | None, solver: Solver, tol: float | None,
+                     attn_beta: float | None, rank_rtol: float | None, mesh: jax.sharding.Mesh | None):
+    """``tau`` boosted at every beta; every leaf gains a leading beta axis (non-matrix leaves broadcast)."""
+    plan = matrix_plan(tau, is_matrix=is_matrix, attention=attention)
+    masks = attention_matrices(plan)
+    kernel = functools.partial(sweep_group, mode=mode, solver=solver, tol=tol, rank_rtol=rank_rtol)
+
+    def attention_kernel(x):  # one cutoff for every beta: boosted once, repeated along the beta axis
+        one = kernel(x, betas=(attn_beta,))
+        return jnp.broadcast_to(one, (one.shape[0], len(betas)) + one.shape[2:])
+
+    def parts(group):
+        is_attention = masks[group]
+        if attn_beta is None or not is_attention.any():
+            return [(None, functools.partial(kernel, betas=betas))]
+        if is_attention.all():
+            return [(None, attention_kernel)]
+        return [(np.flatnonzero(is_attention), attention_kernel),
+                (np.flatnonzero(~is_attention), functools.partial(kernel, betas=betas))]
+
+    mapped = plan.map_groups(None, tau, batch_size=batch_size, mesh=mesh, parts=parts)
+    leaves = jax.tree_util.tree_leaves(tau)
+    boosted = plan.scatter(mapped)  # leaf id -> (B, *leaf shape)
+    others = {i: jnp.broadcast_to(leaf, (len(betas),) + jnp.shape(leaf)) for i, leaf in enumerate(leaves)
+              if i not in boosted}
+    out = plan.rebuild(tau, {**others, **boosted})
+    if mesh is not None:
+        out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, PartitionSpec()))
+    return out
+
+
+_sweep_tree = size_aware_jit(_sweep_tree_impl, static_argnames=("betas",) + tuple(
+    name for name in _BOOST_STATIC if name != "with_info"))
+
+
+def subspace_boost_sweep(
+    tau: PyTree,
+    *,
+    betas: Sequence[float],
+    attn_beta: float | None = None,
+    rank_rtol: float | None = None,
+    mode: BoostMode = "cumsum",
+    attention: AttentionMode = "per_qkv",
+    is_matrix: Callable | None = None,
+    batch_size: int | None = None,
+    solver: Solver = "svd",
+    tol: float | None = None,
+    validate: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+) -> list[PyTree]:
+    """`subspace_boost` at every beta of ``betas``, from one SVD per matrix.
+
+    Boosting keeps the singular vectors and changes only the spectrum,
+    ``s'_i = max(s_i, s_k(beta))``, so one ``tau = U diag(s) V^T`` per matrix
+    serves every beta (with ``solver="svd"``; another solver, or ``"auto"``
+    choosing one, boosts each beta on its own inside the same compiled call).
+
+    Args:
+      tau: merged task vector (a parameter pytree) or a bare array, as for `subspace_boost`.
+      betas: the cutoffs, each in [0, 1] (e.g. the paper's grid, `subboost.grids.PAPER_BETAS`).
+      attn_beta: cutoff of the attention q/k/v matrices for every beta; ``None``: each beta's own.
+      rank_rtol, mode, attention, is_matrix, batch_size, solver, tol, validate, mesh: as in `subspace_boost`.
+
+    Returns:
+      One boosted tree per beta, in the order of ``betas``; tree ``i`` equals
+      ``subspace_boost(tau, beta=betas[i], ...)`` with the same keywords.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> outs = subspace_boost_sweep(jnp.diag(jnp.array([4.0, 2.0, 1.0, 0.0])), betas=(0.5, 1.0))
+      >>> [[round(float(v), 4) for v in jnp.linalg.svd(o, compute_uv=False)] for o in outs]
+      [[4.0, 4.0, 4.0, 4.0], [4.0, 2.0, 1.0, 0.0]]
+    """
+    if isinstance(betas, (int, float)) or not isinstance(betas, Sequence) or not betas:
+        raise SubboostError(f"subspace_boost_sweep: betas must be a non-empty sequence of numbers, got {betas!r}.")
+    for beta in betas:
+        check_boost_arguments(beta, mode)
+    tau, is_array, options = prepare_boost_input(
+        tau, beta=None, attn_beta=attn_beta, rank_rtol=rank_rtol, attention=attention, is_matrix=is_matrix,
+        batch_size=batch_size, solver=solver, tol=tol, validate=validate, mesh=mesh, what="subspace_boost_sweep")
+    betas = tuple(float(b) for b in betas)
+    out = _sweep_tree(tau, betas=betas, mode=mode, solver=solver, batch_size=batch_size, mesh=mesh, **options)
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], out) for i in range(len(betas))]
+
+
+def equivalent_betas(cutoffs: Mapping[float, np.ndarray]) -> dict[float, list[float]]:
+    """Groups betas whose cutoff indices agree on every matrix: they give the same boosted tree.
+
+    Args:
+      cutoffs: ``{beta: k of every matrix}`` (e.g. from `cutoff_index` on the spectra), in grid order.
+
+    Returns:
+      ``{first beta of a group: every beta of the group}``, first betas in grid order; boosting only
+      the keys and evaluating them once serves the whole grid.
+    """
+    groups: dict[float, list[float]] = {}
+    for beta, ks in cutoffs.items():
+        twin = next((b for b in groups if np.array_equal(cutoffs[b], ks)), None)
+        groups.setdefault(beta if twin is None else twin, []).append(beta)
+    return groups

@@ -11,7 +11,7 @@ Hyper-parameter search (validation split; the chosen setting is then scored
 on test)::
 
     for beta in betas:                   # None = no boosting
-        tau_b = subspace_boost(tau, beta=beta)          # one batched SVD per beta
+        tau_b = subspace_boost(tau, beta=beta)          # every beta from one SVD (subspace_boost_sweep)
         for alpha in alphas:
             theta = theta_0 + alpha * tau_b          # boost(a tau) = a boost(tau)
             score = mean_t acc_t(theta, validation)
@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subboost import grids
 from subboost.data.preprocessing import CLIP_MEAN, CLIP_STD, normalize_images
 from subboost.models.heads import ClassificationHead
 from subboost.selection import check_grid, choose
@@ -72,11 +73,11 @@ __all__ = [
 
 EncodeFn = Callable[[PyTree, jax.Array], jax.Array]
 
-# Alpha grids of the paper (validation sweep): linear merges and SVD-based merges.
-LINEAR_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
-SVD_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 31))
-BETAS: tuple[float, ...] = (0.0, 0.01, 0.02)
-TALL_LAMBDAS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
+# Grids of the paper (validation sweep; `subboost.grids`): linear merges and SVD-based merges.
+LINEAR_ALPHAS: tuple[float, ...] = grids.PAPER_LINEAR_ALPHAS
+SVD_ALPHAS: tuple[float, ...] = grids.PAPER_SVD_ALPHAS
+BETAS: tuple[float, ...] = grids.PAPER_BETAS
+TALL_LAMBDAS: tuple[float, ...] = grids.TALL_LAMBDAS
 SVD_METHODS: frozenset[str] = frozenset({"tsv", "iso_c", "iso_cts"})
 
 
@@ -412,7 +413,7 @@ def select_alpha_beta(
     """
     from tqdm.auto import tqdm
 
-    from subboost.boosting import subspace_boost
+    from subboost.boosting import subspace_boost_sweep
     from subboost.task_vectors import apply_task_vector
 
     alphas = _check_grid("alpha", alphas)
@@ -421,9 +422,15 @@ def select_alpha_beta(
     points: list[SweepPoint] = []
     bar = tqdm(total=len(alphas) * len(betas), desc=description, disable=not progress, leave=False)
 
+    boosted_at: dict[float, PyTree] = {}
+
     def score_candidate(beta: float | None, grid: np.ndarray) -> list[float]:
-        # boost(alpha * tau) = alpha * boost(tau): one boost per beta serves every alpha.
-        boosted = tau if beta is None else subspace_boost(tau, beta=float(beta), **dict(boost_kwargs or {}))
+        # boost(alpha * tau) = alpha * boost(tau): one boost per beta serves every alpha, and every beta of
+        # the grid is boosted from one SVD per matrix (on the first boosted candidate).
+        if beta is not None and not boosted_at:
+            grid_betas = tuple(float(b) for b in betas if b is not None)
+            boosted_at.update(zip(grid_betas, subspace_boost_sweep(tau, betas=grid_betas, **dict(boost_kwargs or {}))))
+        boosted = tau if beta is None else boosted_at[float(beta)]
         values = []
         for alpha in grid:
             accuracies = dict(evaluate(apply_task_vector(pretrained, boosted, alpha=float(alpha))))

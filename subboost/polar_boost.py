@@ -206,10 +206,19 @@ def polar_factor(x: jax.Array, *, lower_bound: float | None = None) -> tuple[jax
 # ----------------------------------------------------------------------------
 # Top singular triplets by block subspace iteration
 # ----------------------------------------------------------------------------
+def index_cutoff(beta: float, rank: int) -> int:
+    """The ``index``-mode cutoff of a matrix of rank ``rank``: ``k = min(floor(beta * rank), rank - 1)``.
+
+    Static (a Python int): it depends on the shape only. The one definition, shared by
+    `subboost.boosting` (both solvers' cutoffs and the choice of solver) and this module.
+    """
+    return min(int(beta * rank), rank - 1)
+
+
 def _cutoff(s: jax.Array, nuclear: jax.Array, beta: float, mode: BoostMode, r: int) -> jax.Array:
     """Cutoff index from the leading Ritz values (``b`` of them); ``>= b`` means 'beyond'."""
     if mode == "index":
-        return jnp.full(s.shape[:-1], min(int(beta * r), r - 1), jnp.int32)
+        return jnp.full(s.shape[:-1], index_cutoff(beta, r), jnp.int32)
     fraction = jnp.cumsum(s, axis=-1) / jnp.where(nuclear > 0, nuclear, 1)[..., None]
     return jnp.sum(fraction < beta, axis=-1).astype(jnp.int32)
 
@@ -359,7 +368,7 @@ def boost_matrices_polar(
     nuclear = jnp.sum(p * a, axis=(-2, -1))  # trace(P^T a) = sum(s)
 
     # Growing block search for k and the top-k triplets.
-    k_static = min(int(beta * r), r - 1) if mode == "index" else None
+    k_static = index_cutoff(beta, r) if mode == "index" else None
     keys = jax.random.split(jax.random.PRNGKey(0), len(BLOCKS))
     blocks = sorted({min(bsz, r) for bsz in BLOCKS})
     if k_static is not None:

@@ -26,7 +26,8 @@ Which parameters are matrices (every SVD-based method):
   ``Linear`` layers (``attention="per_qkv"``) and the position embedding is an
   ``nn.Embedding`` weight ``(tokens, width)``: `every_2d_matrix_hf`.
 * Subspace Boosting reference: the authors' fork of mergekit
-  (``subspace_helpers``, function ``subspace_boosting``) has ``svd_thresh=0.01``
+  (``subspace_helpers``, function ``subspace_boosting``) has ``svd_thresh`` equal to
+  `subboost.subspace_boost`'s default ``beta``
   and a separate ``attn_svd_thresh=0.10`` for the attention input projection
   (in the LLM variant read here its use is commented out). FusionBench's port
   (``subspace_boosting`` utilities on an unreleased branch; not in the 0.2.33
@@ -56,14 +57,18 @@ of one call; see `subboost.eval` and ``experiments/run_suite.py``):
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
 
 from subboost.errors import SubboostError
+from subboost.grids import DEFAULT_BETA
+from subboost.merging.consensus import consensus
+from subboost.merging.ties import ties
 from subboost.tree import MatrixLayout, layout_from_name
 
-REFERENCE_BETA = 0.01
+REFERENCE_BETA = DEFAULT_BETA  # the authors' svd_thresh, subspace_boost's default
 REFERENCE_ATTN_BETA = 0.10
 FAMILIES = ("clip", "hf_clip")
 METHODS = ("tsv", "iso_c", "iso_cts", "subspace_boost", "ties", "consensus", "consensus_ties")
@@ -143,7 +148,7 @@ def vision_parameter_count(backbone: str) -> int:
             + w * c.embed_dim)
 
 
-def reference_ties_k(backbone: str, k: float = 0.2) -> float:
+def reference_ties_k(backbone: str, k: float = inspect.signature(ties).parameters["k"].default) -> float:
     """Fraction of the vision weights the reference TIES keeps when told ``k``.
 
     The reference ranks over the vision tower plus the text tensors its image
@@ -181,7 +186,7 @@ def reference_settings(method: str, family: str = "clip") -> dict[str, Any]:
 
       * ``tsv`` / ``iso_c`` / ``iso_cts``: ``attention="full"`` (``clip``) or
         ``"per_qkv"`` (``hf_clip``) and ``is_matrix`` = every 2-D tensor.
-      * ``subspace_boost``: ``beta=0.01``, ``attn_beta=0.10``, ``mode="cumsum"``,
+      * ``subspace_boost``: ``beta`` its default, ``attn_beta=0.10``, ``mode="cumsum"``,
         ``attention="per_qkv"`` (in_proj split into q, k, v as FusionBench's
         port does by default) and ``is_matrix`` = kernels plus ``proj``.
         ``rank_rtol`` is left at ``None``, the reference's behaviour.
@@ -201,8 +206,9 @@ def reference_settings(method: str, family: str = "clip") -> dict[str, Any]:
                 "is_matrix": boosted_matrix_hf if hf else boosted_matrix}
     if method == "ties":
         return {"merge": "mean"}
+    min_tasks = inspect.signature(consensus).parameters["min_tasks"].default  # Consensus-TA's own default
     if method == "consensus":
-        return {"min_tasks": 2}
+        return {"min_tasks": min_tasks}
     if method == "consensus_ties":
-        return {"min_tasks": 2, "base": "ties", "merge": "sum", "mask_from": "merged"}
+        return {"min_tasks": min_tasks, "base": "ties", "merge": "sum", "mask_from": "merged"}
     raise SubboostError(f"reference_settings: unknown method {method!r}; known: {METHODS}.")

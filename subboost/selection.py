@@ -14,7 +14,7 @@ the mini-benchmarks (`subboost.bench.sweep.select`, the text suite)::
        conservative of equally good settings;
     3. optional refinement: the chosen key at ``alpha * f`` for each
        ``f`` of ``refine_factors`` (the mini-benchmark's coarse log grid
-       ``0.01 * 2^k`` uses ``2^(-1/2), 2^(1/2)``: the geometric midpoints to
+       (`subboost.grids.BENCH_ALPHAS`) uses ``2^(-1/2), 2^(1/2)``: the geometric midpoints to
        both neighbours); a refined alpha replaces the grid's only when its
        score is strictly higher (ties keep the grid value), the first of
        equal refined scores wins.

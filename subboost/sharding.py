@@ -47,7 +47,7 @@ Run the *same* script on every host (``gcloud compute tpus tpu-vm ssh NAME
     base = sb.load_params("/data/base")                  # every host loads the same values
     tvs = sb.load_experts(base, [f"/data/expert_{t}" for t in range(20)])
     tau = sb.merge(tvs, "ties", k=0.2, mesh=mesh)        # sharded over all chips of all hosts
-    tau = sb.subspace_boost(tau, beta=0.01, mesh=mesh)   # SVDs split over all chips
+    tau = sb.subspace_boost(tau, mesh=mesh)             # SVDs split over all chips
     params = sb.apply_task_vector(base, tau, alpha=0.3)  # tau is replicated: a local op
     if jax.process_index() == 0:
         sb.save_params(params, "/data/merged")

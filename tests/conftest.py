@@ -59,8 +59,8 @@ def tiny_bench_cache(tmp_path_factory, request):
     """
     from filelock import FileLock
 
-    from subboost.bench.config import get_config
-    from subboost.bench.pipeline import load_or_train
+    from subboost.bench.suites.vision.config import get_config
+    from subboost.bench.suites.vision.pipeline import load_or_train
 
     worker = getattr(request.config, "workerinput", None)
     root = tmp_path_factory.getbasetemp()

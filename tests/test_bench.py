@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 
 import subboost as sb
-from subboost.bench import config as bench_config
-from subboost.bench import splits as bench_data
-from subboost.bench import centroid_heads as bench_heads
-from subboost.bench import generators as bench_tasks
-from subboost.bench import evaluate as bench_eval
-from subboost.bench.finetune import finetune_experts
-from subboost.bench.cache import training_key
+from subboost.bench.suites.vision import config as bench_config
+from subboost.bench.suites.vision import splits as bench_data
+from subboost.bench.suites.vision import centroid_heads as bench_heads
+from subboost.bench.suites.vision import generators as bench_tasks
+from subboost.bench.suites.vision import evaluate as bench_eval
+from subboost.bench.suites.vision.finetune import finetune_experts
+from subboost.bench.suites.vision.keys import training_key
 from subboost.bench.pipeline import RESULT_FILES, prepare_out_dir, run_benchmark
-from subboost.bench.pretrain import chunk_sizes, pretrain
+from subboost.bench.suites.vision.pretrain import chunk_sizes, pretrain
 from subboost.bench.report import markdown_tables, percent
 from subboost.bench.sweep import select
 from subboost.cli import main as cli_main
@@ -225,7 +225,7 @@ def test_training_is_deterministic_and_experts_are_independent(micro_models):
     second = pretrain(MICRO, mixture, seed=3, progress=False)
     chex.assert_trees_all_equal(first.encoder, second.encoder)
     assert first.losses == second.losses and len(first.losses) == 2
-    from subboost.bench.model import make_encoder
+    from subboost.bench.suites.vision.model import make_encoder
 
     heads = bench_heads.build_heads(make_encoder(MICRO.model), first.encoder, data, shots=MICRO.head_shots,
                                     logit_scale=first.logit_scale, seed=3)
@@ -243,7 +243,7 @@ def test_training_is_deterministic_and_experts_are_independent(micro_models):
 @pytest.mark.slow
 def test_evaluator_sweep_and_experts_agree_with_single_evaluations(micro_models, rng):
     data, _ = micro_models
-    from subboost.bench.model import init_encoder
+    from subboost.bench.suites.vision.model import init_encoder
 
     static = {"model": MICRO.model, "batch": MICRO.eval_batch}
     base = init_encoder(MICRO.model, jax.random.key(0))
@@ -261,7 +261,7 @@ def test_evaluator_sweep_and_experts_agree_with_single_evaluations(micro_models,
     per_expert = np.asarray(bench_eval.expert_accuracies(stacked, images, labels, heads, **static))
     np.testing.assert_allclose(per_expert, [sweep[0][0], sweep[1][1], sweep[0][2]], atol=1e-6)
     # accuracy by hand for task 0 with an independent forward pass
-    from subboost.bench.model import make_encoder
+    from subboost.bench.suites.vision.model import make_encoder
 
     features = make_encoder(MICRO.model)(base, images[0])
     logits = np.asarray(features / jnp.linalg.norm(features, axis=-1, keepdims=True) @ heads["kernel"][0] + heads["bias"][0])
@@ -290,7 +290,7 @@ def test_config_validation_and_training_key():
 
 
 def test_heads_drawn_with_head_seed_are_the_same_for_every_run_seed():
-    from subboost.bench.pipeline import head_draw
+    from subboost.bench.suites.vision.pipeline import head_draw
 
     tasks = bench_tasks.TASKS[: MICRO.num_tasks]
     suites = [bench_data.build_suite(tasks, train=MICRO.train_per_task, val=MICRO.val_per_task,
@@ -312,8 +312,8 @@ def test_heads_drawn_with_head_seed_are_the_same_for_every_run_seed():
 
 @pytest.mark.slow
 def test_base_file_round_trip_checksum_and_refusals(tmp_path):
-    from subboost.bench import base as bench_base
-    from subboost.bench.model import init_encoder
+    from subboost.bench.suites.vision import base as bench_base
+    from subboost.bench.suites.vision.model import init_encoder
 
     encoder = init_encoder(MICRO.model, jax.random.key(1))
     path = tmp_path / "b.npz"
@@ -332,8 +332,8 @@ def test_base_file_round_trip_checksum_and_refusals(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("size", ["default", "wide"])
 def test_shipped_base_matches_its_checksum_and_its_model(size):
-    from subboost.bench import base as bench_base
-    from subboost.bench.model import init_encoder
+    from subboost.bench.suites.vision import base as bench_base
+    from subboost.bench.suites.vision.model import init_encoder
 
     config = bench_config.get_config(size)
     assert config.base in bench_base.SHIPPED_BASES

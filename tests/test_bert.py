@@ -223,8 +223,8 @@ def test_load_model_errors(tmp_path):
 # ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_packaged_minilm_matches_torch(tmp_path):
-    from subboost.text_bench.tokenize import SentenceTokenizer
-    from subboost.text_bench.weights import packaged_model_zip
+    from subboost.bench.suites.text.tokenize import SentenceTokenizer
+    from subboost.bench.suites.text.weights import packaged_model_zip
 
     archive = packaged_model_zip()
     convert(archive, tmp_path / "minilm")

@@ -25,7 +25,7 @@ def test_limited_sets_every_blas_library_and_restores():
             pass
 
 
-def test_the_command_line_runs_under_the_limit(monkeypatch, capsys):
+def test_the_command_line_runs_under_the_limit(monkeypatch, tmp_path):
     from subboost import cli
 
     seen = []
@@ -35,5 +35,5 @@ def test_the_command_line_runs_under_the_limit(monkeypatch, capsys):
         return 0
 
     monkeypatch.setattr("subboost.commands.data.run_fetch", probe)  # what `data fetch` runs
-    assert cli.main(["--no-compile-cache", "data", "fetch", "--dir", "unused"]) == 0
+    assert cli.main(["--no-compile-cache", "data", "fetch", "--dir", str(tmp_path / "unused")]) == 0
     assert seen and set(seen) == {1}

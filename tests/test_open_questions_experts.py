@@ -10,12 +10,13 @@ import json
 import numpy as np
 import pytest
 
-from subboost.bench import centroid_heads, finetune, generators, model, pretrain, splits
-from subboost.bench.cache import source_key, training_key
-from subboost.bench.config import get_config
-from subboost.bench.generators import MAX_CLASSES, TASKS, generate
+from subboost.bench.suites.vision import centroid_heads, finetune, generators, model, pretrain, splits
+from subboost.bench.cache import source_key
+from subboost.bench.suites.vision.keys import training_key
+from subboost.bench.suites.vision.config import get_config
+from subboost.bench.suites.vision.generators import MAX_CLASSES, TASKS, generate
 from subboost.bench.label_noise import corrupt_labels
-from subboost.bench.task_variants import MANY_TASKS, RULES, VARIANTS, partition, task_set
+from subboost.bench.suites.vision.task_variants import MANY_TASKS, RULES, VARIANTS, partition, task_set
 
 # A few dozen steps of everything: enough for the experts to learn something, seconds to train.
 SMALL = dict(train_per_task=64, val_per_task=20, test_per_task=40, pretrain_per_task=64, pretrain_steps=30,
@@ -66,7 +67,7 @@ def test_standard_training_keys_are_those_from_before_the_new_options():
                   if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_",
                                    "steps_per_call", "base")) and k != "finetune_label_noise"}
         if config.base is not None:
-            from subboost.bench.base import SHIPPED_BASES
+            from subboost.bench.suites.vision.base import SHIPPED_BASES
 
             fields["base_sha256"] = SHIPPED_BASES[config.base]
         if config.domain_style:  # the default size's own looks enter the key as their amplitude

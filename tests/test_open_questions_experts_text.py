@@ -13,11 +13,11 @@ import pytest
 pytest.importorskip("tokenizers")
 
 from subboost.bench.cache import source_key  # noqa: E402
-from subboost.text_bench import finetune, generators, model, prototype_heads, splits, tokenize  # noqa: E402
-from subboost.text_bench.config import get_config  # noqa: E402
-from subboost.text_bench.generators import TASKS, generate  # noqa: E402
-from subboost.text_bench.splits import Split, TextSuite  # noqa: E402
-from subboost.text_bench.task_variants import (  # noqa: E402
+from subboost.bench.suites.text import finetune, generators, model, prototype_heads, splits, tokenize  # noqa: E402
+from subboost.bench.suites.text.config import get_config  # noqa: E402
+from subboost.bench.suites.text.generators import TASKS, generate  # noqa: E402
+from subboost.bench.suites.text.splits import Split, TextSuite  # noqa: E402
+from subboost.bench.suites.text.task_variants import (  # noqa: E402
     MANY_TASKS, VARIANTS, build_task_suite, find_phrase, task_set)
 
 # A few steps of everything: seconds to train, enough for the experts to move.
@@ -27,8 +27,8 @@ SMALL = dict(train_per_task=64, val_per_task=16, test_per_task=32, head_shots=4,
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from subboost.text_bench.tokenize import SentenceTokenizer
-    from subboost.text_bench.weights import packaged_model_zip
+    from subboost.bench.suites.text.tokenize import SentenceTokenizer
+    from subboost.bench.suites.text.weights import packaged_model_zip
 
     return SentenceTokenizer.from_zip(packaged_model_zip())
 
@@ -106,8 +106,7 @@ def test_many_text_suite_keeps_the_standard_tasks_data(tokenizer):
 
 
 def test_text_label_noise_corrupts_the_training_labels_only():
-    from subboost.bench.label_noise import corrupt_labels
-    from subboost.text_bench.pipeline import with_label_noise
+    from subboost.bench.label_noise import corrupt_labels, with_label_noise
 
     rng = np.random.default_rng(0)
     labels = np.tile(np.arange(600) % 3, (2, 1)).astype(np.int32)

@@ -272,9 +272,9 @@ def test_pinned_wheels_from_the_package_index(tmp_path):
 # ----------------------------------------------------------------------------
 def test_real_suite_from_task_files(small_suite, monkeypatch):
     pytest.importorskip("tokenizers")
-    from subboost.text_bench import real_tasks
-    from subboost.text_bench.tokenize import SentenceTokenizer
-    from subboost.text_bench.weights import packaged_model_zip
+    from subboost.bench.suites.text import real_tasks
+    from subboost.bench.suites.text.tokenize import SentenceTokenizer
+    from subboost.bench.suites.text.weights import packaged_model_zip
 
     wheel_dir, data_dir = small_suite
     tasks.prepare_tasks(data_dir, wheel_dir=wheel_dir)
@@ -298,7 +298,7 @@ def test_real_suite_from_task_files(small_suite, monkeypatch):
 
 
 def test_damaged_cached_weights_are_named(tmp_path):
-    from subboost.text_bench.weights import WEIGHTS_WHEEL, packaged_model_zip
+    from subboost.bench.suites.text.weights import WEIGHTS_WHEEL, packaged_model_zip
 
     path = tmp_path / f"all-MiniLM-L6-v2-{WEIGHTS_WHEEL.version}.zip"
     path.write_bytes(b"not the model")

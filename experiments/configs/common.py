@@ -30,22 +30,28 @@ from __future__ import annotations
 
 import ml_collections
 
+from subboost.bench.report import method_label
+from subboost.bench.settings import default_of
 from subboost.eval import BETAS, TALL_LAMBDAS, alpha_grid
+from subboost.merging.consensus import consensus
+from subboost.merging.dare import dare
+from subboost.merging.iso import iso_cts
+from subboost.merging.ties import ties
 
 # Base merges the paper boosts, and the SVD-based merges it compares with.
 BOOSTABLE = ("task_arithmetic", "ties", "consensus", "dare")
 ALL_METHODS = ("weight_averaging", "task_arithmetic", "ties", "consensus", "tsv", "iso_c", "iso_cts")
-DEFAULT_KWARGS = {"ties": {"k": 0.2}, "consensus": {"min_tasks": 2}, "dare": {"p": 0.9},
-                  "iso_cts": {"common_space_fraction": 0.8}}
-TITLES = {"weight_averaging": "Weight averaging", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
-          "consensus": "Consensus TA", "dare": "DARE", "tsv": "TSV-M", "iso_c": "Iso-C", "iso_cts": "Iso-CTS"}
+# The methods' own defaults, read from their signatures (their one home).
+DEFAULT_KWARGS = {"ties": {"k": default_of(ties, "k")}, "consensus": {"min_tasks": default_of(consensus, "min_tasks")},
+                  "dare": {"p": default_of(dare, "p")},
+                  "iso_cts": {"common_space_fraction": default_of(iso_cts, "common_space_fraction")}}
 
 
 def method(name: str, *, boost: bool = False, alphas=None, **kwargs) -> dict:
     """One method entry (see the module docstring)."""
     return dict(
         label=name + ("+boost" if boost else ""),
-        title=TITLES.get(name, name) + (" + Subspace Boosting" if boost else ""),
+        title=method_label(name) + (" + Subspace Boosting" if boost else ""),
         method=name,
         kwargs={**DEFAULT_KWARGS.get(name, {}), **kwargs},
         alphas=tuple(alphas or alpha_grid(name)),

@@ -1,13 +1,13 @@
-"""The offline mini-benchmark: generated tasks, a small CLIP-style ViT, trained experts, every merge.
+"""The benchmark harness: one pipeline for every suite (`subboost.bench.suites`).
 
-`run_benchmark(get_config("tiny" | "default"), seed=..., out_dir=...)` runs the
-whole story (see `subboost.bench.pipeline`); ``subboost demo`` is its command line.
-`load_or_train(get_config("tiny"), cache_dir=...)` gives the data and trained
-models alone (the notebooks start from it).
+`run_benchmark(config, seed=..., out_dir=...)` runs the suite that ``config`` belongs to
+(``subboost.bench.suites.vision.get_config(...)``, ``subboost.bench.suites.text.get_config(...)``,
+or any registered suite's) end to end: merges, alpha / beta selection, the boosting sweep, the
+report, figures and output folder (`subboost.bench.pipeline`). ``subboost demo --suite NAME`` is
+its command line; `subboost.bench.report.seed_summary` aggregates runs over seeds.
 """
 
-from subboost.bench.config import BenchConfig, get_config
-from subboost.bench.pipeline import BenchModels, load_or_train, run_benchmark
-from subboost.bench.generators import TASK_NAMES, TASKS, Task, generate, get_tasks
+from subboost.bench.pipeline import TrainedSuite, run_benchmark
+from subboost.bench.suites import Suite, available_suites, get_suite, register_suite
 
-__all__ = ["BenchConfig", "BenchModels", "TASKS", "TASK_NAMES", "Task", "generate", "get_config", "get_tasks", "load_or_train", "run_benchmark"]
+__all__ = ["Suite", "TrainedSuite", "available_suites", "get_suite", "register_suite", "run_benchmark"]

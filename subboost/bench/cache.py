@@ -1,7 +1,7 @@
 """On-disk cache of the trained models: orbax checkpoints keyed by the training config.
 
-Layout of ``<cache root>/<training key>/`` (the key is
-`training_key`, a hash of every training setting, the seed and the
+Layout of ``<cache root>/<training key>/`` (the key is the suite's
+training key, `source_key` of every training setting, the seed and the
 training code)::
 
   base/                 pretrained encoder            (orbax PyTree checkpoint)
@@ -29,9 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from subboost.bench import centroid_heads, finetune, generators, label_noise, model, pretrain, splits, task_variants
-from subboost.bench.base import SHIPPED_BASES
-from subboost.bench.config import BenchConfig
+from subboost.bench import label_noise
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -45,28 +43,6 @@ def source_key(header: dict[str, Any], modules: Sequence[ModuleType]) -> str:
     """
     blob = json.dumps(header, sort_keys=True) + "".join(inspect.getsource(m) for m in modules)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def training_key(config: BenchConfig, seed: int) -> str:
-    """Hash of everything that decides the trained base, heads and experts of the vision suite.
-
-    Includes the source of the task generators and training code, so editing
-    them invalidates cached checkpoints; a shipped base is identified by its checksum.
-    The label noise and the task set (and their modules' source) enter only when they
-    differ from their defaults, so the standard suite's keys are those from before they existed.
-    """
-    fields = {
-        k: v
-        for k, v in config.to_dict().items()
-        if k.startswith(("model", "num_tasks", "train_", "pretrain_", "finetune_", "head_", "steps_per_call", "base"))
-    }
-    modules = [generators, splits, model, pretrain, finetune, centroid_heads]
-    if config.base is not None:
-        fields["base_sha256"] = SHIPPED_BASES.get(config.base)
-    if config.domain_style:  # absent at 0, like the options below
-        fields["domain_style"] = config.domain_style
-    fields, modules = with_options(config, fields, modules, task_variants)
-    return source_key({"seed": seed, "config": fields}, modules)
 
 
 def with_options(config: Any, fields: dict[str, Any], modules: Sequence[ModuleType],

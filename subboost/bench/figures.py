@@ -1,4 +1,4 @@
-"""PNG plots of a benchmark result: accuracy and stable rank vs number of experts.
+"""PNG plots of a benchmark result (any suite): accuracy and stable rank vs number of experts, boosting sweep.
 
 Each merge method has one colour; solid lines are the plain merge, dashed
 lines the merge with Subspace Boosting. The pretrained model with heads and
@@ -112,3 +112,17 @@ def plot_boost_sweep(results: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def write_figures(results: dict[str, Any], out: str | Path, *, title: str) -> list[Path]:
+    """Every plot of a result into folder ``out``: accuracy and stable rank vs experts, and the boosting sweep
+    when the run made one. ``title``: the suite's (`subboost.bench.suites.Suite.title`). Returns the paths."""
+    out = Path(out)
+    max_rank = results.get("regime", {}).get("max_rank")
+    rank_title = "Rank collapse and Subspace Boosting" + (
+        f" (matrices of rank up to {max_rank})" if max_rank is not None else "")
+    paths = [plot_accuracy(results, out / "accuracy_vs_tasks.png", suite=title),
+             plot_stable_rank(results, out / "stable_rank_vs_tasks.png", title=rank_title)]
+    if "boost_sweep" in results:
+        paths.append(plot_boost_sweep(results, out / "boost_sweep.png"))
+    return paths

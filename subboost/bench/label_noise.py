@@ -6,18 +6,19 @@ For task ``t`` with ``C_t`` classes, example ``i`` keeps ``y_i`` with probabilit
 ``{1, ..., C_t - 1}``; so a fraction ``rate`` of the labels is wrong in expectation
 and the wrong labels carry no information about the class. The draw depends only on
 ``(seed, task index)``: the same seed corrupts the same examples at every run.
-Only fine-tuning sees the corrupted labels; the frozen heads
-(`subboost.bench.centroid_heads`) and every evaluation split stay clean.
+Only fine-tuning sees the corrupted labels; the frozen heads and every evaluation split stay
+clean. Shared by every suite: `with_label_noise` takes any suite data with a ``train`` split
+(a dataclass with ``labels``) and ``num_classes``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TypeVar
 
 import numpy as np
 
-from subboost.bench.splits import Split, SuiteData
-
+Data = TypeVar("Data")
 _STREAM = 0x1AB31  # separates this stream from the generators' (which hash task names)
 
 
@@ -37,9 +38,10 @@ def corrupt_labels(labels: np.ndarray, num_classes: np.ndarray, *, rate: float, 
     return out.astype(labels.dtype)
 
 
-def with_label_noise(data: SuiteData, *, rate: float, seed: int) -> SuiteData:
-    """``data`` with its training labels corrupted (`corrupt_labels`); other splits unchanged."""
+def with_label_noise(data: Data, *, rate: float, seed: int) -> Data:
+    """``data`` with its training labels corrupted (`corrupt_labels`, deterministic in ``seed``); heads,
+    validation and test unchanged. Rate 0 returns ``data`` itself."""
     if rate == 0.0:
         return data
-    train = Split(data.train.images, corrupt_labels(data.train.labels, data.num_classes, rate=rate, seed=seed))
-    return dataclasses.replace(data, train=train)
+    labels = corrupt_labels(data.train.labels, data.num_classes, rate=rate, seed=seed)
+    return dataclasses.replace(data, train=dataclasses.replace(data.train, labels=labels))

