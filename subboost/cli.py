@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "subboost.commands.demo",
     "subboost.commands.analyze",
     "subboost.commands.eval",
+    "subboost.commands.data",
 )
 
 # OSError covers FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ...
@@ -129,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from subboost import blas_threads
     from subboost.compilation import setup_cli_compile_cache
 
     setup_cli_compile_cache(enabled=not args.no_compile_cache)  # before anything compiles
@@ -137,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from subboost.streaming.pod import initialize
 
             initialize()
-        with stop_signals_interrupt(), quiet_library_logging():
+        # one BLAS thread under XLA's LAPACK calls (subboost.blas_threads)
+        with stop_signals_interrupt(), quiet_library_logging(), blas_threads.limited():
             return int(args.func(args) or 0)
     except USER_ERRORS as err:
         if args.traceback:

