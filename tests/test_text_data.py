@@ -47,7 +47,7 @@ SMS = b',spam,text\n0,0,"Go until jurong point, crazy.."\n1,1,Free entry in 2 a 
 VADER = (b"id\tsentiment\ttext\r\n1\t2.5\tA lovely film.\r\n2\t-1.2\tDull and long.\r\n"
          b"3\t0.4\tIt is a film.\r\n4\t-0.99\tNearly negative.\r\n")
 RT = bz2.compress(b'category,text,movie_name\nfresh,"Great fun.",a\nrotten,Boring.,b\nplot,"A man goes home.",c\n')
-DEBATES = gzip.compress(b"speaker,statement,debate\nTRUMP,We will win.,1\nHOLT,Next question.,1\nCLINTON,I agree.,1\n")
+DEBATES = gzip.compress(b"speaker,statement,debate\nTRUMP,We will win.,1\nHOLT,Next question.,1\nCLINTON,I agree.,1\n", mtime=0)
 HEALTH = inner_zip("healthtweets.csv", "source_id,text\ngoodhealth-1,Eat greens http://ow.ly/x now\n"
                                        "nprhealth-2,Flu season www.npr.org/a is here\nother-3,Skip me\n")
 NEWS = inner_zip("NewsArticles.csv", "article_id,article_source_link,title,text\n"
