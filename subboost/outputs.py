@@ -55,6 +55,8 @@ class OutputKind:
       versions: the accepted values of ``field`` (what each version of subboost writes).
       entries: glob patterns of every entry such an output holds (the marker included).
       description: the kind, as named in messages.
+      listed: a field of the marker listing further entries the writer wrote (a Hugging Face
+        directory's shards and the files copied from its base), or None.
     """
 
     marker: str
@@ -62,6 +64,7 @@ class OutputKind:
     versions: tuple
     entries: tuple[str, ...]
     description: str
+    listed: str | None = None
 
     def recognises(self, folder: Path, names: list[str]) -> bool:
         """Whether ``folder`` (holding ``names``) is this kind of output: marker field and every entry."""
@@ -73,7 +76,10 @@ class OutputKind:
             return False
         if not isinstance(info, dict) or info.get(self.field) not in self.versions:
             return False
-        return all(any(fnmatch.fnmatchcase(name, pattern) for pattern in self.entries) for name in names)
+        written = info.get(self.listed, []) if self.listed else []
+        written = set(written) if isinstance(written, list) and all(isinstance(w, str) for w in written) else set()
+        return all(name in written or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.entries)
+                   for name in names)
 
 
 # What an orbax PyTree checkpoint directory holds (orbax 0.x, OCDBT layout), plus subboost.json.
@@ -86,13 +92,19 @@ ANALYSIS_FILES: tuple[str, ...] = (
     "spectra_boosted.png", "spectra_boosted.json", "summary.json",
 )
 ANALYSIS_FORMAT = "subboost.analysis/1"  # summary.json's "format"
-LORA_FORMAT = "subboost.lora/1"  # lora_merge.json's "format" (a merged PEFT adapter)
+LORA_FORMAT = "subboost.lora/1"
+EXPORT_FORMAT = "subboost.export/1"  # subboost.json's "format" in a `subboost export` directory  # lora_merge.json's "format" (a merged PEFT adapter)
 
 OUTPUT_KINDS: tuple[OutputKind, ...] = (
     OutputKind("subboost.json", "subboost_checkpoint", (1, 2), (*ORBAX_ENTRIES, "subboost.json"),
                "a subboost checkpoint"),
     OutputKind("merge_info.json", "format", ("subboost.streaming/1",),
-               ("params.safetensors", "merge_info.json", "COMPLETE"), "a streaming merge output"),
+               ("params.safetensors", "params-*-of-*.safetensors", "params.safetensors.index.json", "merge_info.json",
+                "COMPLETE"), "a streaming merge output"),
+    OutputKind("merge_info.json", "format", ("subboost.huggingface/1",), ("merge_info.json", "COMPLETE"),
+               "a merged Hugging Face directory", listed="files"),
+    OutputKind("subboost.json", "format", (EXPORT_FORMAT,), ("config.json", "model.safetensors", "subboost.json"),
+               "a Hugging Face export"),
     OutputKind("summary.json", "format", (ANALYSIS_FORMAT,), ANALYSIS_FILES, "a subboost analysis"),
     OutputKind("lora_merge.json", "format", (LORA_FORMAT,),
                ("adapter_config.json", "adapter_model.safetensors", "lora_merge.json"), "a merged LoRA adapter"),

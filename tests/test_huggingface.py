@@ -246,7 +246,7 @@ def test_offsets_past_the_end_are_named(saved, tmp_path):
     copy = _sharded_copy(saved, tmp_path)
     shard = sorted(copy.glob("model-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:-64])  # truncated
-    with pytest.raises(SubboostError, match=rf"{shard.name}: parameter .* ends at byte") as err:
+    with pytest.raises(SubboostError, match=rf"{shard.name}: .*ends? at byte") as err:
         open_checkpoint(copy)
     assert "\n" not in str(err.value)
 

@@ -353,10 +353,11 @@ def test_cli_merges_adapters_into_a_model_and_an_adapter(adapters, bert_dir, tmp
     np.testing.assert_allclose(model.state_dict()[name + ".weight"].numpy() - base[name + ".weight"],
                                0.7 * merged.update(name), atol=1e-6)
     assert cli.main(["merge", "--base", str(bert_dir), *experts, "--method", "ties", "--param", "k=0.5",
-                     "--adapter-rank", "6", "--out", str(tmp_path / "adapter")]) == 0
+                     "--adapter-rank", "6", "--alpha", "1", "--out", str(tmp_path / "adapter")]) == 0
     assert "relative error" in capsys.readouterr().out
     peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")
-    assert cli.main(["merge", "--base", str(bert_dir), experts[0], str(bert_dir), "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["merge", "--base", str(bert_dir), experts[0], str(bert_dir), "--alpha", "1",
+                     "--out", str(tmp_path / "x")]) == 2
     assert "not a PEFT adapter directory, but other experts are" in capsys.readouterr().err
 
 

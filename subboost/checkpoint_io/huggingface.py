@@ -53,6 +53,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from subboost.checkpoint_io.metadata import DIRECTORY_FORMATS
 from subboost.checkpoint_io.readers import DIRECTORY_OPENERS, CheckpointReader, SafetensorsReader
 from subboost.checkpoint_io.safetensors_format import SAFETENSORS_DTYPES, SafetensorsWriter, read_safetensors_header
 from subboost.errors import SubboostError
@@ -390,6 +391,7 @@ def _open_if_huggingface(path: Path) -> HuggingFaceReader | None:
 
 
 DIRECTORY_OPENERS.append(_open_if_huggingface)
+DIRECTORY_FORMATS.append(lambda path: "huggingface" if is_huggingface_dir(path) else None)
 
 
 # ----------------------------------------------------------------------------

@@ -124,6 +124,11 @@ def default_content(metadata: Mapping[str, Any] | None) -> str:
     return "head" if metadata and metadata.get("kind") == "classification_head" else "params"
 
 
+# Further directory formats that hold model parameters: ``recognise(path) -> format name or None``.
+# `subboost.checkpoint_io.huggingface` registers Hugging Face model directories.
+DIRECTORY_FORMATS: list = []
+
+
 def checkpoint_format(path: str | os.PathLike) -> str:
     """How the checkpoint at ``path`` is stored: ``"safetensors"``, ``"merge_output"`` or ``"orbax"``.
 
@@ -154,6 +159,10 @@ def checkpoint_format(path: str | os.PathLike) -> str:
         return "merge_output"
     if orbax:
         return "orbax"
+    for recognise in DIRECTORY_FORMATS:
+        form = recognise(path)
+        if form is not None:
+            return form
     inner = sorted(n for n in names if (path / n).is_dir() and is_checkpoint_dir(path / n))
     hint = f" (it holds the checkpoint folder {inner[0]!r}: pass that path)" if len(inner) == 1 else ""
     raise SubboostError(
@@ -204,6 +213,8 @@ def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
     elif form == "orbax":
         info = checkpoint_info(path)
         content, arch = default_content(info), architecture(info)
+    elif form != "safetensors":  # a registered directory format (Hugging Face): model parameters
+        content, arch = "params", None
     else:
         header, _ = read_safetensors_header(path)
         recorded = header.get("__metadata__") or {}

@@ -76,7 +76,7 @@ def run_merge_adapters(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
                             "its own matrix).")
     shard_bytes = parse_size(args.shard_size)
     reader = open_base(args.base)
-    merged = merge_adapters(args.experts, args.method, beta=args.beta, mode=args.mode, rank_rtol=args.rank_rtol,
+    merged = merge_adapters(args.experts, args.method, beta=args.beta, mode=args.mode or "cumsum", rank_rtol=args.rank_rtol,
                             **kwargs)
     shapes = {name: spec.shape for name, spec in reader.specs.items()}
     mapping = map_modules(merged.template.modules, shapes, source=merged.template.source,

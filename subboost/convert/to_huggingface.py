@@ -27,7 +27,7 @@ from subboost.checkpoint_io.safetensors_format import save_safetensors
 from subboost.errors import SubboostError
 from subboost.models.bert import BertConfig
 from subboost.models.clip_vit import LN_EPS, CLIPVisionConfig
-from subboost.outputs import write_atomically
+from subboost.outputs import EXPORT_FORMAT, write_atomically
 
 PROVENANCE_FILE = "subboost.json"  # marks the directory as subboost's (the --out rules), no architecture
 
@@ -151,7 +151,7 @@ def export_huggingface(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
         (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt"})
         (directory / PROVENANCE_FILE).write_text(json.dumps(
-            {"content": "params", "exported_from": str(checkpoint), "format": "huggingface"}, indent=2) + "\n")
+            {"content": "params", "exported_from": str(checkpoint), "format": EXPORT_FORMAT}, indent=2) + "\n")
 
     return write_atomically(out, build, overwrite=overwrite, inputs=[checkpoint])
 

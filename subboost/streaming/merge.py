@@ -108,6 +108,7 @@ def merge_from_checkpoints(
             raise
         writer.close()
         info.update(getattr(writer, "provenance", dict)())
+        info["files"] = sorted(os.listdir(staging))  # what --overwrite may replace later (`subboost.outputs`)
         info["checksums"] = {name: checksums[name] for name in names}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         (staging / COMPLETE_MARKER).write_text(info["created"] + "\n")
