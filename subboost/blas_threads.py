@@ -25,6 +25,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from subboost.errors import SubboostError
+
 # BLAS threads inside `limited`: one, since XLA parallelises over the batch of matrices itself.
 DEFAULT_THREADS = 1
 
@@ -45,7 +47,7 @@ def limited(threads: int = DEFAULT_THREADS) -> Iterator[None]:
     would not be limited. A no-op where threadpoolctl is missing.
     """
     if threads < 1:
-        raise ValueError(f"limited: threads must be at least 1, got {threads}.")
+        raise SubboostError(f"limited: threads must be at least 1, got {threads}.")
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay usable without it

@@ -4,7 +4,7 @@ Several methods are operators applied *after* a merge: Subspace Boosting,
 Iso's spectrum flattening, SVC's calibration, STAR's truncation, LiNeS and
 LARV's layer scales. Each is built here as a `PostMerge`, a callable::
 
-    op = sb.post.chain(sb.post.svc(min_projection=0.1), sb.post.boost(beta=0.01))
+    op = sb.post.chain(sb.post.svc(min_projection=0.1), sb.post.boost(beta=0.02))
     tau = op(sb.merge(tvs, "task_arithmetic"), task_vectors=tvs)
 
 ``op(tau, task_vectors=None, pretrained=None)`` returns the transformed
@@ -12,7 +12,7 @@ merged task vector; operators that need the stacked task vectors (SVC) or
 the pretrained parameters (LARV) say so and refuse to run without them.
 `chain` applies its operators left to right. The same compositions are
 written as strings in the CLI and the benchmark configs,
-``"svc:min_projection=0.1 + boost:beta=0.01"`` or as a list of such items
+``"svc:min_projection=0.1 + boost:beta=0.02"`` or as a list of such items
 (`parse`).
 
 The operators (each one's math in its docstring):

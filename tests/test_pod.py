@@ -154,7 +154,8 @@ def test_a_process_that_cannot_read_its_share_stops_every_process(pod_runs):
     base["transformer"]["resblocks_1"]["mlp"]["c_fc"]["kernel"][3, 5] = np.nan
     bad_path = str(streaming.save_safetensors(base, work / "bad_expert.safetensors"))
     results = start_processes([sys.executable, "-m", "subboost.cli", "--no-compile-cache", "--distributed", "merge",
-                               "--base", str(base_path), experts[0], bad_path, "--out", str(work / "failed")])
+                               "--base", str(base_path), experts[0], bad_path, "--alpha", "0.5",
+                               "--out", str(work / "failed")])
     lines = []
     for code, _, stderr in results:
         assert code == 2, stderr[-3000:]

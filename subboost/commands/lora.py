@@ -3,7 +3,7 @@
 Examples::
 
   # Iso-CTS of three adapters, boosted, added to a Hugging Face base: a full model
-  subboost merge --base bert_dir adapter_a adapter_b adapter_c --method iso_cts --beta 0.01 \\
+  subboost merge --base bert_dir adapter_a adapter_b adapter_c --method iso_cts --beta 0.02 \\
       --alpha 1.0 --out merged_model
 
   # the same merge as a new rank-16 adapter (truncated SVD; relative error per module printed)

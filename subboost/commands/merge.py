@@ -8,7 +8,7 @@ Examples::
 
   # Task Arithmetic, calibrated by SVC for alpha 0.3, then boosted (post-merge operators, left to right)
   subboost merge --base base_ckpt expert_a expert_b expert_c --alpha 0.3 \\
-      --post svc:min_projection=0.1,merge_coefficient=0.3 --post boost:beta=0.01 --out merged_ckpt
+      --post svc:min_projection=0.1,merge_coefficient=0.3 --post boost:beta=0.02 --out merged_ckpt
 
   # boost an already merged model (boosting commutes with the alpha scaling)
   subboost boost merged_ckpt --base base_ckpt --beta 0.02 --out boosted_ckpt
@@ -242,7 +242,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="Hugging Face base: bytes of one streamed chunk over all experts (the memory knob)")
     merge.add_argument("--post", action="append", default=[], metavar="OP:NAME=VALUE,...",
                        help="post-merge operator applied after the merge, in order (repeatable): "
-                       + ", ".join(sb.post.OPERATORS) + "; e.g. svc:min_projection=0.1 or boost:beta=0.01")
+                       + ", ".join(sb.post.OPERATORS) + "; e.g. svc:min_projection=0.1 or boost:beta=0.02")
     _add_boost_flags(merge, required=False)
     merge.set_defaults(func=run_merge)
 

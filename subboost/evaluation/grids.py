@@ -3,7 +3,7 @@
 Alpha (the task-vector scaling) is searched on ``0.1, 0.2, ..., 1.0`` for
 linear merges and on ``0.1, ..., 3.0`` for the SVD-based merges (TSV-M, Iso-C,
 Iso-CTS), whose merged task vectors are smaller in norm; Subspace Boosting's
-beta on ``(0, 0.01, 0.02)``; the TALL-mask threshold of Consensus merging on
+beta on the paper's grid (`subboost.grids.PAPER_BETAS`); the TALL-mask threshold of Consensus merging on
 ``(0.2, ..., 0.6)``, per task.
 """
 
