@@ -21,7 +21,8 @@ from subboost.merging.consensus import consensus
 from subboost.merging.dare import dare
 from subboost.merging.ties import ties
 from subboost.spectra import energy_rank, spectra, stable_rank
-from subboost.task_vectors import SubboostError, apply_task_vector, task_vectors
+from subboost.errors import SubboostError
+from subboost.task_vectors import apply_task_vector, task_vectors
 from subboost.tree import MatrixLayout, default_is_matrix, matrix_plan, matrix_predicate
 from subboost.merging.iso import iso_c, iso_cts
 from subboost.merging.lines import lines, lines_scales

@@ -30,7 +30,8 @@ import numpy as np
 
 from subboost.hogsvd import Method, hogsvd_kernel, check_layers_arguments, check_layers_rcond, project
 from subboost.compilation import size_aware_jit
-from subboost.task_vectors import SubboostError, check_finite, check_floating, check_same_structure, num_experts
+from subboost.errors import SubboostError
+from subboost.task_vectors import check_finite, check_floating, check_same_structure, num_experts
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 
 Strategy = Literal["hogsvd", "random"]

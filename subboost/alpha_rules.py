@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 
 from subboost.alignment import generalized_singular_values
-from subboost.task_vectors import (SubboostError, check_finite, check_floating, check_same_structure,
-                                   num_experts)
+from subboost.errors import SubboostError
+from subboost.task_vectors import check_finite, check_floating, check_same_structure, num_experts
 from subboost.tree import AttentionMode, PyTree
 from subboost.validation import check_choice
 

@@ -32,7 +32,8 @@ from subboost.boosting import BoostMode, boost_singular_values, check_boost_argu
 from subboost.grids import DEFAULT_BETA
 from subboost.merging import METHODS, merge
 from subboost.spectra import energy_rank_from_singular_values, spectra, stable_rank_from_singular_values
-from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
+from subboost.errors import SubboostError
+from subboost.task_vectors import check_finite, check_floating, num_experts
 from subboost.tree import AttentionMode, PyTree
 
 __all__ = ["RankCollapse", "layer_type", "rank_collapse"]

@@ -63,7 +63,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from subboost import linalg, polar_boost
 from subboost.compilation import size_aware_jit
-from subboost.task_vectors import SubboostError, check_finite, check_floating
+from subboost.errors import SubboostError
+from subboost.task_vectors import check_finite, check_floating
 from subboost.sharding import mesh_axes, place_parameters
 from subboost.tree import AttentionMode, MatrixLayout, PyTree, matrix_plan
 from subboost.validation import check_int, check_real, no_matrices_message

@@ -38,7 +38,7 @@ from subboost.checkpoint_io.metadata import METADATA_FILE, checkpoint_identity, 
 from subboost.checkpoint_io.orbax_io import restore_orbax, short_error
 from subboost.checkpoint_io.readers import read_params
 from subboost.outputs import check_output, write_atomically
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 from subboost.files import describe
 from subboost.tree import PyTree, key_name, leaves_with_paths
 

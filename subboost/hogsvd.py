@@ -77,7 +77,8 @@ import numpy as np
 
 from subboost import linalg
 from subboost.compilation import size_aware_jit
-from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
+from subboost.errors import SubboostError
+from subboost.task_vectors import check_finite, check_floating, num_experts
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 from subboost.validation import check_int
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from subboost.analysis import RankCollapse, layer_type
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 
 QUANTILES: dict[str, float] = {"min": 0.0, "p5": 0.05, "p25": 0.25, "median": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
 

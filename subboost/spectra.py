@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from subboost import linalg
 from subboost.compilation import size_aware_jit
-from subboost.task_vectors import SubboostError, check_finite
+from subboost.errors import SubboostError
+from subboost.task_vectors import check_finite
 from subboost.tree import AttentionMode, PyTree, matrix_plan
 from subboost.validation import check_real, no_matrices_message
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import subboost as sb
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 
 
 def dense_tvs(kernels: list[np.ndarray], biases: list[np.ndarray] | None = None) -> dict:

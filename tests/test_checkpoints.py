@@ -14,7 +14,7 @@ import pytest
 
 import subboost as sb
 from subboost import checkpoints
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 from tests.conftest import vit_like_params
 
 

@@ -12,7 +12,7 @@ from subboost.merging import registry
 from subboost.merging.consensus import consensus
 from subboost.merging.dare import dare
 from subboost.merging.ties import ties
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 from subboost.tree import leaves_with_paths, nest
 from subboost.validation import check_real
 

@@ -23,7 +23,7 @@ import pytest
 
 import subboost as sb
 from subboost import cli, streaming
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 from tests.conftest import vit_like_params
 
 QUICK_GELU = {"kind": "clip_vision", "architecture": {"act": "quick_gelu", "width": 8}}

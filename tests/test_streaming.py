@@ -16,7 +16,7 @@ import pytest
 
 import subboost as sb
 from subboost import streaming
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 from subboost.tree import leaves_with_paths, nest
 
 NUM_EXPERTS = 3

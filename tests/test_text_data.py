@@ -8,7 +8,6 @@ wheel cache, ~50 MB).
 from __future__ import annotations
 
 import bz2
-import dataclasses
 import gzip
 import io
 import json

@@ -30,7 +30,8 @@ from subboost.checkpoint_io.task_vectors_npz import load_task_vectors_npz
 from subboost.commands.common import add_command, add_merge_method_arguments
 from subboost.expert_analysis import check_analysis_output, write_analysis
 from subboost.grids import DEFAULT_BETA
-from subboost.task_vectors import SubboostError, num_experts
+from subboost.errors import SubboostError
+from subboost.task_vectors import num_experts
 from subboost.tree import ATTENTION_MODES, PyTree
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from subboost.models.clip_vit import CLIPVisionConfig, get_config
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 
 
 class ConversionError(SubboostError):

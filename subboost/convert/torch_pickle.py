@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 
 
 class UnsafePickleError(SubboostError):

@@ -37,7 +37,8 @@ from subboost.merging.ties import ties
 from subboost.merging.star import star
 from subboost.merging.tsv import tsv
 from subboost.merging.wudi import wudi
-from subboost.task_vectors import SubboostError, check_finite, check_floating, num_experts
+from subboost.errors import SubboostError
+from subboost.task_vectors import check_finite, check_floating, num_experts
 from subboost.tree import PyTree, matrix_plan
 from subboost.validation import no_matrices_message
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from subboost import linalg
 from subboost.merging.tsv import concatenate_task_triplets, merge_task_matrices, orthogonalise
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 from subboost.tree import AttentionMode, PyTree
 from subboost.validation import check_real
 

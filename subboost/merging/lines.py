@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from subboost.linalg import compute_dtype
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 from subboost.tree import PyTree, leaves_with_paths, path_str
 
 DEFAULT_BLOCK_PATTERN = r"resblocks_(\d+)"

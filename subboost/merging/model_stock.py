@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from subboost.linalg import compute_dtype
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 from subboost.tree import PyTree
 
 EPS = 1e-8

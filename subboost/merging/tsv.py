@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from subboost import linalg
 from subboost.merging.averaging import expert_mean
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 from subboost.tree import AttentionMode, PyTree, map_matrices, matrix_plan
 from subboost.validation import check_int
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from subboost.task_vectors import SubboostError
+from subboost.errors import SubboostError
 
 
 def module_for(kind: str, architecture: dict[str, Any], *, source: str = "checkpoint") -> nn.Module:

