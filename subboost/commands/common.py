@@ -92,13 +92,12 @@ def merge_method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     is refused (the key comes from the seed); a ``--seed`` a deterministic method ignores is
     refused rather than recorded as used.
     """
-    from subboost.merging import method_record
+    from subboost.merging.keys import takes_key
 
-    record = method_record(args.method)
     kwargs = dict(parse_param(p) for p in args.param)
     if "key" in kwargs:
         raise SubboostError("--param key=...: the PRNG key of a random method comes from --seed N; pass that instead.")
-    random = "key" in record.arguments(kwargs)
+    random = takes_key(args.method, kwargs)
     if args.seed is not None:
         low, high = SEED_RANGE
         if not low <= args.seed <= high:
